@@ -1,1 +1,439 @@
-//! placeholder: cli
+//! The command line: every flag is defined here once, with its help text, and
+//! checked here. Two stages, as in ripgrep: clap validates what was typed, then
+//! [`Cli::resolve`] turns it into a [`Config`] (parsed endpoints, validated
+//! dataset names, compiled regexes, zfs option lists). No I/O happens here, so
+//! a bad argument is refused before any command runs on any host.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use regex::Regex;
+
+use crate::progress::Verbosity;
+use crate::syncsnap;
+use crate::zfs::{self, Dataset};
+
+const EXAMPLES: &str = "\
+Examples:
+  Push a dataset to a backup host (full the first time, incremental after):
+    resync tank/vm root@backup:pool/vm
+
+  Pull from a remote host to this machine:
+    resync root@nas:tank/photos backup/photos
+
+  A whole tree, children too, skipping scratch datasets:
+    resync -r --exclude-datasets='/scratch$' tank/home root@backup:pool/home
+
+  Remote to remote (this machine relays the stream):
+    resync root@a:tank/db root@b:pool/db
+
+  A cron line (quiet unless something fails; exit 1 = some datasets failed):
+    17 * * * * /usr/local/bin/resync -r --quiet --identifier=hourly tank/vm root@backup:pool/vm
+
+Exit status: 0 all done, 1 some datasets failed in a recursive run, 2 error.";
+
+/// resync replicates ZFS datasets between hosts, syncoid-style.
+///
+/// SOURCE and TARGET are each `pool/dataset` on this machine, or
+/// `[user@]host:pool/dataset` on a remote host reached over SSH (host aliases
+/// from ~/.ssh/config work). A side whose part before the first ':' contains
+/// a '/' is local.
+#[derive(Parser, Debug)]
+#[command(name = "resync", version, about, long_about, after_help = EXAMPLES)]
+pub struct Cli {
+    /// Source dataset: pool/ds, host:pool/ds or user@host:pool/ds.
+    #[arg(value_name = "SOURCE")]
+    pub source: String,
+
+    /// Target dataset: pool/ds, host:pool/ds or user@host:pool/ds.
+    #[arg(value_name = "TARGET")]
+    pub target: String,
+
+    /// Also replicate all child datasets of SOURCE.
+    #[arg(short = 'r', long)]
+    pub recursive: bool,
+
+    /// With -r, leave SOURCE itself out and replicate only its children.
+    #[arg(long, requires = "recursive")]
+    pub skip_parent: bool,
+
+    /// Skip source datasets whose full name matches REGEX (repeatable).
+    #[arg(long = "exclude-datasets", value_name = "REGEX")]
+    pub exclude_datasets: Vec<String>,
+
+    /// Tag sync snapshots with ID so several jobs on one dataset don't prune each other's.
+    #[arg(long, value_name = "ID")]
+    pub identifier: Option<String>,
+
+    /// Don't take a sync snapshot; replicate up to the newest existing snapshot.
+    #[arg(long)]
+    pub no_sync_snap: bool,
+
+    /// Keep older sync snapshots instead of pruning them after success.
+    #[arg(long)]
+    pub keep_sync_snap: bool,
+
+    /// Send only the newest snapshot (zfs send -i), not every snapshot in between (-I).
+    #[arg(long)]
+    pub no_stream: bool,
+
+    /// Extra zfs send flags in syncoid's syntax, e.g. "Lc e" for -L -c -e.
+    #[arg(long, value_name = "OPTIONS", allow_hyphen_values = true)]
+    pub sendoptions: Option<String>,
+
+    /// Extra zfs receive flags in syncoid's syntax, e.g. "u o compression=lz4".
+    #[arg(long, value_name = "OPTIONS", allow_hyphen_values = true)]
+    pub recvoptions: Option<String>,
+
+    /// Don't resume an interrupted receive; discard its partial state and start the step again.
+    #[arg(long)]
+    pub no_resume: bool,
+
+    /// Destroy target data that conflicts with the source (no common snapshot, diverged target).
+    #[arg(long)]
+    pub force_delete: bool,
+
+    /// Receive without -F: fail instead of rolling back changes made on the target.
+    #[arg(long)]
+    pub no_rollback: bool,
+
+    /// Private key file for SSH (tried after ssh-agent).
+    #[arg(long, value_name = "FILE")]
+    pub sshkey: Option<PathBuf>,
+
+    /// SSH port for remote hosts (overrides ~/.ssh/config).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub sshport: Option<u16>,
+
+    /// Add an unknown host key to ~/.ssh/known_hosts instead of refusing (a changed key is still refused).
+    #[arg(long)]
+    pub accept_new_host_key: bool,
+
+    /// Give up after this long without progress, e.g. 30s, 10m, 1h.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_timeout)]
+    pub timeout: Duration,
+
+    /// Show the plan (snapshots to take, streams to send, snapshots to prune) and change nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+
+    /// Print only errors.
+    #[arg(long, conflicts_with = "debug")]
+    pub quiet: bool,
+
+    /// Print every command run on every host.
+    #[arg(long)]
+    pub debug: bool,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration {s:?} ({e}); use e.g. 30s, 10m, 1h"))?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("timeout {s:?} is too short; use at least 1s"));
+    }
+    Ok(d)
+}
+
+/// Where a dataset lives: this machine, or a host reached over SSH.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    Local,
+    Remote { user: Option<String>, host: String },
+}
+
+/// One side of the replication.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub location: Location,
+    pub dataset: Dataset,
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.location {
+            Location::Local => write!(f, "{}", self.dataset),
+            Location::Remote { user: Some(u), host } => write!(f, "{u}@{host}:{}", self.dataset),
+            Location::Remote { user: None, host } => write!(f, "{host}:{}", self.dataset),
+        }
+    }
+}
+
+/// Parses `pool/ds`, `host:pool/ds`, `user@host:pool/ds` or `[v6addr]:pool/ds`.
+/// ZFS allows ':' inside dataset names, so a side is remote only when the
+/// part before the first ':' contains no '/'.
+pub fn parse_endpoint(arg: &str) -> Result<Endpoint> {
+    if arg.is_empty() {
+        bail!("empty dataset argument");
+    }
+    let (location, dataset) = if let Some(rest) = arg.strip_prefix('[').or_else(|| {
+        arg.find("@[")
+            .map(|i| &arg[i + 1..])
+            .and_then(|r| r.strip_prefix('['))
+    }) {
+        // IPv6 literal, optionally with user@ before the bracket.
+        let user = arg.find("@[").map(|i| arg[..i].to_string());
+        let close = rest
+            .find(']')
+            .with_context(|| format!("invalid endpoint {arg:?}: missing ']'"))?;
+        let host = &rest[..close];
+        let after = &rest[close + 1..];
+        let ds = after
+            .strip_prefix(':')
+            .with_context(|| format!("invalid endpoint {arg:?}: expected ':' after ']'"))?;
+        (remote(user, host, arg)?, ds)
+    } else {
+        match arg.split_once(':') {
+            Some((before, after)) if !before.contains('/') => {
+                let (user, host) = match before.rsplit_once('@') {
+                    Some((u, h)) => (Some(u.to_string()), h),
+                    None => (None, before),
+                };
+                (remote(user, host, arg)?, after)
+            }
+            _ => (Location::Local, arg),
+        }
+    };
+    let dataset = Dataset::parse(dataset).with_context(|| format!("in {arg:?}"))?;
+    Ok(Endpoint { location, dataset })
+}
+
+fn remote(user: Option<String>, host: &str, arg: &str) -> Result<Location> {
+    let host_ok = !host.is_empty()
+        && !host.starts_with('-')
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '%'));
+    if !host_ok {
+        bail!("invalid host {host:?} in {arg:?}");
+    }
+    if let Some(u) = &user {
+        let user_ok = !u.is_empty()
+            && !u.starts_with('-')
+            && u.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        if !user_ok {
+            bail!("invalid user name {u:?} in {arg:?}");
+        }
+    }
+    Ok(Location::Remote {
+        user,
+        host: host.to_string(),
+    })
+}
+
+/// The resolved configuration of one run.
+#[derive(Debug)]
+pub struct Config {
+    pub source: Endpoint,
+    pub target: Endpoint,
+    pub recursive: bool,
+    pub skip_parent: bool,
+    pub exclude: Vec<Regex>,
+    pub identifier: Option<String>,
+    pub sync_snap: bool,
+    pub keep_sync_snap: bool,
+    pub no_stream: bool,
+    pub send_options: Vec<String>,
+    pub recv_options: Vec<String>,
+    pub resume: bool,
+    pub force_delete: bool,
+    pub rollback: bool,
+    pub ssh_key: Option<PathBuf>,
+    pub ssh_port: Option<u16>,
+    pub accept_new_host_key: bool,
+    pub timeout: Duration,
+    pub dry_run: bool,
+    pub verbosity: Verbosity,
+}
+
+impl Cli {
+    /// Second stage: everything that needs more than clap's checks.
+    pub fn resolve(self) -> Result<Config> {
+        let source = parse_endpoint(&self.source).context("invalid SOURCE")?;
+        let target = parse_endpoint(&self.target).context("invalid TARGET")?;
+        if source == target {
+            bail!("SOURCE and TARGET are the same dataset ({source})");
+        }
+        if source.location == target.location {
+            if target.dataset.relative_to(&source.dataset).is_some()
+                || (self.recursive && source.dataset.relative_to(&target.dataset).is_some())
+            {
+                bail!("TARGET {target} overlaps SOURCE {source}; replicate into a separate tree");
+            }
+        }
+        let exclude = self
+            .exclude_datasets
+            .iter()
+            .map(|r| Regex::new(r).map_err(|e| anyhow::anyhow!("invalid --exclude-datasets regex {r:?}: {e}")))
+            .collect::<Result<Vec<_>>>()?;
+        if !exclude.is_empty() && !self.recursive {
+            bail!("--exclude-datasets only makes sense with -r/--recursive");
+        }
+        if let Some(id) = &self.identifier {
+            syncsnap::validate_identifier(id).context("invalid --identifier")?;
+        }
+        if self.no_sync_snap && self.keep_sync_snap {
+            bail!("--keep-sync-snap has no effect with --no-sync-snap; pass only one");
+        }
+        let send_options = match &self.sendoptions {
+            Some(s) => zfs::parse_send_options(s).context("invalid --sendoptions")?,
+            None => Vec::new(),
+        };
+        let recv_options = match &self.recvoptions {
+            Some(s) => zfs::parse_recv_options(s).context("invalid --recvoptions")?,
+            None => Vec::new(),
+        };
+        let verbosity = if self.quiet {
+            Verbosity::Quiet
+        } else if self.debug {
+            Verbosity::Debug
+        } else {
+            Verbosity::Normal
+        };
+        Ok(Config {
+            source,
+            target,
+            recursive: self.recursive,
+            skip_parent: self.skip_parent,
+            exclude,
+            identifier: self.identifier,
+            sync_snap: !self.no_sync_snap,
+            keep_sync_snap: self.keep_sync_snap,
+            no_stream: self.no_stream,
+            send_options,
+            recv_options,
+            resume: !self.no_resume,
+            force_delete: self.force_delete,
+            rollback: !self.no_rollback,
+            ssh_key: self.sshkey,
+            ssh_port: self.sshport,
+            accept_new_host_key: self.accept_new_host_key,
+            timeout: self.timeout,
+            dry_run: self.dry_run,
+            verbosity,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Result<Config> {
+        let mut argv = vec!["resync"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv)?.resolve()
+    }
+
+    fn remote_ep(user: Option<&str>, host: &str, ds: &str) -> Endpoint {
+        Endpoint {
+            location: Location::Remote {
+                user: user.map(str::to_string),
+                host: host.to_string(),
+            },
+            dataset: Dataset::parse(ds).unwrap(),
+        }
+    }
+
+    #[test]
+    fn endpoints_parse_local_remote_user_and_ipv6() {
+        let local = parse_endpoint("tank/vm").unwrap();
+        assert_eq!(local.location, Location::Local);
+        assert_eq!(local.dataset.as_str(), "tank/vm");
+        assert_eq!(parse_endpoint("backup:pool/vm").unwrap(), remote_ep(None, "backup", "pool/vm"));
+        assert_eq!(
+            parse_endpoint("root@10.213.0.3:pool/a b").unwrap(),
+            remote_ep(Some("root"), "10.213.0.3", "pool/a b")
+        );
+        assert_eq!(
+            parse_endpoint("root@[fd00::1]:pool/x").unwrap(),
+            remote_ep(Some("root"), "fd00::1", "pool/x")
+        );
+        assert_eq!(parse_endpoint("[::1]:pool").unwrap(), remote_ep(None, "::1", "pool"));
+    }
+
+    #[test]
+    fn a_colon_inside_a_dataset_name_stays_local() {
+        let ep = parse_endpoint("tank/a:b").unwrap();
+        assert_eq!(ep.location, Location::Local);
+        assert_eq!(ep.dataset.as_str(), "tank/a:b");
+    }
+
+    #[test]
+    fn hostile_names_are_refused_before_anything_runs() {
+        for bad in [
+            "tank/a;rm -rf /",
+            "tank/$(reboot)",
+            "tank/a'b",
+            "tank/a\"b",
+            "tank/a\nb",
+            "tank/`id`",
+            "-oProxyCommand=x:tank/a",
+            "ro ot@host:tank/a",
+            "host:",
+            "",
+            "[::1:tank",
+        ] {
+            assert!(parse_endpoint(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn flags_resolve_into_config() {
+        let c = cli(&[
+            "-r",
+            "--skip-parent",
+            "--exclude-datasets=scratch$",
+            "--exclude-datasets",
+            "tmp",
+            "--identifier=hourly",
+            "--no-stream",
+            "--no-resume",
+            "--force-delete",
+            "--no-rollback",
+            "--sshport=2222",
+            "--timeout=45s",
+            "--dry-run",
+            "--debug",
+            "tank/a",
+            "root@b:pool/a",
+        ])
+        .unwrap();
+        assert!(c.recursive && c.skip_parent && c.no_stream && c.force_delete && c.dry_run);
+        assert!(!c.resume && !c.rollback && c.sync_snap);
+        assert_eq!(c.exclude.len(), 2);
+        assert_eq!(c.identifier.as_deref(), Some("hourly"));
+        assert_eq!(c.ssh_port, Some(2222));
+        assert_eq!(c.timeout, Duration::from_secs(45));
+        assert_eq!(c.verbosity, Verbosity::Debug);
+    }
+
+    #[test]
+    fn bad_flag_values_are_one_line_errors() {
+        for args in [
+            vec!["--timeout=soon", "a/b", "c/d"],
+            vec!["--timeout=0s", "a/b", "c/d"],
+            vec!["--sshport=0", "a/b", "c/d"],
+            vec!["--sshport=70000", "a/b", "c/d"],
+            vec!["-r", "--exclude-datasets=(", "a/b", "c/d"],
+            vec!["--exclude-datasets=x", "a/b", "c/d"],
+            vec!["--skip-parent", "a/b", "c/d"],
+            vec!["--identifier=a b", "a/b", "c/d"],
+            vec!["--no-sync-snap", "--keep-sync-snap", "a/b", "c/d"],
+            vec!["--quiet", "--debug", "a/b", "c/d"],
+            vec!["a/b", "a/b"],
+            vec!["a/b", "a/b/c"],
+            vec!["a/b"],
+        ] {
+            assert!(cli(&args).is_err(), "{args:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn same_dataset_on_different_hosts_is_fine() {
+        assert!(cli(&["tank/a", "root@b:tank/a"]).is_ok());
+    }
+}

@@ -1,15 +1,73 @@
 //! resync: replicate ZFS datasets between hosts, syncoid-style, and finish the
-//! job over links that break. `main` only dispatches and maps errors to exit
-//! codes; everything else lives in the modules below.
+//! job over links that break. `main` only parses the command line, dispatches
+//! and maps the result to an exit code, in one place: 0 all done, 1 some
+//! datasets of a recursive run failed, 2 error (usage errors included).
 
 mod cli;
 mod host;
 mod plan;
 mod progress;
 mod replicate;
+mod stream;
 mod syncsnap;
 mod zfs;
 
+use clap::Parser;
+
 fn main() {
-    std::process::exit(0);
+    std::process::exit(run());
+}
+
+fn run() -> i32 {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    let config = match cli.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("resync: error: {e:#}");
+            return 2;
+        }
+    };
+    let ui = progress::reporter(config.verbosity);
+    match replicate::run(&config, &*ui) {
+        Ok(outcome) if outcome.failed.is_empty() => 0,
+        Ok(outcome) => {
+            eprintln!(
+                "resync: {} of {} datasets failed:",
+                outcome.failed.len(),
+                outcome.failed.len() + outcome.replicated
+            );
+            for (label, err) in &outcome.failed {
+                eprintln!("  {label}: {err:#}");
+            }
+            1
+        }
+        Err(e) => {
+            eprintln!("resync: error: {e:#}");
+            2
+        }
+    }
+}
+
+/// `--help` and `--version` print and exit 0; anything else is one line and 2.
+fn usage_error(e: clap::Error) -> i32 {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            0
+        }
+        _ => {
+            let rendered = e.render().to_string();
+            let first = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("resync: error: {first} (see resync --help)");
+            2
+        }
+    }
 }

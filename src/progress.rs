@@ -1,1 +1,259 @@
-//! placeholder: progress
+//! Progress and messages. Core code reports through the small [`Progress`] and
+//! [`Transfer`] traits; this module holds their two implementations and is the
+//! only user of indicatif: a live bar on stderr when stderr is a terminal, and
+//! plain one-line summaries otherwise (cron, pipes, tests). `--quiet` keeps
+//! only errors; `--debug` adds the commands that run and why.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// How much the user wants to hear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verbosity {
+    Quiet,
+    Normal,
+    Debug,
+}
+
+/// Where core code sends what the user should see.
+pub trait Progress: Send + Sync {
+    /// A line of normal output (plans, summaries, notices).
+    fn info(&self, line: &str);
+    /// A warning: shown even with `--quiet`, since it may explain a later error.
+    fn warn(&self, line: &str);
+    /// Only with `--debug`.
+    fn debug(&self, line: &str);
+    /// Start showing one byte stream; `total` is the estimated size if known.
+    fn transfer(&self, label: &str, total: Option<u64>) -> Box<dyn Transfer>;
+}
+
+/// One running byte stream.
+pub trait Transfer: Send + Sync {
+    fn add(&self, bytes: u64);
+    /// A short status shown beside the bar (e.g. "reconnecting for 12s").
+    fn status(&self, text: &str);
+    /// Ends the display (the caller prints the dataset's summary line).
+    fn finish(&self);
+}
+
+/// Builds the reporter for this run: a terminal bar on a TTY, plain lines otherwise.
+pub fn reporter(verbosity: Verbosity) -> Box<dyn Progress> {
+    Box::new(Reporter {
+        verbosity,
+        tty: std::io::stderr().is_terminal(),
+    })
+}
+
+struct Reporter {
+    verbosity: Verbosity,
+    tty: bool,
+}
+
+impl Progress for Reporter {
+    fn info(&self, line: &str) {
+        if self.verbosity >= Verbosity::Normal {
+            eprintln!("{line}");
+        }
+    }
+
+    fn warn(&self, line: &str) {
+        eprintln!("warning: {line}");
+    }
+
+    fn debug(&self, line: &str) {
+        if self.verbosity >= Verbosity::Debug {
+            eprintln!("debug: {line}");
+        }
+    }
+
+    fn transfer(&self, label: &str, total: Option<u64>) -> Box<dyn Transfer> {
+        if self.verbosity == Verbosity::Quiet {
+            return Box::new(Silent);
+        }
+        if self.tty {
+            Box::new(Bar::new(label, total))
+        } else {
+            Box::new(Plain)
+        }
+    }
+}
+
+/// `--quiet`: nothing at all.
+struct Silent;
+
+impl Transfer for Silent {
+    fn add(&self, _bytes: u64) {}
+    fn status(&self, _text: &str) {}
+    fn finish(&self) {}
+}
+
+/// No terminal: status changes only; the summary line comes from the caller.
+struct Plain;
+
+impl Transfer for Plain {
+    fn add(&self, _bytes: u64) {}
+    fn status(&self, text: &str) {
+        eprintln!("{text}");
+    }
+    fn finish(&self) {}
+}
+
+/// A live indicatif bar. With a known total it shows percent and ETA; when the
+/// stream outgrows its estimate the bar turns into a byte counter, so it
+/// never shows more than 100% or a wrapped number.
+struct Bar {
+    bar: ProgressBar,
+    total: Option<u64>,
+    done: AtomicU64,
+    overflowed: Mutex<bool>,
+}
+
+const STYLE_SIZED: &str =
+    "{prefix} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}";
+const STYLE_UNSIZED: &str = "{prefix} {spinner} {bytes} {binary_bytes_per_sec} {elapsed} {msg}";
+
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+impl Bar {
+    fn new(label: &str, total: Option<u64>) -> Bar {
+        let bar = match total {
+            Some(n) if n > 0 => ProgressBar::new(n).with_style(style(STYLE_SIZED)),
+            _ => ProgressBar::no_length().with_style(style(STYLE_UNSIZED)),
+        };
+        bar.set_draw_target(ProgressDrawTarget::stderr_with_hz(4));
+        bar.set_prefix(label.to_string());
+        bar.enable_steady_tick(Duration::from_millis(250));
+        Bar {
+            bar,
+            total: total.filter(|n| *n > 0),
+            done: AtomicU64::new(0),
+            overflowed: Mutex::new(false),
+        }
+    }
+}
+
+impl Transfer for Bar {
+    fn add(&self, bytes: u64) {
+        let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if let Some(total) = self.total {
+            if done > total {
+                let mut over = self.overflowed.lock().unwrap_or_else(|p| p.into_inner());
+                if !*over {
+                    *over = true;
+                    self.bar.unset_length();
+                    self.bar.set_style(style(STYLE_UNSIZED));
+                }
+            }
+        }
+        self.bar.set_position(done);
+    }
+
+    fn status(&self, text: &str) {
+        self.bar.set_message(text.to_string());
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        if !self.bar.is_finished() {
+            self.bar.finish_and_clear();
+        }
+    }
+}
+
+/// "1.50 GiB", "512 B": for summaries and messages.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
+
+/// "123.4 MB/s" from bytes over a duration (decimal megabytes, as network tools show).
+pub fn human_rate(bytes: u64, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64().max(0.001);
+    format!("{:.1} MB/s", bytes as f64 / secs / 1e6)
+}
+
+/// A compact duration for summaries: "4.2s", "3m12s".
+pub fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs_f64();
+    if secs < 60.0 {
+        format!("{secs:.1}s")
+    } else {
+        let whole = d.as_secs();
+        if whole < 3600 {
+            format!("{}m{:02}s", whole / 60, whole % 60)
+        } else {
+            format!("{}h{:02}m{:02}s", whole / 3600, (whole % 3600) / 60, whole % 60)
+        }
+    }
+}
+
+/// Measures a stream for its summary line.
+pub struct Stopwatch(Instant);
+
+impl Stopwatch {
+    pub fn start() -> Stopwatch {
+        Stopwatch(Instant::now())
+    }
+    pub fn elapsed(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_humanised_without_wrapping() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.50 KiB");
+        assert_eq!(human_bytes(1 << 30), "1.00 GiB");
+        assert_eq!(human_bytes(u64::MAX), "16384.00 PiB");
+        assert!(human_bytes(u64::MAX).ends_with("PiB"));
+    }
+
+    #[test]
+    fn rates_and_durations_read_naturally() {
+        assert_eq!(human_rate(100_000_000, Duration::from_secs(1)), "100.0 MB/s");
+        assert_eq!(human_rate(5, Duration::ZERO), "0.0 MB/s");
+        assert_eq!(human_duration(Duration::from_millis(4200)), "4.2s");
+        assert_eq!(human_duration(Duration::from_secs(192)), "3m12s");
+        assert_eq!(human_duration(Duration::from_secs(3723)), "1h02m03s");
+    }
+
+    #[test]
+    fn a_bar_past_its_estimate_drops_the_total() {
+        let bar = Bar::new("t", Some(100));
+        bar.bar.set_draw_target(ProgressDrawTarget::hidden());
+        bar.add(60);
+        assert_eq!(bar.bar.length(), Some(100));
+        bar.add(60);
+        assert_eq!(bar.bar.length(), None, "past 100% the bar must stop showing a percentage");
+        assert_eq!(bar.bar.position(), 120);
+        bar.finish();
+    }
+}

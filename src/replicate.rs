@@ -1,1 +1,668 @@
-//! placeholder: replicate
+//! One run of resync in the default (streaming) mode: connect to both sides,
+//! detect what each ZFS supports, list the datasets, take the sync snapshot,
+//! then for each dataset gather both sides' state, ask the pure planner what
+//! to do, execute its steps (send | receive through this process), verify
+//! that the target really holds what was sent, and prune old sync snapshots.
+//! After executing a plan it gathers and plans again: a dataset is done only
+//! when the planner, on fresh listings, says it is up to date.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::cli::{Config, Endpoint, Location};
+use crate::host::local::LocalHost;
+use crate::host::quote::sh_join;
+use crate::host::ssh::{SshHost, SshOptions, SshSpec};
+use crate::host::{CmdOutput, Host};
+use crate::plan::{self, Plan, PlanOptions, SourceState, Step, TargetState};
+use crate::progress::{human_bytes, human_duration, human_rate, Progress, Stopwatch};
+use crate::stream::{self, PumpError};
+use crate::syncsnap;
+use crate::zfs::{self, Capabilities, Dataset, ProbeResult, RecvArgs, SendArgs, Snapshot};
+
+/// How many gather-plan-execute rounds one dataset may take before we call it
+/// a bug instead of looping (resume, then the rest, then "up to date").
+const MAX_ROUNDS: usize = 4;
+
+/// What a finished run reports back to `main`.
+pub struct Outcome {
+    pub replicated: usize,
+    pub failed: Vec<(String, anyhow::Error)>,
+}
+
+/// One side of the run: where it is, and what its ZFS can do.
+struct Side {
+    host: Arc<dyn Host>,
+    caps: Capabilities,
+    endpoint: Endpoint,
+}
+
+impl Side {
+    fn label(&self, ds: &Dataset) -> String {
+        match &self.endpoint.location {
+            Location::Local => ds.to_string(),
+            Location::Remote { .. } => format!("{}:{}", self.host.label(), ds),
+        }
+    }
+}
+
+struct Run<'a> {
+    cfg: &'a Config,
+    ui: &'a dyn Progress,
+    src: Side,
+    dst: Side,
+    hostname: String,
+}
+
+/// Replicates according to `cfg`. An `Err` is a failure of the whole run
+/// (exit 2); failures of single datasets in a recursive run are collected in
+/// the `Outcome` (exit 1).
+pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
+    let src_host = connect(&cfg.source.location, cfg)?;
+    let dst_host = if cfg.target.location == cfg.source.location {
+        src_host.clone()
+    } else {
+        connect(&cfg.target.location, cfg)?
+    };
+    let src_caps = detect(&*src_host, cfg.source.dataset.pool(), ui)
+        .with_context(|| format!("on source host {}", src_host.label()))?;
+    let dst_caps = detect(&*dst_host, cfg.target.dataset.pool(), ui)
+        .with_context(|| format!("on target host {}", dst_host.label()))?;
+    let run = Run {
+        cfg,
+        ui,
+        src: Side {
+            host: src_host,
+            caps: src_caps,
+            endpoint: cfg.source.clone(),
+        },
+        dst: Side {
+            host: dst_host,
+            caps: dst_caps,
+            endpoint: cfg.target.clone(),
+        },
+        hostname: local_hostname(),
+    };
+    run.all()
+}
+
+fn connect(location: &Location, cfg: &Config) -> Result<Arc<dyn Host>> {
+    match location {
+        Location::Local => Ok(Arc::new(LocalHost::new())),
+        Location::Remote { user, host } => {
+            let home = std::env::var_os("HOME")
+                .map(Into::into)
+                .ok_or_else(|| anyhow!("HOME is not set; cannot find ~/.ssh"))?;
+            let opts = SshOptions {
+                port: cfg.ssh_port,
+                key: cfg.ssh_key.clone(),
+                accept_new_host_key: cfg.accept_new_host_key,
+                connect_timeout: std::time::Duration::from_secs(15),
+                io_timeout: cfg.timeout,
+                home,
+            };
+            let spec = SshSpec {
+                user: user.clone(),
+                host: host.clone(),
+            };
+            Ok(Arc::new(SshHost::connect(&spec, &opts)?))
+        }
+    }
+}
+
+/// Probes what the ZFS behind `host` supports, on `pool`, which must exist.
+fn detect(host: &dyn Host, pool: &str, ui: &dyn Progress) -> Result<Capabilities> {
+    let pool_ds = Dataset::parse(pool)?;
+    let out = exec(host, &zfs::dataset_exists_argv(&pool_ds), ui)?;
+    if !out.success() {
+        if zfs::is_missing_dataset_error(&out.stderr) {
+            bail!("pool {pool} does not exist on {}", host.label());
+        }
+        out.check("zfs list", host.label())?;
+    }
+    let probes = zfs::capability_probes(pool);
+    let mut outputs = Vec::with_capacity(probes.len());
+    for (probe, argv) in &probes {
+        outputs.push((*probe, exec(host, argv, ui)?));
+    }
+    let results: Vec<ProbeResult> = outputs
+        .iter()
+        .map(|(probe, o)| ProbeResult {
+            probe: *probe,
+            status: o.status,
+            stdout: &o.stdout,
+            stderr: &o.stderr,
+        })
+        .collect();
+    let caps = zfs::capabilities_from(&results);
+    ui.debug(&format!("{}: capabilities {caps:?}", host.label()));
+    Ok(caps)
+}
+
+/// Runs argv on a host, logging it with `--debug`.
+fn exec(host: &dyn Host, argv: &[String], ui: &dyn Progress) -> Result<CmdOutput> {
+    ui.debug(&format!("[{}] {}", host.label(), sh_join(argv)));
+    let out = host.run(argv)?;
+    if !out.success() {
+        ui.debug(&format!(
+            "[{}] exit {}: {}",
+            host.label(),
+            out.status,
+            out.stderr.trim()
+        ));
+    }
+    Ok(out)
+}
+
+/// Runs argv and turns a non-zero exit into an error carrying its stderr.
+fn exec_ok(host: &dyn Host, argv: &[String], what: &str, ui: &dyn Progress) -> Result<String> {
+    exec(host, argv, ui)?.check(what, host.label())
+}
+
+impl Run<'_> {
+    fn all(&self) -> Result<Outcome> {
+        let pairs = self.dataset_pairs()?;
+        if pairs.is_empty() {
+            bail!(
+                "nothing to replicate: every dataset under {} was excluded",
+                self.cfg.source
+            );
+        }
+        if self.cfg.dry_run && self.cfg.sync_snap {
+            self.ui.info("dry run: nothing will be changed");
+        }
+        let sync_name = self.cfg.sync_snap.then(|| {
+            syncsnap::new_name(
+                self.cfg.identifier.as_deref(),
+                &self.hostname,
+                SystemTime::now(),
+            )
+        });
+        let mut outcome = Outcome {
+            replicated: 0,
+            failed: Vec::new(),
+        };
+        let mut failed_sources: Vec<Dataset> = Vec::new();
+        for (src, dst) in &pairs {
+            let label = format!("{} -> {}", self.src.label(src), self.dst.label(dst));
+            if let Some(parent) = failed_sources
+                .iter()
+                .find(|f| src.relative_to(f).is_some_and(|r| !r.is_empty()))
+            {
+                let err = anyhow!("skipped because its parent {parent} failed");
+                self.ui.warn(&format!("{label}: {err}"));
+                outcome.failed.push((label, err));
+                failed_sources.push(src.clone());
+                continue;
+            }
+            match self.one(src, dst, sync_name.as_deref()) {
+                Ok(()) => outcome.replicated += 1,
+                Err(e) if !self.cfg.recursive => return Err(e.context(label)),
+                Err(e) => {
+                    eprintln!("resync: {label}: {e:#}");
+                    outcome.failed.push((label, e));
+                    failed_sources.push(src.clone());
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Source datasets to replicate, each with its target name.
+    fn dataset_pairs(&self) -> Result<Vec<(Dataset, Dataset)>> {
+        let root = &self.cfg.source.dataset;
+        let out = exec(
+            &*self.src.host,
+            &zfs::list_datasets_argv(root, self.cfg.recursive),
+            self.ui,
+        )?;
+        if !out.success() && zfs::is_missing_dataset_error(&out.stderr) {
+            bail!(
+                "source dataset {} does not exist",
+                self.src.label(root)
+            );
+        }
+        let listed = zfs::parse_dataset_list(&out.check("zfs list", self.src.host.label())?)?;
+        let mut pairs = Vec::new();
+        for ds in listed {
+            let Some(rel) = ds.relative_to(root) else {
+                continue;
+            };
+            if self.cfg.skip_parent && rel.is_empty() {
+                continue;
+            }
+            if let Some(re) = self.cfg.exclude.iter().find(|re| re.is_match(ds.as_str())) {
+                self.ui
+                    .debug(&format!("{ds}: excluded by --exclude-datasets {}", re.as_str()));
+                continue;
+            }
+            let target = self.cfg.target.dataset.join(rel)?;
+            pairs.push((ds, target));
+        }
+        Ok(pairs)
+    }
+
+    /// Replicates one dataset until the planner says it is up to date.
+    fn one(&self, src: &Dataset, dst: &Dataset, sync_name: Option<&str>) -> Result<()> {
+        let label = format!("{} -> {}", self.src.label(src), self.dst.label(dst));
+        let watch = Stopwatch::start();
+        self.check_target_parent(dst)?;
+        if let Some(name) = sync_name {
+            if self.cfg.dry_run {
+                println!("would snapshot {}@{name}", self.src.label(src));
+            } else {
+                exec_ok(
+                    &*self.src.host,
+                    &zfs::create_snapshot_argv(src, name),
+                    "zfs snapshot",
+                    self.ui,
+                )
+                .with_context(|| format!("cannot take sync snapshot {}", src.snapshot(name)))?;
+            }
+        }
+        let opts = PlanOptions {
+            no_stream: self.cfg.no_stream,
+            force_delete: self.cfg.force_delete,
+            resume: self.cfg.resume && self.src.caps.resume_tokens && self.dst.caps.resume_tokens,
+        };
+        let mut bytes = 0u64;
+        let mut last_round_steps: Vec<Step> = Vec::new();
+        for round in 1..=MAX_ROUNDS {
+            let mut source = self.source_state(src)?;
+            if self.cfg.dry_run {
+                if let Some(name) = sync_name {
+                    source.snapshots.push(Snapshot {
+                        name: name.to_string(),
+                        guid: 0,
+                        createtxg: u64::MAX,
+                    });
+                }
+            }
+            let target = self.target_state(dst)?;
+            match plan::plan(&source, &target, &opts) {
+                Plan::UpToDate { snapshot } => {
+                    if self.cfg.dry_run {
+                        println!("{label}: up to date at @{}", snapshot.name);
+                        return Ok(());
+                    }
+                    self.prune(src, dst, sync_name);
+                    let summary = if bytes == 0 {
+                        format!("{label}: up to date at @{}", snapshot.name)
+                    } else {
+                        format!(
+                            "{label}: {} in {} ({}), now at @{}",
+                            human_bytes(bytes),
+                            human_duration(watch.elapsed()),
+                            human_rate(bytes, watch.elapsed()),
+                            snapshot.name
+                        )
+                    };
+                    self.ui.info(&summary);
+                    return Ok(());
+                }
+                Plan::Conflict(conflict) => {
+                    bail!("{conflict}");
+                }
+                Plan::Replicate(steps) => {
+                    if self.cfg.dry_run {
+                        for step in &steps {
+                            println!("{label}: would {}", describe(step));
+                        }
+                        return Ok(());
+                    }
+                    if round > 1 && steps == last_round_steps {
+                        bail!(
+                            "the target did not change after executing the plan ({}); refusing to loop",
+                            describe_all(&steps)
+                        );
+                    }
+                    for step in &steps {
+                        bytes += self.execute(src, dst, step)?;
+                    }
+                    last_round_steps = steps;
+                }
+            }
+        }
+        bail!(
+            "still not up to date after {MAX_ROUNDS} rounds (last plan: {}); this is a bug, please report it",
+            describe_all(&last_round_steps)
+        )
+    }
+
+    /// A clear error instead of zfs receive's when the target's parent is missing.
+    fn check_target_parent(&self, dst: &Dataset) -> Result<()> {
+        let Some((parent, _)) = dst.as_str().rsplit_once('/') else {
+            return Ok(());
+        };
+        let parent = Dataset::parse(parent)?;
+        let out = exec(&*self.dst.host, &zfs::dataset_exists_argv(&parent), self.ui)?;
+        if !out.success() {
+            if zfs::is_missing_dataset_error(&out.stderr) {
+                bail!(
+                    "the target's parent {} does not exist; create it first (zfs create -p {})",
+                    self.dst.label(&parent),
+                    parent
+                );
+            }
+            out.check("zfs list", self.dst.host.label())?;
+        }
+        Ok(())
+    }
+
+    fn source_state(&self, ds: &Dataset) -> Result<SourceState> {
+        let out = exec_ok(
+            &*self.src.host,
+            &zfs::list_snapshots_argv(ds, &self.src.caps),
+            "listing snapshots",
+            self.ui,
+        )
+        .with_context(|| format!("source {}", self.src.label(ds)))?;
+        Ok(SourceState {
+            snapshots: zfs::parse_snapshot_list(ds, &out)?,
+        })
+    }
+
+    fn target_state(&self, ds: &Dataset) -> Result<TargetState> {
+        let host = &*self.dst.host;
+        let out = exec(host, &zfs::list_snapshots_argv(ds, &self.dst.caps), self.ui)?;
+        if !out.success() && zfs::is_missing_dataset_error(&out.stderr) {
+            return Ok(TargetState {
+                exists: false,
+                snapshots: Vec::new(),
+                resume_token: None,
+            });
+        }
+        let listing = out
+            .check("listing snapshots", host.label())
+            .with_context(|| format!("target {}", self.dst.label(ds)))?;
+        let snapshots = zfs::parse_snapshot_list(ds, &listing)?;
+        let resume_token = if self.dst.caps.resume_tokens {
+            let out = exec_ok(host, &zfs::resume_token_argv(ds), "reading receive_resume_token", self.ui)?;
+            zfs::parse_resume_token(&out)
+        } else {
+            None
+        };
+        Ok(TargetState {
+            exists: true,
+            snapshots,
+            resume_token,
+        })
+    }
+
+    /// Executes one planned step; returns the bytes streamed.
+    fn execute(&self, src: &Dataset, dst: &Dataset, step: &Step) -> Result<u64> {
+        let recv = RecvArgs {
+            resumable: self.dst.caps.resume_tokens,
+            force: self.cfg.rollback,
+            options: &self.cfg.recv_options,
+        };
+        match step {
+            Step::AbortPartial => {
+                self.ui.info(&format!(
+                    "{}: discarding a partial receive (--no-resume)",
+                    self.dst.label(dst)
+                ));
+                exec_ok(&*self.dst.host, &zfs::abort_partial_argv(dst), "zfs receive -A", self.ui)?;
+                Ok(0)
+            }
+            Step::DestroyTarget => {
+                self.ui.warn(&format!(
+                    "--force-delete: destroying {} and its snapshots",
+                    self.dst.label(dst)
+                ));
+                exec_ok(&*self.dst.host, &zfs::destroy_recursive_argv(dst), "zfs destroy", self.ui)?;
+                Ok(0)
+            }
+            Step::Rollback { to } => {
+                self.ui.warn(&format!(
+                    "--force-delete: rolling {} back to @{}, destroying newer target snapshots",
+                    self.dst.label(dst),
+                    to.name
+                ));
+                exec_ok(&*self.dst.host, &zfs::rollback_argv(dst, &to.name), "zfs rollback", self.ui)?;
+                Ok(0)
+            }
+            Step::Resume { token } => {
+                self.ui.info(&format!(
+                    "{}: resuming an interrupted receive",
+                    self.dst.label(dst)
+                ));
+                let send = zfs::send_resume_argv(token, &self.cfg.send_options);
+                let recv = RecvArgs { resumable: true, ..recv };
+                let n = self.transfer(&send, &zfs::receive_argv(dst, &recv), &format!("{src} (resume)"))?;
+                Ok(n)
+            }
+            Step::Full { to } => {
+                let send = zfs::send_argv(
+                    src,
+                    &SendArgs {
+                        from: None,
+                        to: &to.name,
+                        intermediates: false,
+                        options: &self.cfg.send_options,
+                    },
+                );
+                let n = self.transfer(&send, &zfs::receive_argv(dst, &recv), &format!("{src}@{}", to.name))?;
+                self.verify(dst, to)?;
+                Ok(n)
+            }
+            Step::Incremental {
+                from,
+                to,
+                intermediates,
+            } => {
+                let send = zfs::send_argv(
+                    src,
+                    &SendArgs {
+                        from: Some(&from.name),
+                        to: &to.name,
+                        intermediates: *intermediates,
+                        options: &self.cfg.send_options,
+                    },
+                );
+                let n = self.transfer(
+                    &send,
+                    &zfs::receive_argv(dst, &recv),
+                    &format!("{src}@{}..@{}", from.name, to.name),
+                )?;
+                self.verify(dst, to)?;
+                Ok(n)
+            }
+        }
+    }
+
+    /// `zfs send` on the source, piped through this process into `zfs receive`
+    /// on the target. Both exit statuses must be zero.
+    fn transfer(&self, send: &[String], recv: &[String], label: &str) -> Result<u64> {
+        let (sh, th) = (&*self.src.host, &*self.dst.host);
+        self.ui.debug(&format!("[{}] {}", sh.label(), sh_join(send)));
+        self.ui.debug(&format!("[{}] {}", th.label(), sh_join(recv)));
+        let mut receiver = th.spawn(recv).context("cannot start zfs receive")?;
+        let mut sender = match sh.spawn(send) {
+            Ok(s) => s,
+            Err(e) => {
+                receiver.kill();
+                return Err(e.context("cannot start zfs send"));
+            }
+        };
+        let (Some(reader), Some(writer)) = (sender.take_stdout(), receiver.take_stdin()) else {
+            sender.kill();
+            receiver.kill();
+            bail!("internal error: zfs send/receive pipes are missing");
+        };
+        let bar = self.ui.transfer(label, None);
+        let pumped = stream::pump(reader, writer, &|n| bar.add(n));
+        bar.finish();
+        if pumped.is_err() {
+            sender.kill();
+        }
+        // The receiver saw EOF (or a broken stream); its verdict comes first,
+        // since "cannot receive: ..." explains more than a broken pipe does.
+        let recv_exit = receiver.wait().context("waiting for zfs receive")?;
+        let send_exit = sender.wait().context("waiting for zfs send")?;
+        if recv_exit.status != 0 {
+            bail!(
+                "zfs receive failed on {} (exit {}): {}",
+                th.label(),
+                recv_exit.status,
+                last_lines(&recv_exit.stderr)
+            );
+        }
+        if send_exit.status != 0 {
+            bail!(
+                "zfs send failed on {} (exit {}): {}",
+                sh.label(),
+                send_exit.status,
+                last_lines(&send_exit.stderr)
+            );
+        }
+        match pumped {
+            Ok(n) => Ok(n),
+            Err(e @ (PumpError::Read(_) | PumpError::Write(_))) => {
+                Err(anyhow!(e).context("the stream broke although both zfs commands exited 0"))
+            }
+        }
+    }
+
+    /// The target must list `to` with the source's GUID, whatever zfs receive said.
+    fn verify(&self, dst: &Dataset, to: &Snapshot) -> Result<()> {
+        let target = self.target_state(dst)?;
+        match target.snapshots.iter().find(|s| s.name == to.name) {
+            Some(s) if s.guid == to.guid => Ok(()),
+            Some(s) => bail!(
+                "verification failed: {}@{} has GUID {} but the source's has {}",
+                self.dst.label(dst),
+                to.name,
+                s.guid,
+                to.guid
+            ),
+            None => bail!(
+                "verification failed: zfs receive exited 0 but {}@{} is not on the target",
+                self.dst.label(dst),
+                to.name
+            ),
+        }
+    }
+
+    /// Destroys older sync snapshots of this job (exact identifier and
+    /// hostname) on both sides. Failures warn; the data is already safe.
+    fn prune(&self, src: &Dataset, dst: &Dataset, sync_name: Option<&str>) {
+        let Some(current) = sync_name else { return };
+        if self.cfg.keep_sync_snap {
+            return;
+        }
+        for (side, ds) in [(&self.src, src), (&self.dst, dst)] {
+            if let Err(e) = self.prune_side(side, ds, current) {
+                self.ui.warn(&format!("pruning sync snapshots on {}: {e:#}", side.label(ds)));
+            }
+        }
+    }
+
+    fn prune_side(&self, side: &Side, ds: &Dataset, current: &str) -> Result<()> {
+        let out = exec_ok(
+            &*side.host,
+            &zfs::list_snapshots_argv(ds, &side.caps),
+            "listing snapshots",
+            self.ui,
+        )?;
+        let snaps = zfs::parse_snapshot_list(ds, &out)?;
+        if !snaps.iter().any(|s| s.name == current) {
+            bail!("@{current} is missing; not pruning");
+        }
+        let id = self.cfg.identifier.as_deref();
+        for s in snaps
+            .iter()
+            .filter(|s| s.name != current && syncsnap::is_ours(&s.name, id, &self.hostname))
+        {
+            self.ui.debug(&format!("pruning {}@{}", side.label(ds), s.name));
+            exec_ok(
+                &*side.host,
+                &zfs::destroy_snapshot_argv(ds, &s.name),
+                "zfs destroy",
+                self.ui,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn describe(step: &Step) -> String {
+    match step {
+        Step::AbortPartial => "discard the partial receive on the target".into(),
+        Step::Resume { .. } => "resume the interrupted receive from its token".into(),
+        Step::DestroyTarget => "destroy the target (--force-delete)".into(),
+        Step::Rollback { to } => format!("roll the target back to @{} (--force-delete)", to.name),
+        Step::Full { to } => format!("send @{} in full", to.name),
+        Step::Incremental {
+            from,
+            to,
+            intermediates,
+        } => format!(
+            "send @{}..@{} incrementally ({})",
+            from.name,
+            to.name,
+            if *intermediates { "-I" } else { "-i" }
+        ),
+    }
+}
+
+fn describe_all(steps: &[Step]) -> String {
+    steps.iter().map(describe).collect::<Vec<_>>().join(", then ")
+}
+
+/// The last few lines of a command's stderr, joined for a one-line message.
+fn last_lines(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let start = lines.len().saturating_sub(3);
+    let joined = lines[start..].join(" / ");
+    if joined.is_empty() {
+        "(no error output)".into()
+    } else {
+        joined
+    }
+}
+
+/// This machine's name, as it appears in sync snapshot names.
+fn local_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let raw = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    syncsnap::sanitize_hostname(&raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_lines_keeps_the_tail_on_one_line() {
+        assert_eq!(last_lines(""), "(no error output)");
+        assert_eq!(last_lines("a\n\nb\nc\nd\n"), "b / c / d");
+    }
+
+    #[test]
+    fn steps_describe_themselves() {
+        let s = |n: &str| Snapshot {
+            name: n.into(),
+            guid: 1,
+            createtxg: 1,
+        };
+        assert_eq!(describe(&Step::Full { to: s("a") }), "send @a in full");
+        assert_eq!(
+            describe(&Step::Incremental {
+                from: s("a"),
+                to: s("b"),
+                intermediates: true
+            }),
+            "send @a..@b incrementally (-I)"
+        );
+    }
+}
