@@ -1,0 +1,439 @@
+//! Default-mode replication on the real test bed: zfs-fuse pools, OpenSSH
+//! hosts in network namespaces. Every test asserts what landed on the target
+//! (snapshot names with GUIDs, file checksums), not what resync printed.
+
+use crate::bed::*;
+
+/// Snapshots of `ds` as (name, guid), oldest first.
+fn snaps(ds: &str) -> Vec<(String, u64)> {
+    snapshots(ds)
+}
+
+fn names(ds: &str) -> Vec<String> {
+    snaps(ds).into_iter().map(|(n, _)| n).collect()
+}
+
+/// The target must hold every snapshot of the source that it lists, with the
+/// same GUID, and the newest source snapshot; the files must be equal.
+fn assert_replica(src: &str, dst: &str) {
+    let s = snaps(src);
+    let d = snaps(dst);
+    let newest = s.last().expect("source has snapshots");
+    assert!(d.contains(newest), "target {dst} lacks {newest:?}: {d:?}");
+    for snap in &d {
+        if let Some(same) = s.iter().find(|x| x.0 == snap.0) {
+            assert_eq!(same.1, snap.1, "GUID of @{} differs", snap.0);
+        }
+    }
+    assert_eq!(tree_checksums(src), tree_checksums(dst), "file contents differ");
+}
+
+fn sync_snaps(ds: &str) -> Vec<String> {
+    names(ds)
+        .into_iter()
+        .filter(|n| n.starts_with("resync_"))
+        .collect()
+}
+
+#[test]
+fn push_full_then_incremental_over_ssh() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("push"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("push"));
+    create_dataset_with_data(&src, &[("a.bin", 3 << 20), ("dir/b.bin", 100_000)]);
+    snapshot(&src, "first");
+    let out = resync(&[&src, &remote(&bed.host_b, &dst)]);
+    out.assert_success();
+    assert_replica(&src, &dst);
+    assert!(names(&dst).contains(&"first".to_string()));
+    let first_sync = sync_snaps(&dst);
+    assert_eq!(first_sync.len(), 1, "one sync snapshot on the target: {first_sync:?}");
+
+    write_file(&src, "c.bin", 2 << 20);
+    snapshot(&src, "second");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let out = resync(&[&src, &remote(&bed.host_b, &dst)]);
+    out.assert_success();
+    assert_replica(&src, &dst);
+    assert!(names(&dst).contains(&"second".to_string()), "-I sends intermediates");
+    let now = sync_snaps(&dst);
+    assert_eq!(now.len(), 1, "the older sync snapshot was pruned: {now:?}");
+    assert_ne!(now, first_sync);
+    assert_eq!(sync_snaps(&src), now, "source keeps only the newest sync snapshot");
+}
+
+#[test]
+fn pull_full_then_incremental_over_ssh() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_b, unique_name("pull"));
+    let dst = format!("{}/{}", bed.pool_a, unique_name("pull"));
+    create_dataset_with_data(&src, &[("x.bin", 1 << 20)]);
+    resync(&[&remote(&bed.host_b, &src), &dst]).assert_success();
+    assert_replica(&src, &dst);
+    write_file(&src, "y.bin", 500_000);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    resync(&[&remote(&bed.host_b, &src), &dst]).assert_success();
+    assert_replica(&src, &dst);
+}
+
+#[test]
+fn remote_to_remote_relays_through_the_orchestrator() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("r2r"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("r2r"));
+    create_dataset_with_data(&src, &[("x.bin", 2 << 20)]);
+    let (s, d) = (remote(&bed.host_a, &src), remote(&bed.host_b, &dst));
+    resync(&[&s, &d]).assert_success();
+    assert_replica(&src, &dst);
+    write_file(&src, "y.bin", 300_000);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    resync(&[&s, &d]).assert_success();
+    assert_replica(&src, &dst);
+}
+
+#[test]
+fn local_to_local_full_then_incremental() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("l2l"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("l2l"));
+    create_dataset_with_data(&src, &[("x.bin", 1 << 20)]);
+    resync(&[&src, &dst]).assert_success();
+    assert_replica(&src, &dst);
+    write_file(&src, "y.bin", 300_000);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    resync(&[&src, &dst]).assert_success();
+    assert_replica(&src, &dst);
+    let again = resync(&[&src, &dst, "--no-sync-snap"]);
+    again.assert_success();
+    assert!(again.stderr.contains("up to date"), "{}", again.stderr);
+}
+
+#[test]
+fn recursive_with_skip_parent_and_exclude() {
+    let bed = Bed::get();
+    let root = format!("{}/{}", bed.pool_a, unique_name("rec"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("rec"));
+    create_dataset_with_data(&root, &[("root.bin", 10_000)]);
+    create_dataset_with_data(&format!("{root}/keep"), &[("k.bin", 50_000)]);
+    create_dataset_with_data(&format!("{root}/keep/deep"), &[("d.bin", 20_000)]);
+    create_dataset_with_data(&format!("{root}/scratch"), &[("s.bin", 20_000)]);
+
+    // Whole tree except scratch.
+    resync(&["-r", "--exclude-datasets=/scratch$", &root, &remote(&bed.host_b, &dst)])
+        .assert_success();
+    assert_replica(&root, &dst);
+    assert_replica(&format!("{root}/keep"), &format!("{dst}/keep"));
+    assert_replica(&format!("{root}/keep/deep"), &format!("{dst}/keep/deep"));
+    assert!(!zfs_ok(&["list", &format!("{dst}/scratch")]), "scratch was excluded");
+
+    // Children only, into a fresh parent that exists but holds nothing.
+    let dst2 = format!("{}/{}", bed.pool_b, unique_name("skip"));
+    zfs(&["create", &dst2]);
+    resync(&["-r", "--skip-parent", &root, &dst2]).assert_success();
+    assert!(snaps(&dst2).is_empty(), "the parent itself was skipped");
+    assert_replica(&format!("{root}/keep"), &format!("{dst2}/keep"));
+    assert_replica(&format!("{root}/scratch"), &format!("{dst2}/scratch"));
+}
+
+#[test]
+fn no_sync_snap_sends_up_to_the_newest_existing_snapshot() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("nosync"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("nosync"));
+    create_dataset_with_data(&src, &[("a", 10_000)]);
+    snapshot(&src, "s1");
+    write_file(&src, "b", 10_000);
+    snapshot(&src, "s2");
+    resync(&["--no-sync-snap", &src, &remote(&bed.host_b, &dst)]).assert_success();
+    assert_eq!(names(&dst), vec!["s1", "s2"]);
+    assert!(sync_snaps(&src).is_empty(), "no sync snapshot was taken");
+    assert_eq!(snaps(&src), snaps(&dst));
+}
+
+#[test]
+fn no_stream_sends_only_the_newest_snapshot() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("nostream"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("nostream"));
+    create_dataset_with_data(&src, &[("a", 10_000)]);
+    snapshot(&src, "s1");
+    snapshot(&src, "s2");
+    resync(&["--no-sync-snap", "--no-stream", &src, &dst]).assert_success();
+    assert_eq!(names(&dst), vec!["s2"], "full send of the newest only");
+    snapshot(&src, "s3");
+    snapshot(&src, "s4");
+    resync(&["--no-sync-snap", "--no-stream", &src, &dst]).assert_success();
+    assert_eq!(names(&dst), vec!["s2", "s4"], "-i skips s3");
+    assert_replica(&src, &dst);
+}
+
+#[test]
+fn sync_snapshot_pruning_matches_the_hostname_exactly() {
+    let bed = Bed::get();
+    let host = local_hostname();
+    let src = format!("{}/{}", bed.pool_a, unique_name("prune"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("prune"));
+    create_dataset_with_data(&src, &[("a", 10_000)]);
+    let ours_old = format!("resync_{host}_2020-01-01T00:00:00Z");
+    let other_host = format!("resync_{host}2_2020-01-01T00:00:00Z");
+    let other_job = format!("resync_nightly_{host}_2020-01-01T00:00:00Z");
+    snapshot(&src, &ours_old);
+    snapshot(&src, &other_host);
+    snapshot(&src, &other_job);
+    resync(&[&src, &remote(&bed.host_b, &dst)]).assert_success();
+    for ds in [&src, &dst] {
+        let n = names(ds);
+        assert!(!n.contains(&ours_old), "our old sync snapshot is pruned on {ds}: {n:?}");
+        assert!(n.contains(&other_host), "{host}2's snapshot survives on {ds}: {n:?}");
+        assert!(n.contains(&other_job), "another identifier's survives on {ds}: {n:?}");
+        assert_eq!(sync_snaps(ds).len(), 3, "{n:?}");
+    }
+}
+
+#[test]
+fn a_dataset_name_with_spaces_replicates() {
+    let bed = Bed::get();
+    let src = format!("{}/{} with space", bed.pool_a, unique_name("sp"));
+    let dst = format!("{}/{} also spaced", bed.pool_b, unique_name("sp"));
+    create_dataset_with_data(&src, &[("f", 20_000)]);
+    resync(&[&src, &remote(&bed.host_b, &dst)]).assert_success();
+    assert_replica(&src, &dst);
+    resync(&[&remote(&bed.host_b, &dst), &format!("{src} back")]).assert_success();
+    assert_replica(&dst, &format!("{src} back"));
+}
+
+#[test]
+fn hostile_dataset_names_are_refused_before_any_command_runs() {
+    let bed = Bed::get();
+    // The host is unreachable: had resync tried to connect, it would say so.
+    let host = &bed.unused_addr;
+    for bad in [
+        "pool/a;touch /tmp/pwned",
+        "pool/$(touch /tmp/pwned)",
+        "pool/a'b",
+        "pool/a\"b",
+        "pool/a\nb",
+        "pool/`id`",
+    ] {
+        let out = resync(&[bad, &remote(host, "pool/ok")]);
+        assert_eq!(out.code, Some(2), "{bad:?}: {}", out.stderr);
+        assert!(out.stderr.contains("invalid"), "{bad:?}: {}", out.stderr);
+        assert!(!out.stderr.contains("connect"), "nothing was contacted: {}", out.stderr);
+        assert_eq!(out.stderr.trim().lines().count(), 1, "one line: {}", out.stderr);
+        let out = resync(&[&remote(host, "pool/ok"), bad]);
+        assert_eq!(out.code, Some(2), "{bad:?}: {}", out.stderr);
+    }
+    assert!(!std::path::Path::new("/tmp/pwned").exists());
+}
+
+#[test]
+fn an_unrelated_target_is_refused_untouched_then_force_delete_replaces_it() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("unrel"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("unrel"));
+    create_dataset_with_data(&src, &[("a", 10_000)]);
+    create_dataset_with_data(&dst, &[("precious", 12_345)]);
+    snapshot(&dst, "theirs");
+    let before = (snaps(&dst), tree_checksums(&dst));
+    let out = resync(&[&src, &remote(&bed.host_b, &dst)]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("--force-delete"), "names the flag: {}", out.stderr);
+    assert!(out.stderr.contains("theirs"), "lists the target side: {}", out.stderr);
+    assert_eq!((snaps(&dst), tree_checksums(&dst)), before, "target untouched");
+
+    resync(&["--force-delete", &src, &remote(&bed.host_b, &dst)]).assert_success();
+    assert_replica(&src, &dst);
+    assert!(!names(&dst).contains(&"theirs".to_string()));
+}
+
+#[test]
+fn a_same_named_snapshot_with_another_guid_is_a_conflict() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("guid"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("guid"));
+    create_dataset_with_data(&src, &[("a", 10_000)]);
+    snapshot(&src, "daily");
+    create_dataset_with_data(&dst, &[("b", 10_000)]);
+    snapshot(&dst, "daily");
+    let before = snaps(&dst);
+    let out = resync(&["--no-sync-snap", &src, &dst]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("GUID") || out.stderr.contains("guid"), "{}", out.stderr);
+    assert_eq!(snaps(&dst), before);
+}
+
+#[test]
+fn a_diverged_target_is_refused_and_force_delete_rolls_it_back() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("div"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("div"));
+    create_dataset_with_data(&src, &[("a", 10_000)]);
+    snapshot(&src, "s1");
+    resync(&["--no-sync-snap", &src, &dst]).assert_success();
+    snapshot(&dst, "target-only");
+    snapshot(&src, "s2");
+    let out = resync(&["--no-sync-snap", &src, &dst]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("target-only"), "{}", out.stderr);
+    assert_eq!(names(&dst), vec!["s1", "target-only"], "nothing destroyed");
+    resync(&["--no-sync-snap", "--force-delete", &src, &dst]).assert_success();
+    assert_eq!(names(&dst), vec!["s1", "s2"]);
+    assert_replica(&src, &dst);
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_changes_nothing() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("dry"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("dry"));
+    create_dataset_with_data(&src, &[("a", 10_000)]);
+    snapshot(&src, "s1");
+    let before = snaps(&src);
+    let out = resync(&["--dry-run", &src, &remote(&bed.host_b, &dst)]);
+    out.assert_success();
+    assert!(out.stdout.contains("would"), "{}", out.stdout);
+    assert!(out.stdout.contains("in full"), "{}", out.stdout);
+    assert_eq!(snaps(&src), before, "no sync snapshot taken");
+    assert!(!zfs_ok(&["list", &dst]), "target not created");
+}
+
+#[test]
+fn an_unknown_host_key_is_refused_with_a_way_to_accept_it() {
+    let bed = Bed::get();
+    let home = bed.home_copy_without_known_hosts();
+    let out = resync_with_home(&home, &["tank/x", &remote(&bed.host_b, "pool/y")]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("known_hosts"), "{}", out.stderr);
+    assert!(out.stderr.contains("--accept-new-host-key"), "{}", out.stderr);
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+}
+
+#[test]
+fn an_ssh_config_alias_is_honoured() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("alias"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("alias"));
+    create_dataset_with_data(&src, &[("a", 10_000)]);
+    // backup-alias -> HostName host B, User root, IdentityFile the bed's key.
+    resync(&[&src, &format!("backup-alias:{dst}")]).assert_success();
+    assert_replica(&src, &dst);
+}
+
+#[test]
+fn clear_errors_for_missing_source_unreachable_host_and_wrong_key() {
+    let bed = Bed::get();
+    let missing = format!("{}/{}", bed.pool_a, unique_name("missing"));
+    let out = resync(&[&missing, &format!("{}/x", bed.pool_b)]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("does not exist"), "{}", out.stderr);
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+
+    let out = resync(&["--timeout=5s", &format!("{}/x", bed.pool_a), &remote(&bed.unused_addr, "p/x")]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("connect"), "{}", out.stderr);
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+
+    let home = bed.home_copy_without_keys();
+    let wrong = home.join("wrong_key");
+    std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&wrong)
+        .status()
+        .expect("ssh-keygen");
+    let out = resync_with_home(
+        &home,
+        &["--sshkey", wrong.to_str().unwrap(), &format!("{}/x", bed.pool_a), &remote(&bed.host_b, "p/x")],
+    );
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("authentication"), "{}", out.stderr);
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_line() {
+    for args in [vec!["onlyone"], vec!["--timeout=never", "a/b", "c/d"], vec!["--bogus", "a/b", "c/d"]] {
+        let out = resync(&args);
+        assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
+        assert_eq!(out.stderr.trim().lines().count(), 1, "{args:?}: {}", out.stderr);
+    }
+    let help = resync(&["--help"]);
+    help.assert_success();
+    for word in ["Push", "Pull", "cron"] {
+        assert!(help.stdout.contains(word), "--help shows a {word} example");
+    }
+}
+
+#[test]
+fn a_zfs_receive_that_lies_about_success_is_caught() {
+    // A wrapper around the real zfs that swallows the stream and exits 0 on
+    // `receive`: resync must not report success on the empty target.
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("liar"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("liar"));
+    create_dataset_with_data(&src, &[("a", 100_000)]);
+    let dir = tempfile::tempdir().unwrap();
+    let real = which::which("zfs").unwrap();
+    let wrapper = dir.path().join("zfs");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = receive ]; then cat >/dev/null; exit 0; fi\nexec {} \"$@\"\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
+    let out = resync_with_env(&[("PATH", &path)], &[&src, &dst]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("verification failed"), "{}", out.stderr);
+    assert!(!zfs_ok(&["list", &dst]));
+}
+
+#[test]
+fn a_killed_transfer_leaves_a_target_the_next_run_completes() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("kill"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("kill"));
+    create_dataset_with_data(&src, &[("a", 1 << 20)]);
+    resync(&[&src, &remote(&bed.host_b, &dst)]).assert_success();
+    let before = snaps(&dst);
+    // A big incremental, killed while it streams.
+    write_file(&src, "big", 120 << 20);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let mut child = spawn_resync(&[&src, &remote(&bed.host_b, &dst)]);
+    wait_for_receive_of(&dst);
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    // The partial incremental was not taken for a finished one.
+    wait_until_no_receive_of(&dst);
+    assert_eq!(snaps(&dst), before, "the target is at its old snapshot, not a partial one");
+    resync(&[&src, &remote(&bed.host_b, &dst)]).assert_success();
+    assert_replica(&src, &dst);
+}
+
+#[test]
+fn a_cut_link_fails_the_run_and_the_next_run_completes() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("cut"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("cut"));
+    create_dataset_with_data(&src, &[("big", 120 << 20)]);
+    let mut child = spawn_resync(&["--timeout=5s", &src, &remote(&bed.host_b, &dst)]);
+    wait_for_receive_of(&dst);
+    let code = {
+        let _cut = link_down(&bed.host_b);
+        let started = std::time::Instant::now();
+        let status = wait_timeout(&mut child, std::time::Duration::from_secs(60));
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "gave up in time");
+        status
+    };
+    assert_ne!(code, Some(0), "a cut run never reports success");
+    wait_until_no_receive_of(&dst);
+    assert!(
+        !snaps(&dst).iter().any(|(n, _)| n.starts_with("resync_")),
+        "no partial snapshot on the target"
+    );
+    resync(&[&src, &remote(&bed.host_b, &dst)]).assert_success();
+    assert_replica(&src, &dst);
+}
