@@ -60,13 +60,18 @@ fn usage_error(e: clap::Error) -> i32 {
             0
         }
         _ => {
+            // clap's message spans lines ("...not provided:\n  <TARGET>")
+            // before its usage block; fold it into the one line we print.
             let rendered = e.render().to_string();
-            let first = rendered
+            let message: Vec<&str> = rendered
                 .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("resync: error: {first} (see resync --help)");
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            let message = message.join(" ");
+            let message = message.trim_start_matches("error: ");
+            eprintln!("resync: error: {message} (see resync --help)");
             2
         }
     }
