@@ -301,13 +301,13 @@ impl fmt::Display for Conflict {
                 f,
                 "the target exists but has no snapshots, so no incremental stream can \
                  apply to it, and a full stream would overwrite what it holds. {UNCHANGED} \
-                 --force-delete would destroy the target and send the source in full."
+                 --force-delete would destroy the target (with its snapshots and descendants) and send the source in full."
             ),
             Conflict::NoCommonSnapshot { source, target } => write!(
                 f,
                 "the source and the target have no snapshot in common (matched by GUID), \
                  so no incremental stream can apply.\n  source ({}): {}\n  target ({}): {}\n\
-                 {UNCHANGED} --force-delete would destroy the target and send the source in full.",
+                 {UNCHANGED} --force-delete would destroy the target (with its snapshots and descendants) and send the source in full.",
                 source.len(),
                 SnapshotList(source),
                 target.len(),
