@@ -1,1 +1,1363 @@
-//! placeholder: zfs
+//! ZFS vocabulary: dataset and snapshot types, name validation, argv builders
+//! for every `zfs`/`zpool` command resync runs, parsers for their output,
+//! capability detection and recognisers for the ZFS errors callers branch on.
+//!
+//! This module runs nothing. Building an argv is separate from running it (a
+//! host does that), so every builder and parser here is a pure function with
+//! table tests; parsers are tested on real output pasted from zfs-fuse (pool
+//! version 23) with the producing command beside it, and on OpenZFS 2.x
+//! fixtures written from its man pages and sources where this machine cannot
+//! produce the output. Every argv starts with the program name (`zfs` or
+//! `zpool`); arguments are separate elements, never shell text.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// Longest name ZFS accepts, in bytes, exclusive (`ZFS_MAX_DATASET_NAME_LEN`).
+const MAX_NAME_LEN: usize = 256;
+/// Longest pool name, exclusive: 256 - 2 - 2 * len("$ORIGIN").
+const MAX_POOL_NAME_LEN: usize = 240;
+/// Deepest nesting ZFS accepts, exclusive (`zfs_max_dataset_nesting`).
+const MAX_NESTING: usize = 50;
+
+/// A filesystem or volume name (`pool/a/b`), validated by the rules of
+/// OpenZFS's `zfs_namecheck.c` and `zpool_name_valid`. Never a snapshot or a
+/// bookmark.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Dataset(String);
+
+/// Characters ZFS allows in any name component (`valid_char` in
+/// `zfs_namecheck.c`).
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.' | ' ')
+}
+
+/// Why a character is refused, for the few that users actually type.
+fn char_hint(c: char) -> &'static str {
+    match c {
+        '@' => " (that names a snapshot; give the dataset)",
+        '#' => " (that names a bookmark; give the dataset)",
+        '%' => " (ZFS reserves it for temporary receive clones)",
+        _ => "",
+    }
+}
+
+impl Dataset {
+    /// Validates `s` as a dataset name. The error is one line naming the
+    /// problem, e.g. `invalid dataset name "a;b": character ';' is not
+    /// allowed`.
+    pub fn parse(s: &str) -> Result<Dataset> {
+        let bad = |why: String| anyhow!("invalid dataset name {s:?}: {why}");
+        if s.is_empty() {
+            return Err(bad("the name is empty".into()));
+        }
+        if s.len() >= MAX_NAME_LEN {
+            return Err(bad(format!(
+                "it is {} bytes long; ZFS allows at most {}",
+                s.len(),
+                MAX_NAME_LEN - 1
+            )));
+        }
+        if let Some(c) = s.chars().find(|&c| c != '/' && !is_name_char(c)) {
+            return Err(bad(format!(
+                "character {c:?} is not allowed{}",
+                char_hint(c)
+            )));
+        }
+        if s.starts_with('/') {
+            return Err(bad(
+                "it starts with '/'; give pool/dataset, not a path".into()
+            ));
+        }
+        if s.ends_with('/') {
+            return Err(bad("it ends with '/'".into()));
+        }
+        for component in s.split('/') {
+            match component {
+                "" => return Err(bad("it has an empty component (\"//\")".into())),
+                "." | ".." => return Err(bad(format!("component {component:?} is not allowed"))),
+                _ => {}
+            }
+        }
+        let depth = s.matches('/').count();
+        if depth >= MAX_NESTING {
+            return Err(bad(format!(
+                "it is nested {depth} levels deep; ZFS allows at most {}",
+                MAX_NESTING - 1
+            )));
+        }
+        let pool = s.split('/').next().unwrap_or(s);
+        check_pool_name(pool).map_err(bad)?;
+        Ok(Dataset(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The first component.
+    pub fn pool(&self) -> &str {
+        self.0.split('/').next().unwrap_or(&self.0)
+    }
+
+    /// The path of `self` below `root`: `""` for `root` itself, `"c/d"` for
+    /// `root/c/d`, `None` when `self` is not `root` or one of its descendants
+    /// (`pool/ab` is not under `pool/a`).
+    pub fn relative_to(&self, root: &Dataset) -> Option<&str> {
+        let rest = self.0.strip_prefix(root.as_str())?;
+        if rest.is_empty() {
+            Some("")
+        } else {
+            rest.strip_prefix('/')
+        }
+    }
+
+    /// `self/rel`, validated; `rel == ""` returns `self`.
+    pub fn join(&self, rel: &str) -> Result<Dataset> {
+        if rel.is_empty() {
+            return Ok(self.clone());
+        }
+        Dataset::parse(&format!("{}/{}", self.0, rel))
+    }
+
+    /// The full name of snapshot `snap` of this dataset: `ds@snap`.
+    pub fn snapshot(&self, snap: &str) -> String {
+        format!("{}@{}", self.0, snap)
+    }
+}
+
+impl fmt::Display for Dataset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Pool name rules: a letter first, and not a name `zpool create` reserves
+/// for vdev keywords (`zpool_name_valid` in libzfs, `pool_namecheck`).
+fn check_pool_name(pool: &str) -> std::result::Result<(), String> {
+    if !pool.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return Err(format!("pool name {pool:?} must start with a letter"));
+    }
+    let reserved_prefix = ["mirror", "raidz", "draid", "spare"]
+        .iter()
+        .any(|p| pool.starts_with(p));
+    // Solaris disk names (c0t0d0): older libzfs refused them as pool names.
+    let disk_like = pool
+        .strip_prefix('c')
+        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+    if reserved_prefix || pool == "log" || disk_like {
+        return Err(format!("pool name {pool:?} is reserved by ZFS"));
+    }
+    // Room for "pool/$ORIGIN@$ORIGIN" (pool_namecheck).
+    if pool.len() >= MAX_POOL_NAME_LEN {
+        return Err(format!(
+            "pool name is {} bytes long; ZFS allows at most {}",
+            pool.len(),
+            MAX_POOL_NAME_LEN - 1
+        ));
+    }
+    Ok(())
+}
+
+/// Validates a snapshot's short name (the part after `@`).
+pub fn validate_snapshot_name(snap: &str) -> Result<()> {
+    if snap.is_empty() {
+        bail!("invalid snapshot name \"\": the name is empty");
+    }
+    if snap.len() >= MAX_NAME_LEN {
+        bail!(
+            "invalid snapshot name {snap:?}: it is {} bytes long; ZFS allows at most {}",
+            snap.len(),
+            MAX_NAME_LEN - 1
+        );
+    }
+    if let Some(c) = snap.chars().find(|&c| !is_name_char(c)) {
+        bail!("invalid snapshot name {snap:?}: character {c:?} is not allowed");
+    }
+    Ok(())
+}
+
+/// One snapshot of one dataset, as `zfs get` reports it. Snapshots are the
+/// same snapshot on two pools exactly when their GUIDs are equal; the name
+/// alone proves nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The short name, after `@`.
+    pub name: String,
+    pub guid: u64,
+    pub createtxg: u64,
+}
+
+fn zfs(args: &[&str]) -> Vec<String> {
+    std::iter::once("zfs")
+        .chain(args.iter().copied())
+        .map(String::from)
+        .collect()
+}
+
+/// `zfs list -H -o name -t filesystem,volume [-r] ROOT`
+pub fn list_datasets_argv(root: &Dataset, recursive: bool) -> Vec<String> {
+    let mut argv = zfs(&["list", "-H", "-o", "name", "-t", "filesystem,volume"]);
+    if recursive {
+        argv.push("-r".into());
+    }
+    argv.push(root.to_string());
+    argv
+}
+
+/// Parses the output of [`list_datasets_argv`]: one name per line.
+pub fn parse_dataset_list(stdout: &str) -> Result<Vec<Dataset>> {
+    stdout
+        .lines()
+        .filter(|line| !line.is_empty())
+        .map(|line| Dataset::parse(line).context("unexpected line in `zfs list` output"))
+        .collect()
+}
+
+/// `zfs get -Hp -d 1 [-t snapshot] -o name,property,value guid,createtxg DS`.
+/// Without `-t` (zfs-fuse) the output also holds the dataset itself and its
+/// children; [`parse_snapshot_list`] skips those lines.
+pub fn list_snapshots_argv(ds: &Dataset, caps: &Capabilities) -> Vec<String> {
+    let mut argv = zfs(&["get", "-Hp", "-d", "1"]);
+    if caps.get_type_filter {
+        argv.extend(["-t".into(), "snapshot".into()]);
+    }
+    argv.extend(["-o", "name,property,value", "guid,createtxg", ds.as_str()].map(String::from));
+    argv
+}
+
+/// Parses the output of [`list_snapshots_argv`] into `ds`'s snapshots, sorted
+/// by createtxg (then name). Every line must have three tab-separated
+/// fields; lines about other datasets are skipped; each snapshot of `ds`
+/// needs exactly one `guid` and one `createtxg`.
+pub fn parse_snapshot_list(ds: &Dataset, stdout: &str) -> Result<Vec<Snapshot>> {
+    let prefix = format!("{ds}@");
+    let mut props: BTreeMap<&str, (Option<u64>, Option<u64>)> = BTreeMap::new();
+    for (n, line) in stdout.lines().enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.split('\t').collect();
+        let [name, property, value] = fields[..] else {
+            bail!(
+                "unexpected line {} in snapshot listing of {ds}: {line:?} (want name, property and value separated by tabs)",
+                n + 1
+            );
+        };
+        let Some(snap) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let parsed: u64 = value.parse().map_err(|_| {
+            anyhow!(
+                "snapshot {name}: {property} is {value:?}, not a number (line {})",
+                n + 1
+            )
+        })?;
+        let entry = props.entry(snap).or_default();
+        let slot = match property {
+            "guid" => &mut entry.0,
+            "createtxg" => &mut entry.1,
+            other => bail!("snapshot {name}: unexpected property {other:?} in listing"),
+        };
+        if slot.replace(parsed).is_some() {
+            bail!("snapshot {name}: {property} listed twice");
+        }
+    }
+    let mut snapshots = props
+        .into_iter()
+        .map(|(name, (guid, createtxg))| match (guid, createtxg) {
+            (Some(guid), Some(createtxg)) => Ok(Snapshot {
+                name: name.to_string(),
+                guid,
+                createtxg,
+            }),
+            _ => Err(anyhow!(
+                "snapshot {ds}@{name}: listing lacks its {}",
+                if guid.is_none() { "guid" } else { "createtxg" }
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    snapshots.sort_by(|a, b| (a.createtxg, &a.name).cmp(&(b.createtxg, &b.name)));
+    Ok(snapshots)
+}
+
+/// `zfs list -H -o name DS`: exits 0 when DS exists; otherwise check
+/// [`is_missing_dataset_error`].
+pub fn dataset_exists_argv(ds: &Dataset) -> Vec<String> {
+    zfs(&["list", "-H", "-o", "name", ds.as_str()])
+}
+
+/// The dataset (or its pool) does not exist: `cannot open 'X': dataset does
+/// not exist`, worded the same by zfs-fuse and OpenZFS.
+pub fn is_missing_dataset_error(stderr: &str) -> bool {
+    stderr.contains("dataset does not exist")
+}
+
+/// A receive was refused because the target holds an interrupted resumable
+/// receive (OpenZFS: `destination 'X' contains partially-complete state from
+/// "zfs receive -s"`). Clear it with [`abort_partial_argv`] or resume it.
+pub fn is_partial_state_error(stderr: &str) -> bool {
+    stderr.contains("contains partially-complete state")
+}
+
+/// The dataset is in use (`cannot destroy 'X': dataset is busy`). zfs-fuse
+/// says this for about a second after receiving into a dataset it then
+/// mounts, so a destroy right after a receive may need a retry.
+pub fn is_busy_error(stderr: &str) -> bool {
+    stderr.contains("is busy")
+}
+
+/// `zfs release` found no hold with that tag (`no such tag on this dataset`,
+/// both zfs-fuse and OpenZFS).
+pub fn is_no_such_tag_error(stderr: &str) -> bool {
+    stderr.contains("no such tag")
+}
+
+/// `zfs get -H -o value receive_resume_token DS` (needs
+/// [`Capabilities::resume_tokens`]).
+pub fn resume_token_argv(ds: &Dataset) -> Vec<String> {
+    zfs(&[
+        "get",
+        "-H",
+        "-o",
+        "value",
+        "receive_resume_token",
+        ds.as_str(),
+    ])
+}
+
+/// The token from [`resume_token_argv`]'s output; `-` or nothing means no
+/// interrupted receive.
+pub fn parse_resume_token(stdout: &str) -> Option<String> {
+    let token = stdout.trim();
+    if token.is_empty() || token == "-" {
+        None
+    } else {
+        Some(token.to_string())
+    }
+}
+
+/// `zfs snapshot DS@SNAP`
+pub fn create_snapshot_argv(ds: &Dataset, snap: &str) -> Vec<String> {
+    zfs(&["snapshot", &ds.snapshot(snap)])
+}
+
+/// `zfs destroy DS@SNAP`
+pub fn destroy_snapshot_argv(ds: &Dataset, snap: &str) -> Vec<String> {
+    zfs(&["destroy", &ds.snapshot(snap)])
+}
+
+/// `zfs destroy -r DS`: the dataset, its snapshots and its descendants.
+pub fn destroy_recursive_argv(ds: &Dataset) -> Vec<String> {
+    zfs(&["destroy", "-r", ds.as_str()])
+}
+
+/// `zfs rollback -r DS@SNAP`: also destroys DS's snapshots newer than SNAP.
+pub fn rollback_argv(ds: &Dataset, snap: &str) -> Vec<String> {
+    zfs(&["rollback", "-r", &ds.snapshot(snap)])
+}
+
+/// `zfs hold TAG DS@SNAP` (needs [`Capabilities::holds`]).
+pub fn hold_argv(ds: &Dataset, snap: &str, tag: &str) -> Vec<String> {
+    zfs(&["hold", tag, &ds.snapshot(snap)])
+}
+
+/// `zfs release TAG DS@SNAP`; a missing hold fails with
+/// [`is_no_such_tag_error`].
+pub fn release_argv(ds: &Dataset, snap: &str, tag: &str) -> Vec<String> {
+    zfs(&["release", tag, &ds.snapshot(snap)])
+}
+
+/// What to send: a full stream of `to`, or an incremental one from `from`
+/// (with every snapshot between them when `intermediates`, `-I`; else `-i`).
+/// `options` come from [`parse_send_options`].
+pub struct SendArgs<'a> {
+    pub from: Option<&'a str>,
+    pub to: &'a str,
+    pub intermediates: bool,
+    pub options: &'a [String],
+}
+
+/// `zfs send OPTS [-I|-i DS@FROM] DS@TO`
+pub fn send_argv(ds: &Dataset, args: &SendArgs) -> Vec<String> {
+    let mut argv = zfs(&["send"]);
+    argv.extend(args.options.iter().cloned());
+    if let Some(from) = args.from {
+        argv.push(if args.intermediates { "-I" } else { "-i" }.into());
+        argv.push(ds.snapshot(from));
+    }
+    argv.push(ds.snapshot(args.to));
+    argv
+}
+
+/// Send flags that `zfs send -t` accepts. The token already records how the
+/// stream was made; OpenZFS refuses `-p`, `-b`, `-h`, `-R` with `-t`
+/// ("invalid flags combined with -t"), so only these pass through.
+const RESUME_SEND_FLAGS: [&str; 4] = ["-L", "-c", "-e", "-w"];
+
+/// `zfs send OPTS -t TOKEN`, keeping only the options `-t` accepts.
+pub fn send_resume_argv(token: &str, options: &[String]) -> Vec<String> {
+    let mut argv = zfs(&["send"]);
+    argv.extend(
+        options
+            .iter()
+            .filter(|o| RESUME_SEND_FLAGS.contains(&o.as_str()))
+            .cloned(),
+    );
+    argv.extend(["-t".into(), token.to_string()]);
+    argv
+}
+
+/// How to receive: `resumable` adds `-s` (keep partial state on
+/// interruption), `force` adds `-F` (roll the target back first). `options`
+/// come from [`parse_recv_options`].
+pub struct RecvArgs<'a> {
+    pub resumable: bool,
+    pub force: bool,
+    pub options: &'a [String],
+}
+
+/// `zfs receive [-s] [-F] OPTS DS`
+pub fn receive_argv(ds: &Dataset, args: &RecvArgs) -> Vec<String> {
+    let mut argv = zfs(&["receive"]);
+    if args.resumable {
+        argv.push("-s".into());
+    }
+    if args.force {
+        argv.push("-F".into());
+    }
+    argv.extend(args.options.iter().cloned());
+    argv.push(ds.to_string());
+    argv
+}
+
+/// `zfs receive -A DS`: discards an interrupted resumable receive.
+pub fn abort_partial_argv(ds: &Dataset) -> Vec<String> {
+    zfs(&["receive", "-A", ds.as_str()])
+}
+
+/// `zfs send` flags a user may add, with what they do.
+const SEND_FLAGS: &[(char, &str)] = &[
+    ('L', "large blocks"),
+    ('c', "compressed"),
+    ('e', "embedded data"),
+    ('w', "raw"),
+    ('p', "properties"),
+    ('D', "dedup"),
+    ('h', "holds"),
+    ('b', "backup (received properties)"),
+];
+
+/// `zfs send` flags we refuse, and why.
+const SEND_REFUSED: &[(char, &str)] = &[
+    (
+        'R',
+        "resync replicates datasets one by one; use its recursive option",
+    ),
+    ('I', "resync chooses incremental sources itself"),
+    ('i', "resync chooses incremental sources itself"),
+    ('t', "resync resumes interrupted transfers itself"),
+    ('n', "a dry-run send sends nothing"),
+    ('v', "it writes to the stream's terminal channel"),
+    ('P', "it writes to the stream's terminal channel"),
+];
+
+/// `zfs receive` flags a user may add (`o` and `x` take an argument).
+const RECV_FLAGS: &[char] = &['u', 'h', 'M', 'v', 'o', 'x'];
+
+/// `zfs receive` flags we refuse, and why.
+const RECV_REFUSED: &[(char, &str)] = &[
+    (
+        'F',
+        "resync decides when to force a receive (see --force-delete)",
+    ),
+    ('s', "resync decides when a receive is resumable"),
+    ('A', "resync aborts partial receives itself"),
+    (
+        'n',
+        "a dry-run receive would make a failed run look complete",
+    ),
+    (
+        'd',
+        "it changes where the stream lands; name the target instead",
+    ),
+    (
+        'e',
+        "it changes where the stream lands; name the target instead",
+    ),
+    ('c', "corrective receive is not replication"),
+];
+
+/// Splits syncoid's option syntax: whitespace-separated groups of letters,
+/// each optionally led by one `-`. Returns `(letter, argument)` pairs, where
+/// a letter in `takes_arg` must end its group and takes the next group.
+fn split_letter_options(s: &str, takes_arg: &[char]) -> Result<Vec<(char, Option<String>)>> {
+    let mut out = Vec::new();
+    let mut tokens = s.split_whitespace();
+    while let Some(token) = tokens.next() {
+        let letters = token.strip_prefix('-').unwrap_or(token);
+        if letters.is_empty() || letters.starts_with('-') {
+            bail!("option {token:?}: give single letters, e.g. \"Lc e\"");
+        }
+        let mut chars = letters.chars().peekable();
+        while let Some(c) = chars.next() {
+            if !c.is_ascii_alphabetic() {
+                bail!("option {token:?}: {c:?} is not an option letter");
+            }
+            if takes_arg.contains(&c) {
+                if chars.peek().is_some() {
+                    bail!("option {token:?}: -{c} takes an argument, so it must end its group");
+                }
+                let arg = tokens
+                    .next()
+                    .ok_or_else(|| anyhow!("option -{c} needs an argument after it"))?;
+                out.push((c, Some(arg.to_string())));
+            } else {
+                out.push((c, None));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Parses `--sendoptions` in syncoid's syntax: `"Lc e"` -> `["-L", "-c",
+/// "-e"]`. Only flags that leave resync's own send arguments intact are
+/// accepted; anything else is a one-line error.
+pub fn parse_send_options(s: &str) -> Result<Vec<String>> {
+    let parse = || -> Result<Vec<String>> {
+        split_letter_options(s, &[])?
+            .into_iter()
+            .map(|(c, _)| {
+                if SEND_FLAGS.iter().any(|&(f, _)| f == c) {
+                    Ok(format!("-{c}"))
+                } else if let Some((_, why)) = SEND_REFUSED.iter().find(|&&(f, _)| f == c) {
+                    Err(anyhow!("-{c} is not allowed: {why}"))
+                } else {
+                    let known: String = SEND_FLAGS.iter().map(|&(f, _)| f).collect();
+                    Err(anyhow!(
+                        "-{c} is not a send option resync passes on (allowed: {known})"
+                    ))
+                }
+            })
+            .collect()
+    };
+    parse().map_err(|e| anyhow!("invalid send options {s:?}: {e}"))
+}
+
+/// Parses `--recvoptions` in syncoid's syntax: `"u o compression=lz4 x
+/// mountpoint"` -> `["-u", "-o", "compression=lz4", "-x", "mountpoint"]`.
+/// `o` takes `property=value`, `x` takes `property`.
+pub fn parse_recv_options(s: &str) -> Result<Vec<String>> {
+    let parse = || -> Result<Vec<String>> {
+        let mut argv = Vec::new();
+        for (c, arg) in split_letter_options(s, &['o', 'x'])? {
+            if let Some((_, why)) = RECV_REFUSED.iter().find(|&&(f, _)| f == c) {
+                bail!("-{c} is not allowed: {why}");
+            }
+            if !RECV_FLAGS.contains(&c) {
+                let known: String = RECV_FLAGS.iter().collect();
+                bail!("-{c} is not a receive option resync passes on (allowed: {known})");
+            }
+            argv.push(format!("-{c}"));
+            if let Some(arg) = arg {
+                check_property_arg(c, &arg)?;
+                argv.push(arg);
+            }
+        }
+        Ok(argv)
+    };
+    parse().map_err(|e| anyhow!("invalid receive options {s:?}: {e}"))
+}
+
+/// `-o property=value` / `-x property`: a property name of lowercase
+/// letters, digits and `_:.-` (native and user properties), starting with a
+/// letter or digit; a non-empty value without control characters.
+fn check_property_arg(flag: char, arg: &str) -> Result<()> {
+    let (name, value) = match (flag, arg.split_once('=')) {
+        ('o', Some((name, value))) => (name, Some(value)),
+        ('o', None) => bail!("-o {arg:?}: want property=value"),
+        (_, Some(_)) => bail!("-{flag} {arg:?}: want a property name without a value"),
+        (_, None) => (arg, None),
+    };
+    let name_ok = name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_:.-".contains(c));
+    if !name_ok {
+        bail!("-{flag} {arg:?}: {name:?} is not a property name");
+    }
+    if let Some(value) = value {
+        if value.is_empty() || value.chars().any(char::is_control) {
+            bail!("-{flag} {arg:?}: the value must be non-empty text");
+        }
+    }
+    Ok(())
+}
+
+/// What the ZFS on one host can do. Each field degrades gracefully: when
+/// false, resync does without (like syncoid).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `receive -s`, `send -t`, `receive -A`, `receive_resume_token`.
+    pub resume_tokens: bool,
+    /// `zfs get -t snapshot`.
+    pub get_type_filter: bool,
+    /// `zfs list -p`.
+    pub list_parsable: bool,
+    pub bookmarks: bool,
+    /// `zfs send -nvP` size estimates. Not probed directly (a dry-run send
+    /// needs a snapshot): it arrived in the same OpenZFS generation as
+    /// `list -p` and long before resume tokens, and zfs-fuse has none of the
+    /// three, so either of those implies it.
+    pub send_estimate: bool,
+    /// `zfs hold` / `zfs release`. Not `zfs holds`: zfs-fuse implements that
+    /// listing in a Python helper Debian does not ship.
+    pub holds: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    ResumeProperty,
+    ResumeFeature,
+    GetType,
+    ListParsable,
+    Bookmarks,
+    Holds,
+}
+
+/// Tag and snapshot the holds probe names; neither exists, so the probe
+/// changes nothing.
+const PROBE_TAG: &str = "resync-capability-probe";
+const PROBE_SNAPSHOT: &str = "resync-capability-probe-nonexistent";
+
+/// One read-only command per [`Probe`] for the pool `pool`; run them all
+/// and pass the results to [`capabilities_from`].
+pub fn capability_probes(pool: &str) -> Vec<(Probe, Vec<String>)> {
+    let zpool = |args: &[&str]| -> Vec<String> {
+        std::iter::once("zpool")
+            .chain(args.iter().copied())
+            .map(String::from)
+            .collect()
+    };
+    let probe_snapshot = format!("{pool}@{PROBE_SNAPSHOT}");
+    vec![
+        (
+            Probe::ResumeProperty,
+            zfs(&["get", "-H", "-o", "value", "receive_resume_token", pool]),
+        ),
+        (
+            Probe::ResumeFeature,
+            zpool(&[
+                "get",
+                "-H",
+                "-o",
+                "value",
+                "feature@extensible_dataset",
+                pool,
+            ]),
+        ),
+        (
+            Probe::GetType,
+            zfs(&["get", "-H", "-t", "filesystem", "-o", "value", "name", pool]),
+        ),
+        (
+            Probe::ListParsable,
+            zfs(&["list", "-Hp", "-o", "name", pool]),
+        ),
+        (
+            Probe::Bookmarks,
+            zpool(&["get", "-H", "-o", "value", "feature@bookmarks", pool]),
+        ),
+        (Probe::Holds, zfs(&["release", PROBE_TAG, &probe_snapshot])),
+    ]
+}
+
+/// How one probe went.
+pub struct ProbeResult<'a> {
+    pub probe: Probe,
+    pub status: i32,
+    pub stdout: &'a str,
+    pub stderr: &'a str,
+}
+
+/// Reads the probes' results; a probe that is missing or failed counts as
+/// "not supported".
+pub fn capabilities_from(results: &[ProbeResult]) -> Capabilities {
+    let find = |probe: Probe| results.iter().find(|r| r.probe == probe);
+    let succeeded = |probe: Probe| find(probe).is_some_and(|r| r.status == 0);
+    let feature_on = |probe: Probe| {
+        find(probe)
+            .is_some_and(|r| r.status == 0 && matches!(r.stdout.trim(), "enabled" | "active"))
+    };
+    // The probe releases a hold on a snapshot that does not exist: a ZFS that
+    // knows `release` says so; one that does not prints usage instead.
+    let holds = find(Probe::Holds).is_some_and(|r| {
+        r.status == 0
+            || [r.stdout, r.stderr]
+                .iter()
+                .any(|out| is_missing_dataset_error(out) || is_no_such_tag_error(out))
+    });
+    let resume_tokens = succeeded(Probe::ResumeProperty) && feature_on(Probe::ResumeFeature);
+    let list_parsable = succeeded(Probe::ListParsable);
+    Capabilities {
+        resume_tokens,
+        get_type_filter: succeeded(Probe::GetType),
+        list_parsable,
+        bookmarks: feature_on(Probe::Bookmarks),
+        send_estimate: resume_tokens || list_parsable,
+        holds,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ds(s: &str) -> Dataset {
+        Dataset::parse(s).unwrap()
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn err(r: Result<impl std::fmt::Debug>) -> String {
+        format!("{:#}", r.unwrap_err())
+    }
+
+    #[test]
+    fn valid_dataset_names_parse() {
+        for name in [
+            "tank",
+            "tank/a",
+            "tank/a/b-c_d:e.f",
+            "tank/with space",
+            "tank/a/..b",
+            "T0/x",
+            "logs/x",
+            "cpool/x",
+            "my pool/x",
+        ] {
+            assert_eq!(ds(name).as_str(), name);
+        }
+    }
+
+    #[test]
+    fn invalid_dataset_names_say_why_in_one_line() {
+        let cases = [
+            (
+                "a;b",
+                r#"invalid dataset name "a;b": character ';' is not allowed"#,
+            ),
+            (
+                "tank/a@snap",
+                "character '@' is not allowed (that names a snapshot",
+            ),
+            ("tank/a#bm", "character '#' is not allowed"),
+            ("tank/a%recv", "character '%' is not allowed"),
+            ("tank/a\nb", r"character '\n' is not allowed"),
+            ("tank/é", "character 'é' is not allowed"),
+            ("", "the name is empty"),
+            ("/tank/a", "starts with '/'"),
+            ("tank/", "ends with '/'"),
+            ("tank//a", "empty component"),
+            ("tank/./a", "component \".\" is not allowed"),
+            ("tank/..", "component \"..\" is not allowed"),
+            ("1tank/a", "must start with a letter"),
+            ("mirror", "reserved"),
+            ("raidz2/a", "reserved"),
+            ("draid1/a", "reserved"),
+            ("spare/a", "reserved"),
+            ("log/a", "reserved"),
+            ("c0t0d0/a", "reserved"),
+        ];
+        for (name, want) in cases {
+            let got = err(Dataset::parse(name));
+            assert!(got.contains(want), "{name:?}: {got}");
+            assert!(!got.contains('\n'), "{name:?}: {got}");
+        }
+    }
+
+    #[test]
+    fn dataset_names_have_length_and_depth_limits() {
+        let long = format!("tank/{}", "x".repeat(260));
+        assert!(ds(&long[..255]).as_str().len() == 255);
+        assert!(err(Dataset::parse(&long[..256])).contains("at most 255"));
+        let deep = format!("tank{}", "/d".repeat(50));
+        assert!(err(Dataset::parse(&deep)).contains("nested 50 levels deep; ZFS allows at most 49"));
+        ds(&format!("tank{}", "/d".repeat(49)));
+        assert!(err(Dataset::parse(&"p".repeat(240))).contains("pool name is 240 bytes long"));
+        ds(&"p".repeat(239));
+    }
+
+    #[test]
+    fn dataset_paths_relate() {
+        let root = ds("tank/a");
+        assert_eq!(root.pool(), "tank");
+        assert_eq!(ds("tank").pool(), "tank");
+        assert_eq!(root.relative_to(&root), Some(""));
+        assert_eq!(ds("tank/a/c/d").relative_to(&root), Some("c/d"));
+        assert_eq!(ds("tank/ab").relative_to(&root), None);
+        assert_eq!(ds("tank").relative_to(&root), None);
+        assert_eq!(root.join("").unwrap(), root);
+        assert_eq!(root.join("c/d").unwrap(), ds("tank/a/c/d"));
+        assert!(root.join("c;d").is_err());
+        assert!(root.join("../x").is_err());
+        assert_eq!(root.snapshot("s1"), "tank/a@s1");
+        assert_eq!(root.to_string(), "tank/a");
+    }
+
+    #[test]
+    fn snapshot_names_validate() {
+        validate_snapshot_name("resync_host_2026-11-21T23:20:48Z").unwrap();
+        validate_snapshot_name("with space").unwrap();
+        assert!(err(validate_snapshot_name("")).contains("empty"));
+        assert!(err(validate_snapshot_name("a/b")).contains("character '/'"));
+        assert!(err(validate_snapshot_name("a@b")).contains("character '@'"));
+        assert!(err(validate_snapshot_name(&"x".repeat(256))).contains("at most 255"));
+    }
+
+    #[test]
+    fn argv_builders() {
+        let a = ds("tank/a b");
+        let caps = Capabilities::default();
+        let openzfs = Capabilities {
+            get_type_filter: true,
+            ..caps
+        };
+        let opts = strings(&["-L", "-c", "-p"]);
+        let cases: Vec<(Vec<String>, &str)> = vec![
+            (
+                list_datasets_argv(&a, false),
+                "zfs list -H -o name -t filesystem,volume|tank/a b",
+            ),
+            (
+                list_datasets_argv(&a, true),
+                "zfs list -H -o name -t filesystem,volume -r|tank/a b",
+            ),
+            (
+                list_snapshots_argv(&a, &caps),
+                "zfs get -Hp -d 1 -o name,property,value guid,createtxg|tank/a b",
+            ),
+            (
+                list_snapshots_argv(&a, &openzfs),
+                "zfs get -Hp -d 1 -t snapshot -o name,property,value guid,createtxg|tank/a b",
+            ),
+            (dataset_exists_argv(&a), "zfs list -H -o name|tank/a b"),
+            (
+                resume_token_argv(&a),
+                "zfs get -H -o value receive_resume_token|tank/a b",
+            ),
+            (create_snapshot_argv(&a, "s1"), "zfs snapshot|tank/a b@s1"),
+            (destroy_snapshot_argv(&a, "s1"), "zfs destroy|tank/a b@s1"),
+            (destroy_recursive_argv(&a), "zfs destroy -r|tank/a b"),
+            (rollback_argv(&a, "s1"), "zfs rollback -r|tank/a b@s1"),
+            (hold_argv(&a, "s1", "resync"), "zfs hold resync|tank/a b@s1"),
+            (
+                release_argv(&a, "s1", "resync"),
+                "zfs release resync|tank/a b@s1",
+            ),
+            (
+                send_argv(
+                    &a,
+                    &SendArgs {
+                        from: None,
+                        to: "s2",
+                        intermediates: true,
+                        options: &[],
+                    },
+                ),
+                "zfs send|tank/a b@s2",
+            ),
+            (
+                send_argv(
+                    &a,
+                    &SendArgs {
+                        from: Some("s1"),
+                        to: "s2",
+                        intermediates: true,
+                        options: &opts,
+                    },
+                ),
+                "zfs send -L -c -p -I|tank/a b@s1|tank/a b@s2",
+            ),
+            (
+                send_argv(
+                    &a,
+                    &SendArgs {
+                        from: Some("s1"),
+                        to: "s2",
+                        intermediates: false,
+                        options: &[],
+                    },
+                ),
+                "zfs send -i|tank/a b@s1|tank/a b@s2",
+            ),
+            (
+                send_resume_argv("1-abc-def", &opts),
+                "zfs send -L -c -t 1-abc-def",
+            ),
+            (
+                receive_argv(
+                    &a,
+                    &RecvArgs {
+                        resumable: false,
+                        force: false,
+                        options: &[],
+                    },
+                ),
+                "zfs receive|tank/a b",
+            ),
+            (
+                receive_argv(
+                    &a,
+                    &RecvArgs {
+                        resumable: true,
+                        force: true,
+                        options: &strings(&["-u", "-o", "compression=lz4"]),
+                    },
+                ),
+                "zfs receive -s -F -u -o compression=lz4|tank/a b",
+            ),
+            (abort_partial_argv(&a), "zfs receive -A|tank/a b"),
+        ];
+        for (argv, want) in cases {
+            // `want`: space-separated words, then '|'-separated words that contain spaces.
+            let mut parts = want.split('|');
+            let mut expected: Vec<String> =
+                parts.next().unwrap().split(' ').map(String::from).collect();
+            expected.extend(parts.map(String::from));
+            assert_eq!(argv, expected);
+        }
+    }
+
+    // zfs-fuse 0.7.0, pool version 23:
+    // zfs list -H -o name -t filesystem,volume -r corehelp
+    const FUSE_DATASETS: &str = "corehelp\ncorehelp/a\ncorehelp/a/b\ncorehelp/a/with space\n";
+
+    #[test]
+    fn dataset_list_parses_real_output() {
+        let got = parse_dataset_list(FUSE_DATASETS).unwrap();
+        let want: Vec<Dataset> = [
+            "corehelp",
+            "corehelp/a",
+            "corehelp/a/b",
+            "corehelp/a/with space",
+        ]
+        .into_iter()
+        .map(ds)
+        .collect();
+        assert_eq!(got, want);
+        assert_eq!(parse_dataset_list("").unwrap(), vec![]);
+        assert!(err(parse_dataset_list("tank\ntank/a@s\n")).contains("character '@'"));
+    }
+
+    // zfs-fuse: zfs get -Hp -d 1 -o name,property,value guid,createtxg corehelp/a
+    const FUSE_SNAPSHOTS: &str = "\
+corehelp/a\tguid\t14892150305651023025
+corehelp/a\tcreatetxg\t7
+corehelp/a@s1\tguid\t15434711050884566143
+corehelp/a@s1\tcreatetxg\t16
+corehelp/a@s2\tguid\t4703203791645338451
+corehelp/a@s2\tcreatetxg\t21
+corehelp/a@s3\tguid\t4008992829936022921
+corehelp/a@s3\tcreatetxg\t32
+corehelp/a/b\tguid\t15066538972175158467
+corehelp/a/b\tcreatetxg\t9
+corehelp/a/with space\tguid\t10535632112476657855
+corehelp/a/with space\tcreatetxg\t11
+";
+
+    // zfs-fuse, after receiving s1, s3, snapshotting `extra`, then `zfs send -I
+    // corehelp/a@s1 corehelp/a@s3 | zfs receive -F corehelp/c` (zfs-fuse then
+    // received s2 after the others):
+    // zfs get -Hp -d 1 -o name,property,value guid,createtxg corehelp/c
+    const FUSE_OUT_OF_ORDER: &str = "\
+corehelp/c\tguid\t337123721809533565
+corehelp/c\tcreatetxg\t41
+corehelp/c@s1\tguid\t15434711050884566143
+corehelp/c@s1\tcreatetxg\t45
+corehelp/c@s3\tguid\t4008992829936022921
+corehelp/c@s3\tcreatetxg\t55
+corehelp/c@extra\tguid\t9535134434245482847
+corehelp/c@extra\tcreatetxg\t68
+corehelp/c@s2\tguid\t4703203791645338451
+corehelp/c@s2\tcreatetxg\t84
+";
+
+    // OpenZFS 2.x (written from zfs-get.8; `-t snapshot` lists only
+    // snapshots, names may contain spaces):
+    // zfs get -Hp -d 1 -t snapshot -o name,property,value guid,createtxg tank/data
+    const OPENZFS_SNAPSHOTS: &str = "\
+tank/data@zfs-auto-snap_daily-2024-01-02\tguid\t9223372036854775809
+tank/data@zfs-auto-snap_daily-2024-01-02\tcreatetxg\t1200
+tank/data@before upgrade\tguid\t17
+tank/data@before upgrade\tcreatetxg\t900
+";
+
+    fn snap(name: &str, guid: u64, createtxg: u64) -> Snapshot {
+        Snapshot {
+            name: name.into(),
+            guid,
+            createtxg,
+        }
+    }
+
+    #[test]
+    fn snapshot_list_parses_real_zfs_fuse_output() {
+        assert_eq!(
+            parse_snapshot_list(&ds("corehelp/a"), FUSE_SNAPSHOTS).unwrap(),
+            vec![
+                snap("s1", 15434711050884566143, 16),
+                snap("s2", 4703203791645338451, 21),
+                snap("s3", 4008992829936022921, 32),
+            ]
+        );
+        // Children's lines and the dataset's own are not its snapshots.
+        assert_eq!(
+            parse_snapshot_list(&ds("corehelp/a/b"), FUSE_SNAPSHOTS).unwrap(),
+            vec![]
+        );
+        assert_eq!(
+            parse_snapshot_list(&ds("corehelp"), FUSE_SNAPSHOTS).unwrap(),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn snapshot_list_is_sorted_by_createtxg_not_by_output_order() {
+        let got = parse_snapshot_list(&ds("corehelp/c"), FUSE_OUT_OF_ORDER).unwrap();
+        let names: Vec<&str> = got.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["s1", "s3", "extra", "s2"]);
+        let got = parse_snapshot_list(&ds("tank/data"), OPENZFS_SNAPSHOTS).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                snap("before upgrade", 17, 900),
+                snap("zfs-auto-snap_daily-2024-01-02", 9223372036854775809, 1200),
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_snapshot_lists_are_errors() {
+        let a = ds("tank/a");
+        let cases = [
+            ("tank/a@s\tguid\n", "unexpected line 1"),
+            ("tank/a@s\tguid\t1\textra\n", "unexpected line 1"),
+            (
+                "tank/a@s\tguid\tabc\ntank/a@s\tcreatetxg\t1\n",
+                "not a number",
+            ),
+            (
+                "tank/a@s\tguid\t-1\ntank/a@s\tcreatetxg\t1\n",
+                "not a number",
+            ),
+            ("tank/a@s\tguid\t1\n", "lacks its createtxg"),
+            ("tank/a@s\tcreatetxg\t1\n", "lacks its guid"),
+            (
+                "tank/a@s\tguid\t1\ntank/a@s\tguid\t2\ntank/a@s\tcreatetxg\t1\n",
+                "listed twice",
+            ),
+            ("tank/a@s\tused\t1\n", "unexpected property"),
+            ("garbage\n", "unexpected line 1"),
+        ];
+        for (input, want) in cases {
+            let got = err(parse_snapshot_list(&a, input));
+            assert!(got.contains(want), "{input:?}: {got}");
+        }
+        assert_eq!(parse_snapshot_list(&a, "").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn error_recognisers_match_real_messages() {
+        // zfs-fuse: zfs list -H -o name corehelp/nope
+        assert!(is_missing_dataset_error(
+            "cannot open 'corehelp/nope': dataset does not exist\n"
+        ));
+        // zfs-fuse: zfs list -H -o name nopool/x (missing pool, same wording)
+        assert!(is_missing_dataset_error(
+            "cannot open 'nopool/x': dataset does not exist\n"
+        ));
+        // zfs-fuse: zfs list -H -o name 'bad;name'
+        assert!(!is_missing_dataset_error(
+            "cannot open 'bad;name': invalid dataset name\n"
+        ));
+        // OpenZFS (libzfs_sendrecv.c, as reported by users of `zfs receive -s`):
+        let partial = "cannot receive new filesystem stream: destination tank/b contains \
+                       partially-complete state from \"zfs receive -s\".\n";
+        assert!(is_partial_state_error(partial));
+        assert!(!is_missing_dataset_error(partial));
+        // zfs-fuse: zfs send corehelp/a@s1 | zfs receive corehelp/a
+        assert!(!is_partial_state_error(
+            "cannot receive new filesystem stream: destination 'corehelp/a' exists\nmust specify -F to overwrite it\n"
+        ));
+        // zfs-fuse: zfs send corehelp/a@s1 | zfs receive corehelp/g; zfs destroy -r corehelp/g
+        assert!(is_busy_error(
+            "cannot destroy 'corehelp/g': dataset is busy\n"
+        ));
+        // zfs-fuse: zpool destroy corehelp (while a dataset was busy)
+        assert!(is_busy_error("cannot destroy 'corehelp': pool is busy\n"));
+        assert!(!is_busy_error(
+            "cannot open 'corehelp/nope': dataset does not exist\n"
+        ));
+        // zfs-fuse: zfs release resync corehelp/a@s1 (second time)
+        assert!(is_no_such_tag_error(
+            "cannot release 'resync' from 'corehelp/a@s1': no such tag on this dataset\n"
+        ));
+    }
+
+    #[test]
+    fn resume_tokens_parse() {
+        assert_eq!(parse_resume_token("-\n"), None);
+        assert_eq!(parse_resume_token(""), None);
+        assert_eq!(parse_resume_token("\n"), None);
+        // OpenZFS token shape (zfs-receive.8: "1-" version, checksum, length, hex payload).
+        assert_eq!(
+            parse_resume_token("1-e604ea4bf-e0-789c63a2\n").as_deref(),
+            Some("1-e604ea4bf-e0-789c63a2")
+        );
+    }
+
+    #[test]
+    fn send_options_use_syncoid_syntax() {
+        assert_eq!(
+            parse_send_options("Lc e").unwrap(),
+            strings(&["-L", "-c", "-e"])
+        );
+        assert_eq!(parse_send_options(" w ").unwrap(), strings(&["-w"]));
+        assert_eq!(
+            parse_send_options("-Lc -p").unwrap(),
+            strings(&["-L", "-c", "-p"])
+        );
+        assert_eq!(
+            parse_send_options("D h b").unwrap(),
+            strings(&["-D", "-h", "-b"])
+        );
+        assert_eq!(parse_send_options("").unwrap(), Vec::<String>::new());
+        for (input, want) in [
+            ("R", "-R is not allowed"),
+            ("LI", "-I is not allowed"),
+            ("i", "-i is not allowed"),
+            ("t", "-t is not allowed"),
+            ("nv", "-n is not allowed"),
+            ("P", "-P is not allowed"),
+            ("q", "-q is not a send option"),
+            ("L;", "';' is not an option letter"),
+            ("--raw", "give single letters"),
+            ("-", "give single letters"),
+        ] {
+            let got = err(parse_send_options(input));
+            assert!(
+                got.starts_with(&format!("invalid send options {input:?}: ")),
+                "{got}"
+            );
+            assert!(got.contains(want), "{input:?}: {got}");
+            assert!(!got.contains('\n'), "{got}");
+        }
+    }
+
+    #[test]
+    fn resume_send_keeps_only_flags_that_minus_t_accepts() {
+        let opts = parse_send_options("L c e w p D h b").unwrap();
+        assert_eq!(
+            send_resume_argv("tok", &opts),
+            strings(&["zfs", "send", "-L", "-c", "-e", "-w", "-t", "tok"])
+        );
+    }
+
+    #[test]
+    fn recv_options_use_syncoid_syntax() {
+        assert_eq!(
+            parse_recv_options("u o compression=lz4 x mountpoint").unwrap(),
+            strings(&["-u", "-o", "compression=lz4", "-x", "mountpoint"])
+        );
+        assert_eq!(
+            parse_recv_options("uo com.example:tag=a,b x org:prop").unwrap(),
+            strings(&["-u", "-o", "com.example:tag=a,b", "-x", "org:prop"])
+        );
+        assert_eq!(
+            parse_recv_options("h M v").unwrap(),
+            strings(&["-h", "-M", "-v"])
+        );
+        for (input, want) in [
+            ("F", "-F is not allowed"),
+            ("us", "-s is not allowed"),
+            ("A", "-A is not allowed"),
+            ("n", "-n is not allowed"),
+            ("d", "-d is not allowed"),
+            ("z", "-z is not a receive option"),
+            ("o", "-o needs an argument"),
+            ("ou compression=lz4", "must end its group"),
+            ("o compression", "want property=value"),
+            ("o compression=", "value must be non-empty"),
+            ("o -F=1", "is not a property name"),
+            ("o Compression=lz4", "is not a property name"),
+            ("x mountpoint=/x", "without a value"),
+            ("x -F", "is not a property name"),
+        ] {
+            let got = err(parse_recv_options(input));
+            assert!(
+                got.starts_with(&format!("invalid receive options {input:?}: ")),
+                "{got}"
+            );
+            assert!(got.contains(want), "{input:?}: {got}");
+        }
+    }
+
+    #[test]
+    fn probes_are_read_only_commands_on_the_pool() {
+        let probes = capability_probes("tank");
+        let kinds: Vec<Probe> = probes.iter().map(|(p, _)| *p).collect();
+        assert_eq!(
+            kinds,
+            [
+                Probe::ResumeProperty,
+                Probe::ResumeFeature,
+                Probe::GetType,
+                Probe::ListParsable,
+                Probe::Bookmarks,
+                Probe::Holds
+            ]
+        );
+        let words: Vec<String> = probes.iter().map(|(_, argv)| argv.join(" ")).collect();
+        assert_eq!(
+            words,
+            [
+                "zfs get -H -o value receive_resume_token tank",
+                "zpool get -H -o value feature@extensible_dataset tank",
+                "zfs get -H -t filesystem -o value name tank",
+                "zfs list -Hp -o name tank",
+                "zpool get -H -o value feature@bookmarks tank",
+                "zfs release resync-capability-probe tank@resync-capability-probe-nonexistent",
+            ]
+        );
+    }
+
+    // What zfs-fuse 0.7.0 printed for each probe on pool `corehelp` (usage
+    // text after the first lines cut; the status codes are real).
+    fn zfs_fuse_results() -> Vec<ProbeResult<'static>> {
+        vec![
+            ProbeResult {
+                probe: Probe::ResumeProperty,
+                status: 2,
+                stdout: "",
+                stderr: "bad property list: invalid property 'receive_resume_token'\nusage:\n\tget [-rHp] [-d max] [-o \"all\" | field[,...]] [-s source[,...]]\n",
+            },
+            ProbeResult {
+                probe: Probe::ResumeFeature,
+                status: 2,
+                stdout: "",
+                stderr: "bad property list: invalid property '-H'\nusage:\n\tget <\"all\" | property[,...]> <pool> ...\n",
+            },
+            ProbeResult {
+                probe: Probe::GetType,
+                status: 2,
+                stdout: "",
+                stderr: "invalid option 't'\nusage:\n\tget [-rHp] [-d max] [-o \"all\" | field[,...]] [-s source[,...]]\n",
+            },
+            ProbeResult {
+                probe: Probe::ListParsable,
+                status: 2,
+                stdout: "",
+                stderr: "invalid option 'p'\nusage:\n\tlist [-rH][-d max] [-o property[,...]] [-t type[,...]] [-s property] ...\n",
+            },
+            ProbeResult {
+                probe: Probe::Bookmarks,
+                status: 2,
+                stdout: "",
+                stderr: "bad property list: invalid property '-H'\nusage:\n\tget <\"all\" | property[,...]> <pool> ...\n",
+            },
+            ProbeResult {
+                probe: Probe::Holds,
+                status: 1,
+                stdout: "",
+                stderr: "cannot release 'resync-capability-probe' from 'corehelp@resync-capability-probe-nonexistent': dataset does not exist\n",
+            },
+        ]
+    }
+
+    #[test]
+    fn zfs_fuse_supports_holds_only() {
+        assert_eq!(
+            capabilities_from(&zfs_fuse_results()),
+            Capabilities {
+                holds: true,
+                ..Capabilities::default()
+            }
+        );
+    }
+
+    #[test]
+    fn holds_listing_failure_on_zfs_fuse_is_not_mistaken_for_support() {
+        // zfs-fuse: zfs holds -H corehelp@resync-probe-nonexistent (status 255,
+        // message on stdout): this is why the probe uses `release`.
+        let r = [ProbeResult {
+            probe: Probe::Holds,
+            status: 255,
+            stdout: "internal error: /usr/lib/zfs/pyzfs.py not found\n",
+            stderr: "",
+        }];
+        assert!(!capabilities_from(&r).holds);
+        // zfs-fuse: zfs frobnicate
+        let r = [ProbeResult {
+            probe: Probe::Holds,
+            status: 2,
+            stdout: "",
+            stderr: "unrecognized command 'release'\nusage: zfs command args ...\n",
+        }];
+        assert!(!capabilities_from(&r).holds);
+    }
+
+    // OpenZFS 2.x, written from zpool-get.8 / zfs-get.8 / zfsprops.7 (the
+    // token property reads "-" when no receive is partial) and libzfs's
+    // zfs_release ("cannot release hold from snapshot '%s@%s'" + ENOENT).
+    fn openzfs_results() -> Vec<ProbeResult<'static>> {
+        vec![
+            ProbeResult { probe: Probe::ResumeProperty, status: 0, stdout: "-\n", stderr: "" },
+            ProbeResult { probe: Probe::ResumeFeature, status: 0, stdout: "active\n", stderr: "" },
+            ProbeResult { probe: Probe::GetType, status: 0, stdout: "tank\n", stderr: "" },
+            ProbeResult { probe: Probe::ListParsable, status: 0, stdout: "tank\n", stderr: "" },
+            ProbeResult { probe: Probe::Bookmarks, status: 0, stdout: "enabled\n", stderr: "" },
+            ProbeResult {
+                probe: Probe::Holds,
+                status: 1,
+                stdout: "",
+                stderr: "cannot release hold from snapshot 'tank@resync-capability-probe-nonexistent': dataset does not exist\n",
+            },
+        ]
+    }
+
+    #[test]
+    fn openzfs_supports_everything() {
+        assert_eq!(
+            capabilities_from(&openzfs_results()),
+            Capabilities {
+                resume_tokens: true,
+                get_type_filter: true,
+                list_parsable: true,
+                bookmarks: true,
+                send_estimate: true,
+                holds: true,
+            }
+        );
+    }
+
+    #[test]
+    fn resume_needs_both_the_property_and_the_feature() {
+        let mut r = openzfs_results();
+        r[1].stdout = "disabled\n";
+        let caps = capabilities_from(&r);
+        assert!(!caps.resume_tokens);
+        assert!(caps.send_estimate, "list -p still implies estimates");
+        let r: Vec<ProbeResult> = openzfs_results()
+            .into_iter()
+            .filter(|r| r.probe != Probe::ResumeProperty)
+            .collect();
+        assert!(!capabilities_from(&r).resume_tokens);
+        assert_eq!(capabilities_from(&[]), Capabilities::default());
+    }
+}
