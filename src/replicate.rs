@@ -161,6 +161,19 @@ fn exec_ok(host: &dyn Host, argv: &[String], what: &str, ui: &dyn Progress) -> R
     exec(host, argv, ui)?.check(what, host.label())
 }
 
+/// Like [`exec_ok`], but retries while ZFS says the dataset is busy: right
+/// after a receive, zfs-fuse refuses destroy and rollback for a few seconds.
+fn exec_ok_when_idle(host: &dyn Host, argv: &[String], what: &str, ui: &dyn Progress) -> Result<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = exec(host, argv, ui)?;
+        if out.success() || !zfs::is_busy_error(&out.stderr) || std::time::Instant::now() > deadline {
+            return out.check(what, host.label());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
 impl Run<'_> {
     fn all(&self) -> Result<Outcome> {
         let pairs = self.dataset_pairs()?;
@@ -412,7 +425,7 @@ impl Run<'_> {
                     "--force-delete: destroying {} and its snapshots",
                     self.dst.label(dst)
                 ));
-                exec_ok(&*self.dst.host, &zfs::destroy_recursive_argv(dst), "zfs destroy", self.ui)?;
+                exec_ok_when_idle(&*self.dst.host, &zfs::destroy_recursive_argv(dst), "zfs destroy", self.ui)?;
                 Ok(0)
             }
             Step::Rollback { to } => {
@@ -421,7 +434,7 @@ impl Run<'_> {
                     self.dst.label(dst),
                     to.name
                 ));
-                exec_ok(&*self.dst.host, &zfs::rollback_argv(dst, &to.name), "zfs rollback", self.ui)?;
+                exec_ok_when_idle(&*self.dst.host, &zfs::rollback_argv(dst, &to.name), "zfs rollback", self.ui)?;
                 Ok(0)
             }
             Step::Resume { token } => {
@@ -577,7 +590,7 @@ impl Run<'_> {
             .filter(|s| s.name != current && syncsnap::is_ours(&s.name, id, &self.hostname))
         {
             self.ui.debug(&format!("pruning {}@{}", side.label(ds), s.name));
-            exec_ok(
+            exec_ok_when_idle(
                 &*side.host,
                 &zfs::destroy_snapshot_argv(ds, &s.name),
                 "zfs destroy",
