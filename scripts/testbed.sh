@@ -125,21 +125,30 @@ registered_dirs() {
 # ---------------------------------------------------------------------------
 # Helpers
 
-# Kill pids politely, then for sure; waits until they are gone.
+# A pid is alive if it exists and is not a zombie (the init here reaps
+# orphans late, so kill -0 would see dead daemons for seconds).
+is_alive() {
+	local st
+	st=$(awk '/^State:/ {print $2}' "/proc/$1/status" 2>/dev/null) || return 1
+	[[ -n $st && $st != Z && $st != X ]]
+}
+
+# Kill pids politely (TB_KILL_SIG=KILL: at once), then for sure; waits
+# until they are gone.
 kill_pids() {
 	local pids=("$@") pid i
 	((${#pids[@]} == 0)) && return 0
-	kill -TERM "${pids[@]}" 2>/dev/null || true
+	kill "-${TB_KILL_SIG:-TERM}" "${pids[@]}" 2>/dev/null || true
 	for ((i = 0; i < 30; i++)); do
 		local alive=0
-		for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+		for pid in "${pids[@]}"; do is_alive "$pid" && alive=1; done
 		((alive)) || return 0
 		sleep 0.1
 	done
 	kill -KILL "${pids[@]}" 2>/dev/null || true
 	for ((i = 0; i < 50; i++)); do
 		local alive=0
-		for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+		for pid in "${pids[@]}"; do is_alive "$pid" && alive=1; done
 		((alive)) || return 0
 		sleep 0.1
 	done
@@ -155,10 +164,10 @@ pool_exists() { zpool list -H -o name 2>/dev/null | grep -qx -- "$1"; }
 destroy_pool() {
 	local pool=$1 i
 	pool_exists "$pool" || return 0
-	for ((i = 0; i < 20; i++)); do
+	for ((i = 0; i < 50; i++)); do
 		zpool destroy -f "$pool" >/dev/null 2>&1 && return 0
 		pool_exists "$pool" || return 0
-		sleep 0.5
+		sleep 0.2
 	done
 	zpool destroy -f "$pool" || {
 		log "WARNING: could not destroy pool $pool"
@@ -198,7 +207,7 @@ is_zfs_fuse() { [[ $(cat "/proc/$1/comm" 2>/dev/null) == zfs-fuse ]]; }
 down_dir() {
 	local dir=$1 failed=0
 	local RUNID="" POOL_A="" POOL_B="" NS_A="" NS_B="" LINK_A="" LINK_B="" BRIDGE=""
-	local SSHD_PID_A="" SSHD_PID_B="" ZFS_FUSE_PID="" PROPAGATION_ORIG=""
+	local SSHD_PID_A="" SSHD_PID_B="" ZFS_FUSE_PID=""
 	if [[ -f $dir/state ]]; then
 		# shellcheck disable=SC1091
 		source "$dir/state"
@@ -216,7 +225,8 @@ down_dir() {
 	for pid in $SSHD_PID_A $SSHD_PID_B; do
 		grep -qaF -- "$dir/" "/proc/$pid/cmdline" 2>/dev/null && pids+=("$pid")
 	done
-	kill_pids "${pids[@]}" || failed=1
+	# Nothing in a host needs a graceful stop (sshd takes ~1 s on TERM).
+	TB_KILL_SIG=KILL kill_pids "${pids[@]}" || failed=1
 
 	# 2. Pools (only the ones this bed created: checked by their vdev paths).
 	local pool
@@ -244,8 +254,11 @@ down_dir() {
 		[[ -n $m ]] && umount -l "$m" 2>/dev/null
 	done < <(findmnt -rn -o TARGET | grep -F -- "$dir/" | sort -r)
 
-	# 5. Mount propagation of /.
-	restore_propagation "$PROPAGATION_ORIG"
+	# 5. Mount propagation of /, once no other bed needs it shared.
+	if [[ -z $(registered_dirs | grep -vxF -- "$dir") ]]; then
+		restore_propagation "$(cat "$TB_ROOT/propagation.orig" 2>/dev/null)"
+		rm -f "$TB_ROOT/propagation.orig"
+	fi
 
 	# 6. zfs-fuse, if this bed started it and nobody else has a pool on it.
 	if [[ -n $ZFS_FUSE_PID ]] && is_zfs_fuse "$ZFS_FUSE_PID"; then
@@ -277,7 +290,7 @@ sweep_scheme() {
 		kill_pids "${pids[@]}" || failed=1
 	done < <(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "$RE_NETNS")
 	# sshds of beds under TB_ROOT whose netns is gone already.
-	mapfile -t pids < <(pgrep -f "^/usr/sbin/sshd .*-f $TB_ROOT/" || true)
+	mapfile -t pids < <(pgrep -f "^(sshd: )?/usr/sbin/sshd .*-f $TB_ROOT/" || true)
 	((${#pids[@]})) && { log "stale sshd ${pids[*]}"; kill_pids "${pids[@]}" || failed=1; }
 	while read -r name; do
 		[[ -n $name ]] || continue
@@ -332,7 +345,8 @@ start_zfs_fuse() {
 	else
 		log "starting zfs-fuse"
 		mkdir -p /var/run/zfs /var/lock/zfs
-		setsid zfs-fuse --no-daemon </dev/null >>"$STATE/zfs-fuse.log" 2>&1 &
+		# fd 9 is the bed lock: a daemon must not keep holding it.
+		setsid zfs-fuse --no-daemon </dev/null >>"$STATE/zfs-fuse.log" 2>&1 9>&- &
 		local pid=$!
 		state ZFS_FUSE_PID "$pid"
 	fi
@@ -451,12 +465,13 @@ EOF
 	/usr/sbin/sshd -t -f "$hd/sshd_config" 2>"$hd/sshd-t.err" ||
 		die "sshd config of host $x is invalid: $(cat "$hd/sshd-t.err")"
 	# ip netns exec -> own mount namespace (slave of /), unshare -> another
-	# slave one with a private tmpfs on /tmp, then sshd. Each step execs, so
+	# slave one with a private tmpfs on /tmp and its own hostname
+	# (rs-host-a / rs-host-b), then sshd. Each step execs, so
 	# $! is sshd's pid. setsid: not in the caller's process group.
-	setsid ip netns exec "$ns" unshare --mount --propagation slave \
-		sh -c 'mount -t tmpfs -o mode=1777,size=256m tmpfs /tmp && exec "$@"' sh \
+	setsid ip netns exec "$ns" unshare --mount --propagation slave --uts \
+		sh -c 'hostname "$0" && mount -t tmpfs -o mode=1777,size=256m tmpfs /tmp && exec "$@"' "rs-host-$x" \
 		/usr/sbin/sshd -D -f "$hd/sshd_config" -E "$hd/sshd.log" \
-		</dev/null >>"$hd/sshd.out" 2>&1 &
+		</dev/null >>"$hd/sshd.out" 2>&1 9>&- &
 	local pid=$!
 	state "SSHD_PID_${x^^}" "$pid"
 	local i
@@ -564,7 +579,9 @@ up() {
 	state LINK_A "$LINK_A"
 	state LINK_B "$LINK_B"
 	state BRIDGE "$BRIDGE"
-	state PROPAGATION_ORIG "$(propagation_of_root)"
+	# The propagation of / before any bed changed it; kept until the last
+	# bed is down (a bed killed before it wrote its state still left it).
+	[[ -s $TB_ROOT/propagation.orig ]] || propagation_of_root >"$TB_ROOT/propagation.orig"
 
 	# From here on, a failure tears down what was built.
 	trap 'rc=$?; if ((rc != 0)); then log "up failed; tearing down $STATE"; down_dir "$STATE" || true; fi' EXIT

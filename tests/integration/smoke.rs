@@ -25,6 +25,8 @@ fn hosts_answer_over_ssh_and_see_both_pools() {
     assert!(addr_b.contains(&format!("{}/", bed.host_b)), "{addr_b}");
     let addr_a = bed::ssh(&bed.host_a, "ip -4 -o addr show dev eth0");
     assert!(addr_a.contains(&format!("{}/", bed.host_a)), "{addr_a}");
+    assert_eq!(bed::ssh(&bed.host_a, "hostname").trim(), "rs-host-a");
+    assert_eq!(bed::ssh(&bed.host_b, "hostname").trim(), "rs-host-b");
 }
 
 #[test]
