@@ -107,7 +107,10 @@ impl Bed {
         }
         let get = |k: &str| -> String {
             vars.get(k).cloned().unwrap_or_else(|| {
-                panic!("test bed env file {} lacks {k}: run scripts/test.sh", path.display())
+                panic!(
+                    "test bed env file {} lacks {k}: run scripts/test.sh",
+                    path.display()
+                )
             })
         };
         let bed = Bed {
@@ -157,7 +160,10 @@ impl Bed {
         } else if h == self.host_b || h == self.ns_b || h == self.alias {
             &self.link_b
         } else {
-            panic!("{host} is not a host of the test bed ({} / {})", self.host_a, self.host_b)
+            panic!(
+                "{host} is not a host of the test bed ({} / {})",
+                self.host_a, self.host_b
+            )
         }
     }
 }
@@ -207,8 +213,8 @@ pub fn write_files(ds: &str, files: &[(&str, usize)]) {
             ^ fnv1a(ds.as_bytes())
             ^ fnv1a(rel.as_bytes()).rotate_left(17);
         let mut rng = XorShift(seed | 1);
-        let mut f = fs::File::create(&path)
-            .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        let mut f =
+            fs::File::create(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
         let mut buf = vec![0u8; 1 << 16];
         let mut left = *size;
         while left > 0 {
@@ -283,7 +289,14 @@ pub fn snapshot(ds: &str, name: &str) {
 #[track_caller]
 pub fn snapshots(ds: &str) -> Vec<(String, u64)> {
     let out = zfs(&[
-        "get", "-Hp", "-d", "1", "-o", "name,property,value", "guid,createtxg", ds,
+        "get",
+        "-Hp",
+        "-d",
+        "1",
+        "-o",
+        "name,property,value",
+        "guid,createtxg",
+        ds,
     ]);
     let prefix = format!("{ds}@");
     let mut by_name: BTreeMap<String, (u64, u64)> = BTreeMap::new();
@@ -305,8 +318,7 @@ pub fn snapshots(ds: &str) -> Vec<(String, u64)> {
             _ => {}
         }
     }
-    let mut v: Vec<(String, u64, u64)> =
-        by_name.into_iter().map(|(n, (g, t))| (n, g, t)).collect();
+    let mut v: Vec<(String, u64, u64)> = by_name.into_iter().map(|(n, (g, t))| (n, g, t)).collect();
     v.sort_by(|a, b| a.2.cmp(&b.2).then_with(|| a.0.cmp(&b.0)));
     v.into_iter().map(|(n, g, _)| (n, g)).collect()
 }
@@ -322,7 +334,10 @@ pub fn mountpoint(ds: &str) -> PathBuf {
         mp.starts_with('/'),
         "dataset {ds} has no usable mountpoint ({mp:?})"
     );
-    assert_eq!(mounted, "yes", "dataset {ds} is not mounted (mountpoint {mp})");
+    assert_eq!(
+        mounted, "yes",
+        "dataset {ds} is not mounted (mountpoint {mp})"
+    );
     PathBuf::from(mp)
 }
 
@@ -488,7 +503,14 @@ impl Running {
             .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", c.get_program()));
         let out_rx = reader(child.stdout.take());
         let err_rx = reader(child.stderr.take());
-        Running { child, out_rx, err_rx, started, timeout, _net: net }
+        Running {
+            child,
+            out_rx,
+            err_rx,
+            started,
+            timeout,
+            _net: net,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -785,9 +807,16 @@ impl LinkGuard {
 
 impl Drop for LinkGuard {
     fn drop(&mut self) {
-        let out = run(cmd("ip", &["link", "set", &self.link, "up"]), ZFS_TIMEOUT, None);
+        let out = run(
+            cmd("ip", &["link", "set", &self.link, "up"]),
+            ZFS_TIMEOUT,
+            None,
+        );
         if !out.success() {
-            eprintln!("WARNING: could not bring link {} back up:\n{out}", self.link);
+            eprintln!(
+                "WARNING: could not bring link {} back up:\n{out}",
+                self.link
+            );
         }
     }
 }

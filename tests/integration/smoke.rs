@@ -37,10 +37,17 @@ fn dataset_created_after_hosts_started_is_visible_inside_hosts() {
     let local = bed::tree_checksums(&ds);
     assert_eq!(local.len(), 2, "{local:?}");
     for host in [&bed.host_a, &bed.host_b] {
-        let out = bed::ssh(host, &format!("cd '{}' && md5sum f.bin sub/g.bin", mp.display()));
+        let out = bed::ssh(
+            host,
+            &format!("cd '{}' && md5sum f.bin sub/g.bin", mp.display()),
+        );
         for line in out.lines() {
             let (sum, name) = line.split_once("  ").expect("md5sum line");
-            assert_eq!(Some(&sum.to_string()), local.get(name), "host {host}: {out}");
+            assert_eq!(
+                Some(&sum.to_string()),
+                local.get(name),
+                "host {host}: {out}"
+            );
         }
     }
     bed::destroy(&ds);
@@ -52,8 +59,14 @@ fn each_host_has_a_private_tmp() {
     let bed = Bed::get();
     let name = bed::unique_name("tmpprobe");
     bed::ssh(&bed.host_a, &format!("echo a > /tmp/{name}"));
-    assert_eq!(bed::ssh(&bed.host_a, &format!("cat /tmp/{name}")).trim(), "a");
-    let on_b = bed::ssh(&bed.host_b, &format!("test -e /tmp/{name} && echo yes || echo no"));
+    assert_eq!(
+        bed::ssh(&bed.host_a, &format!("cat /tmp/{name}")).trim(),
+        "a"
+    );
+    let on_b = bed::ssh(
+        &bed.host_b,
+        &format!("test -e /tmp/{name} && echo yes || echo no"),
+    );
     assert_eq!(on_b.trim(), "no", "host B sees host A's /tmp");
     assert!(
         !PathBuf::from(format!("/tmp/{name}")).exists(),
@@ -69,7 +82,10 @@ fn link_cut_makes_host_unreachable_and_link_up_restores_it() {
     let cut = bed::link_down(&bed.host_a);
     let t = Instant::now();
     let out = bed::ssh_output(&bed.host_a, "true");
-    assert!(!out.success(), "host A still reachable with its link down:\n{out}");
+    assert!(
+        !out.success(),
+        "host A still reachable with its link down:\n{out}"
+    );
     assert!(
         t.elapsed() < Duration::from_secs(10),
         "noticing the cut took {:?}",
@@ -90,7 +106,11 @@ fn link_cut_makes_host_unreachable_and_link_up_restores_it() {
 fn unused_address_is_unreachable() {
     let bed = Bed::get();
     let out = bed::ssh_output(&bed.unused_addr, "true");
-    assert!(!out.success(), "something answers at {}:\n{out}", bed.unused_addr);
+    assert!(
+        !out.success(),
+        "something answers at {}:\n{out}",
+        bed.unused_addr
+    );
     assert!(out.elapsed < Duration::from_secs(10), "{out}");
 }
 
