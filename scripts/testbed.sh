@@ -133,6 +133,19 @@ is_alive() {
 	[[ -n $st && $st != Z && $st != X ]]
 }
 
+# Local `zfs` processes with an argument naming POOL or a dataset in it.
+zfs_pids_on() {
+	local pool=$1 pid arg
+	for pid in $(pgrep -x zfs); do
+		while IFS= read -r -d '' arg; do
+			if [[ $arg == "$pool" || $arg == "$pool"/* || $arg == "$pool"@* ]]; then
+				echo "$pid"
+				break
+			fi
+		done <"/proc/$pid/cmdline" 2>/dev/null
+	done
+}
+
 # Kill pids politely (TB_KILL_SIG=KILL: at once), then for sure; waits
 # until they are gone.
 kill_pids() {
@@ -225,11 +238,16 @@ down_dir() {
 	for pid in $SSHD_PID_A $SSHD_PID_B; do
 		grep -qaF -- "$dir/" "/proc/$pid/cmdline" 2>/dev/null && pids+=("$pid")
 	done
+	# Local zfs commands on this bed's pools that a test left behind (a
+	# resync killed mid-stream leaves its `zfs send`/`zfs receive`).
+	local pool
+	for pool in $POOL_A $POOL_B; do
+		mapfile -t -O "${#pids[@]}" pids < <(zfs_pids_on "$pool")
+	done
 	# Nothing in a host needs a graceful stop (sshd takes ~1 s on TERM).
 	TB_KILL_SIG=KILL kill_pids "${pids[@]}" || failed=1
 
 	# 2. Pools (only the ones this bed created: checked by their vdev paths).
-	local pool
 	for pool in $POOL_A $POOL_B; do
 		pool_exists "$pool" || continue
 		if pool_vdevs "$pool" | grep -qF -- "$dir/vdev/"; then
@@ -287,11 +305,14 @@ sweep_scheme() {
 		[[ -n $ns ]] || continue
 		log "stale netns $ns"
 		mapfile -t pids < <(ip netns pids "$ns" 2>/dev/null)
-		kill_pids "${pids[@]}" || failed=1
+		TB_KILL_SIG=KILL kill_pids "${pids[@]}" || failed=1
 	done < <(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "$RE_NETNS")
 	# sshds of beds under TB_ROOT whose netns is gone already.
 	mapfile -t pids < <(pgrep -f "^(sshd: )?/usr/sbin/sshd .*-f $TB_ROOT/" || true)
-	((${#pids[@]})) && { log "stale sshd ${pids[*]}"; kill_pids "${pids[@]}" || failed=1; }
+	if ((${#pids[@]})); then
+		log "stale sshd ${pids[*]}"
+		TB_KILL_SIG=KILL kill_pids "${pids[@]}" || failed=1
+	fi
 	while read -r name; do
 		[[ -n $name ]] || continue
 		if pool_vdevs "$name" | grep -qF -- "$TB_ROOT/"; then
@@ -314,7 +335,6 @@ sweep_scheme() {
 		[[ -d $d && $(basename "$d") =~ ^${RE_RUNID}$ ]] || continue
 		[[ -e $TB_ROOT/beds/$(basename "$d") ]] && continue
 		down_dir "$d" || failed=1
-		rm -rf -- "$d"
 	done
 	return "$failed"
 }
