@@ -1,1 +1,7 @@
-//! Integration tests (placeholder until the test bed lands).
+//! Integration tests of resync against the real test bed (zfs-fuse pools,
+//! sshd hosts in network namespaces) that `scripts/testbed.sh up` builds
+//! and `scripts/test.sh` brings up around `cargo test`. `bed` is the
+//! harness; the other modules are scenarios.
+
+mod bed;
+mod smoke;
