@@ -4,4 +4,5 @@
 //! harness; the other modules are scenarios.
 
 mod bed;
+mod replication;
 mod smoke;

@@ -2,7 +2,78 @@
 //! hosts in network namespaces. Every test asserts what landed on the target
 //! (snapshot names with GUIDs, file checksums), not what resync printed.
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
 use crate::bed::*;
+
+fn write_file(ds: &str, name: &str, size: usize) {
+    write_files(ds, &[(name, size)]);
+}
+
+/// This machine's hostname as resync puts it into sync snapshot names.
+fn local_hostname() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    raw.trim().replace('_', "-")
+}
+
+fn resync_with_home(home: &Path, args: &[&str]) -> Output {
+    Resync::new(args).env("HOME", home.to_str().expect("utf-8 path")).run()
+}
+
+fn resync_with_env(envs: &[(&str, &str)], args: &[&str]) -> Output {
+    envs.iter()
+        .fold(Resync::new(args), |r, (k, v)| r.env(k, v))
+        .run()
+}
+
+/// A copy of the bed's HOME with some files of .ssh/ left out.
+fn home_copy_without(leave_out: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let bed = Bed::get();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ssh = dir.path().join(".ssh");
+    std::fs::create_dir(&ssh).expect("mkdir .ssh");
+    for entry in std::fs::read_dir(bed.home.join(".ssh")).expect("read .ssh") {
+        let entry = entry.expect("entry");
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.path().is_file() && !leave_out.contains(&name.as_str()) {
+            std::fs::copy(entry.path(), ssh.join(&name)).expect("copy");
+        }
+    }
+    let home = dir.path().to_path_buf();
+    (dir, home)
+}
+
+/// Is a `zfs receive` into `ds` running anywhere on this machine (the hosts
+/// share its process table)?
+fn receiving(ds: &str) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            return false;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        args.iter().any(|a| *a == b"receive") && args.iter().any(|a| *a == ds.as_bytes())
+    })
+}
+
+fn wait_for_receive_of(ds: &str) {
+    assert!(
+        wait_until(Duration::from_secs(60), || receiving(ds)),
+        "zfs receive into {ds} never started"
+    );
+    // Let some of the stream flow.
+    std::thread::sleep(Duration::from_millis(700));
+}
+
+fn wait_until_no_receive_of(ds: &str) {
+    assert!(
+        wait_until(Duration::from_secs(120), || !receiving(ds)),
+        "a zfs receive into {ds} is still running"
+    );
+}
 
 /// Snapshots of `ds` as (name, guid), oldest first.
 fn snaps(ds: &str) -> Vec<(String, u64)> {
@@ -51,7 +122,7 @@ fn push_full_then_incremental_over_ssh() {
 
     write_file(&src, "c.bin", 2 << 20);
     snapshot(&src, "second");
-    std::thread::sleep(std::time::Duration::from_millis(1100));
+    std::thread::sleep(Duration::from_millis(1100));
     let out = resync(&[&src, &remote(&bed.host_b, &dst)]);
     out.assert_success();
     assert_replica(&src, &dst);
@@ -71,7 +142,7 @@ fn pull_full_then_incremental_over_ssh() {
     resync(&[&remote(&bed.host_b, &src), &dst]).assert_success();
     assert_replica(&src, &dst);
     write_file(&src, "y.bin", 500_000);
-    std::thread::sleep(std::time::Duration::from_millis(1100));
+    std::thread::sleep(Duration::from_millis(1100));
     resync(&[&remote(&bed.host_b, &src), &dst]).assert_success();
     assert_replica(&src, &dst);
 }
@@ -86,7 +157,7 @@ fn remote_to_remote_relays_through_the_orchestrator() {
     resync(&[&s, &d]).assert_success();
     assert_replica(&src, &dst);
     write_file(&src, "y.bin", 300_000);
-    std::thread::sleep(std::time::Duration::from_millis(1100));
+    std::thread::sleep(Duration::from_millis(1100));
     resync(&[&s, &d]).assert_success();
     assert_replica(&src, &dst);
 }
@@ -100,7 +171,7 @@ fn local_to_local_full_then_incremental() {
     resync(&[&src, &dst]).assert_success();
     assert_replica(&src, &dst);
     write_file(&src, "y.bin", 300_000);
-    std::thread::sleep(std::time::Duration::from_millis(1100));
+    std::thread::sleep(Duration::from_millis(1100));
     resync(&[&src, &dst]).assert_success();
     assert_replica(&src, &dst);
     let again = resync(&[&src, &dst, "--no-sync-snap"]);
@@ -300,7 +371,7 @@ fn dry_run_prints_the_plan_and_changes_nothing() {
 #[test]
 fn an_unknown_host_key_is_refused_with_a_way_to_accept_it() {
     let bed = Bed::get();
-    let home = bed.home_copy_without_known_hosts();
+    let (_keep, home) = home_copy_without(&["known_hosts"]);
     let out = resync_with_home(&home, &["tank/x", &remote(&bed.host_b, "pool/y")]);
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("known_hosts"), "{}", out.stderr);
@@ -333,7 +404,7 @@ fn clear_errors_for_missing_source_unreachable_host_and_wrong_key() {
     assert!(out.stderr.contains("connect"), "{}", out.stderr);
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
 
-    let home = bed.home_copy_without_keys();
+    let (_keep, home) = home_copy_without(&["id_ed25519", "id_ed25519.pub"]);
     let wrong = home.join("wrong_key");
     std::process::Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-f"])
@@ -400,12 +471,12 @@ fn a_killed_transfer_leaves_a_target_the_next_run_completes() {
     let before = snaps(&dst);
     // A big incremental, killed while it streams.
     write_file(&src, "big", 120 << 20);
-    std::thread::sleep(std::time::Duration::from_millis(1100));
-    let mut child = spawn_resync(&[&src, &remote(&bed.host_b, &dst)]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let run = Resync::new(&[&src, &remote(&bed.host_b, &dst)]).spawn();
     wait_for_receive_of(&dst);
-    child.kill().unwrap();
-    let status = child.wait().unwrap();
-    assert!(!status.success());
+    run.signal(libc::SIGKILL);
+    let out = run.wait();
+    assert!(!out.success(), "a killed run never reports success: {out}");
     // The partial incremental was not taken for a finished one.
     wait_until_no_receive_of(&dst);
     assert_eq!(snaps(&dst), before, "the target is at its old snapshot, not a partial one");
@@ -419,16 +490,19 @@ fn a_cut_link_fails_the_run_and_the_next_run_completes() {
     let src = format!("{}/{}", bed.pool_a, unique_name("cut"));
     let dst = format!("{}/{}", bed.pool_b, unique_name("cut"));
     create_dataset_with_data(&src, &[("big", 120 << 20)]);
-    let mut child = spawn_resync(&["--timeout=5s", &src, &remote(&bed.host_b, &dst)]);
+    let net = exclusive_network();
+    let run = Resync::new(&["--timeout=5s", &src, &remote(&bed.host_b, &dst)])
+        .timeout(Duration::from_secs(90))
+        .spawn();
     wait_for_receive_of(&dst);
-    let code = {
+    let out = {
         let _cut = link_down(&bed.host_b);
-        let started = std::time::Instant::now();
-        let status = wait_timeout(&mut child, std::time::Duration::from_secs(60));
-        assert!(started.elapsed() < std::time::Duration::from_secs(60), "gave up in time");
-        status
+        run.wait()
     };
-    assert_ne!(code, Some(0), "a cut run never reports success");
+    drop(net);
+    assert!(!out.timed_out, "resync gave up by itself: {out}");
+    assert_eq!(out.code, Some(2), "a cut run fails with exit 2: {out}");
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{out}");
     wait_until_no_receive_of(&dst);
     assert!(
         !snaps(&dst).iter().any(|(n, _)| n.starts_with("resync_")),
