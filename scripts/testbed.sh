@@ -67,7 +67,7 @@ NEEDED=(
 	zfs-fuse:zfs-fuse zfs:zfs-fuse zpool:zfs-fuse
 	sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
 	ip:iproute2 tc:iproute2 iptables:iptables
-	unshare:util-linux flock:util-linux findmnt:util-linux mount:mount
+	unshare:util-linux flock:util-linux findmnt:util-linux nsenter:util-linux mount:mount
 	pgrep:procps chroot:coreutils sha256sum:coreutils truncate:coreutils
 )
 
@@ -484,12 +484,29 @@ EOF
 	chmod 755 /run/sshd
 	/usr/sbin/sshd -t -f "$hd/sshd_config" 2>"$hd/sshd-t.err" ||
 		die "sshd config of host $x is invalid: $(cat "$hd/sshd-t.err")"
+	# zfs and zpool inside a host run in zfs-fuse's own mount namespace.
+	# zfs-fuse's client unmounts in the caller's namespace: from a host's
+	# slave namespace that unmount never reaches the daemon's, and every
+	# remote `zfs destroy` of a mounted dataset fails "dataset is busy". On
+	# a real machine there is one namespace; this wrapper around the real
+	# binaries restores that, and changes nothing else.
+	mkdir -p "$hd/sbin"
+	local tool
+	for tool in zfs zpool; do
+		cat >"$hd/sbin/$tool" <<EOF
+#!/bin/sh
+pid=\$(pgrep -o -x zfs-fuse) || { echo "$tool: zfs-fuse is not running" >&2; exit 1; }
+exec nsenter --mount=/proc/\$pid/ns/mnt -- /usr/sbin/$tool "\$@"
+EOF
+		chmod 755 "$hd/sbin/$tool"
+	done
 	# ip netns exec -> own mount namespace (slave of /), unshare -> another
-	# slave one with a private tmpfs on /tmp and its own hostname
+	# slave one with a private tmpfs on /tmp, the zfs wrappers over
+	# /usr/local/sbin (first in sshd's PATH for root) and its own hostname
 	# (rs-host-a / rs-host-b), then sshd. Each step execs, so
 	# $! is sshd's pid. setsid: not in the caller's process group.
 	setsid ip netns exec "$ns" unshare --mount --propagation slave --uts \
-		sh -c 'hostname "$0" && mount -t tmpfs -o mode=1777,size=256m tmpfs /tmp && exec "$@"' "rs-host-$x" \
+		sh -c 'hostname "$0" && mount -t tmpfs -o mode=1777,size=256m tmpfs /tmp && mount --bind "$1" /usr/local/sbin && shift && exec "$@"' "rs-host-$x" "$hd/sbin" \
 		/usr/sbin/sshd -D -f "$hd/sshd_config" -E "$hd/sshd.log" \
 		</dev/null >>"$hd/sshd.out" 2>&1 9>&- &
 	local pid=$!

@@ -146,12 +146,8 @@ fn exec(host: &dyn Host, argv: &[String], ui: &dyn Progress) -> Result<CmdOutput
     ui.debug(&format!("[{}] {}", host.label(), sh_join(argv)));
     let out = host.run(argv)?;
     if !out.success() {
-        ui.debug(&format!(
-            "[{}] exit {}: {}",
-            host.label(),
-            out.status,
-            out.stderr.trim()
-        ));
+        let first = out.stderr.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+        ui.debug(&format!("[{}] exit {}: {first}", host.label(), out.status));
     }
     Ok(out)
 }

@@ -416,7 +416,8 @@ fn clear_errors_for_missing_source_unreachable_host_and_wrong_key() {
         &["--sshkey", wrong.to_str().unwrap(), &format!("{}/x", bed.pool_a), &remote(&bed.host_b, "p/x")],
     );
     assert_eq!(out.code, Some(2), "{}", out.stderr);
-    assert!(out.stderr.contains("authentication"), "{}", out.stderr);
+    assert!(out.stderr.contains("cannot log in"), "{}", out.stderr);
+    assert!(out.stderr.contains("wrong_key"), "names the key it tried: {}", out.stderr);
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
 }
 
