@@ -34,8 +34,6 @@ pub trait Progress: Send + Sync {
 /// One running byte stream.
 pub trait Transfer: Send + Sync {
     fn add(&self, bytes: u64);
-    /// A short status shown beside the bar (e.g. "reconnecting for 12s").
-    fn status(&self, text: &str);
     /// Ends the display (the caller prints the dataset's summary line).
     fn finish(&self);
 }
@@ -87,18 +85,14 @@ struct Silent;
 
 impl Transfer for Silent {
     fn add(&self, _bytes: u64) {}
-    fn status(&self, _text: &str) {}
     fn finish(&self) {}
 }
 
-/// No terminal: status changes only; the summary line comes from the caller.
+/// No terminal: nothing per stream; the summary line comes from the caller.
 struct Plain;
 
 impl Transfer for Plain {
     fn add(&self, _bytes: u64) {}
-    fn status(&self, text: &str) {
-        eprintln!("{text}");
-    }
     fn finish(&self) {}
 }
 
@@ -154,10 +148,6 @@ impl Transfer for Bar {
             }
         }
         self.bar.set_position(done);
-    }
-
-    fn status(&self, text: &str) {
-        self.bar.set_message(text.to_string());
     }
 
     fn finish(&self) {
