@@ -8,6 +8,7 @@ mod host;
 mod plan;
 mod progress;
 mod replicate;
+mod runlock;
 mod stream;
 mod syncsnap;
 mod zfs;

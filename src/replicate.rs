@@ -18,6 +18,7 @@ use crate::host::ssh::{SshHost, SshOptions, SshSpec};
 use crate::host::{CmdOutput, Host};
 use crate::plan::{self, Plan, PlanOptions, SourceState, Step, TargetState};
 use crate::progress::{human_bytes, human_duration, human_rate, Progress, Stopwatch};
+use crate::runlock::{self, RemoteProc, RunLock};
 use crate::stream::{self, PumpError};
 use crate::syncsnap;
 use crate::zfs::{self, Capabilities, Dataset, ProbeResult, RecvArgs, SendArgs, Snapshot};
@@ -54,12 +55,19 @@ struct Run<'a> {
     src: Side,
     dst: Side,
     hostname: String,
+    /// Held for the whole run (not in a dry run, which changes nothing).
+    lock: Option<RunLock>,
 }
 
 /// Replicates according to `cfg`. An `Err` is a failure of the whole run
 /// (exit 2); failures of single datasets in a recursive run are collected in
 /// the `Outcome` (exit 1).
 pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
+    let lock = if cfg.dry_run {
+        None
+    } else {
+        Some(RunLock::acquire(&cfg.target.to_string())?)
+    };
     let src_host = connect(&cfg.source.location, cfg)?;
     let dst_host = if cfg.target.location == cfg.source.location {
         src_host.clone()
@@ -84,7 +92,9 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
             endpoint: cfg.target.clone(),
         },
         hostname: local_hostname(),
+        lock,
     };
+    run.stop_leftovers()?;
     run.all()
 }
 
@@ -171,6 +181,31 @@ fn exec_ok_when_idle(host: &dyn Host, argv: &[String], what: &str, ui: &dyn Prog
 }
 
 impl Run<'_> {
+    /// Stops the `zfs send`/`receive` processes an interrupted earlier run
+    /// left on our hosts (see `runlock`), so they neither hold the target
+    /// busy nor look like a run in progress.
+    fn stop_leftovers(&self) -> Result<()> {
+        let Some(lock) = &self.lock else { return Ok(()) };
+        let leftovers = lock.leftovers().to_vec();
+        for p in &leftovers {
+            let host = [&self.src.host, &self.dst.host]
+                .into_iter()
+                .find(|h| h.label() == p.host);
+            let Some(host) = host else {
+                self.ui.debug(&format!("leftover process on {} not on this run's hosts", p.host));
+                continue;
+            };
+            let out = exec(&**host, &runlock::stop_argv(p), self.ui)?;
+            if out.stdout.contains("stopped") {
+                self.ui.info(&format!(
+                    "stopped a zfs process (pid {}) left running on {} by an interrupted run",
+                    p.pid, p.host
+                ));
+            }
+        }
+        lock.forget(&leftovers)
+    }
+
     fn all(&self) -> Result<Outcome> {
         let pairs = self.dataset_pairs()?;
         if pairs.is_empty() {
@@ -488,19 +523,45 @@ impl Run<'_> {
         let (sh, th) = (&*self.src.host, &*self.dst.host);
         self.ui.debug(&format!("[{}] {}", sh.label(), sh_join(send)));
         self.ui.debug(&format!("[{}] {}", th.label(), sh_join(recv)));
-        let mut receiver = th.spawn(recv).context("cannot start zfs receive")?;
-        let mut sender = match sh.spawn(send) {
+        // Both commands announce their pid first, for the run lock's record.
+        let mut receiver = th
+            .spawn(&runlock::announce_pid_argv(recv))
+            .context("cannot start zfs receive")?;
+        let mut sender = match sh.spawn(&runlock::announce_pid_argv(send)) {
             Ok(s) => s,
             Err(e) => {
                 receiver.kill();
                 return Err(e.context("cannot start zfs send"));
             }
         };
-        let (Some(reader), Some(writer)) = (sender.take_stdout(), receiver.take_stdin()) else {
+        let (Some(mut reader), Some(writer), Some(mut recv_out)) =
+            (sender.take_stdout(), receiver.take_stdin(), receiver.take_stdout())
+        else {
             sender.kill();
             receiver.kill();
             bail!("internal error: zfs send/receive pipes are missing");
         };
+        let mut started = Vec::new();
+        for (host, out) in [(th, &mut recv_out), (sh, &mut reader)] {
+            match read_announcement(&mut **out) {
+                Ok((pid, ppid)) => started.push(RemoteProc {
+                    host: host.label().to_string(),
+                    pid,
+                    ppid,
+                }),
+                Err(e) => {
+                    sender.kill();
+                    receiver.kill();
+                    return Err(e.context(format!("starting zfs on {}", host.label())));
+                }
+            }
+        }
+        drop(recv_out);
+        if let Some(lock) = &self.lock {
+            for p in &started {
+                lock.record(p.clone())?;
+            }
+        }
         let bar = self.ui.transfer(label, None);
         let pumped = stream::pump(reader, writer, &|n| bar.add(n));
         bar.finish();
@@ -511,6 +572,9 @@ impl Run<'_> {
         // since "cannot receive: ..." explains more than a broken pipe does.
         let recv_exit = receiver.wait().context("waiting for zfs receive")?;
         let send_exit = sender.wait().context("waiting for zfs send")?;
+        if let Some(lock) = &self.lock {
+            lock.forget(&started)?;
+        }
         if recv_exit.status != 0 {
             bail!(
                 "zfs receive failed on {} (exit {}): {}",
@@ -619,6 +683,27 @@ fn describe(step: &Step) -> String {
 
 fn describe_all(steps: &[Step]) -> String {
     steps.iter().map(describe).collect::<Vec<_>>().join(", then ")
+}
+
+/// Reads the `PID PPID` line a command wrapped by
+/// [`runlock::announce_pid_argv`] prints first, byte by byte, so that the
+/// reader is left at the first byte of the real output.
+fn read_announcement(out: &mut dyn std::io::Read) -> Result<(u32, u32)> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 64 {
+        match out.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => return runlock::parse_announcement(&String::from_utf8_lossy(&line)),
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    bail!(
+        "the command ended before it started (output {:?}); is sh there?",
+        String::from_utf8_lossy(&line)
+    )
 }
 
 /// The last few lines of a command's stderr, joined for a one-line message.

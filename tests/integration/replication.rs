@@ -504,11 +504,16 @@ fn a_cut_link_fails_the_run_and_the_next_run_completes() {
     assert!(!out.timed_out, "resync gave up by itself: {out}");
     assert_eq!(out.code, Some(2), "a cut run fails with exit 2: {out}");
     assert_eq!(out.stderr.trim().lines().count(), 1, "{out}");
-    wait_until_no_receive_of(&dst);
+    // The remote zfs receive outlives the dead connection (sshd cannot tell);
+    // the next run must stop it by itself and then complete.
+    assert!(receiving(&dst), "the orphaned receive is still there before the rerun");
     assert!(
         !snaps(&dst).iter().any(|(n, _)| n.starts_with("resync_")),
         "no partial snapshot on the target"
     );
-    resync(&[&src, &remote(&bed.host_b, &dst)]).assert_success();
+    let rerun = resync(&[&src, &remote(&bed.host_b, &dst)]);
+    rerun.assert_success();
+    assert!(rerun.stderr.contains("stopped a zfs process"), "{rerun}");
+    assert!(!receiving(&dst));
     assert_replica(&src, &dst);
 }
