@@ -517,3 +517,22 @@ fn a_cut_link_fails_the_run_and_the_next_run_completes() {
     assert!(!receiving(&dst));
     assert_replica(&src, &dst);
 }
+
+#[test]
+fn a_second_run_to_the_same_target_is_refused_while_the_first_runs() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("twice"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("twice"));
+    create_dataset_with_data(&src, &[("big", 100 << 20)]);
+    let first = Resync::new(&[&src, &remote(&bed.host_b, &dst)]).spawn();
+    wait_for_receive_of(&dst);
+    let second = resync(&[&src, &remote(&bed.host_b, &dst)]);
+    assert_eq!(second.code, Some(2), "{second}");
+    assert!(
+        second.stderr.contains(&format!("another resync run (pid {}", first.pid())),
+        "names the running one: {second}"
+    );
+    assert_eq!(second.stderr.trim().lines().count(), 1, "{second}");
+    first.wait().assert_success();
+    assert_replica(&src, &dst);
+}
