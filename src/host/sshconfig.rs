@@ -199,10 +199,8 @@ impl SshConfig {
                 }
                 "user" if resolved.user.is_none() => resolved.user = Some(value.clone()),
                 "port" if resolved.port.is_none() => resolved.port = value.parse().ok(),
-                "identityfile" => {
-                    if !value.eq_ignore_ascii_case("none") {
-                        identity_raw.push(value.clone());
-                    }
+                "identityfile" if !value.eq_ignore_ascii_case("none") => {
+                    identity_raw.push(value.clone());
                 }
                 _ => {}
             }
