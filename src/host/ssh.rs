@@ -184,6 +184,8 @@ impl SshHost {
             chans: Vec::new(),
             kill_grace: opts.io_timeout,
             window: window_for(round_trip_time(fd)),
+            scratch: vec![0; CHUNK],
+            open_limit: None,
         };
         std::thread::Builder::new()
             .name(format!("ssh {label}"))
@@ -1126,6 +1128,10 @@ struct Reactor {
     kill_grace: Duration,
     /// Receive window for new channels.
     window: u32,
+    /// Read buffer shared by all channels.
+    scratch: Vec<u8>,
+    /// The server refused another channel while this many were open.
+    open_limit: Option<usize>,
 }
 
 impl Reactor {
@@ -1197,8 +1203,17 @@ impl Reactor {
     fn step_all(&mut self) -> Result<bool, String> {
         let mut progress = false;
         while let Some(pending) = self.opening.front_mut() {
+            if self.open_limit.is_some_and(|open| self.chans.len() >= open) {
+                break;
+            }
+            self.open_limit = None;
             match open_step(&self.sess, self.window, pending) {
                 Step::Blocked => break,
+                Step::Failed(msg) if is_session_limit(&msg) && !self.chans.is_empty() => {
+                    // The server's MaxSessions: wait until a channel closes.
+                    self.open_limit = Some(self.chans.len());
+                    break;
+                }
                 Step::Done(channel) => {
                     progress = true;
                     let Some(pending) = self.opening.pop_front() else {
@@ -1225,7 +1240,7 @@ impl Reactor {
             }
         }
         for chan in &mut self.chans {
-            progress |= chan.step(&self.sess, self.kill_grace)?;
+            progress |= chan.step(&self.sess, self.kill_grace, &mut self.scratch)?;
         }
         self.chans.retain(|c| !matches!(c.phase, Phase::Done));
         Ok(progress)
@@ -1311,6 +1326,18 @@ impl Reactor {
             }
         }
     }
+}
+
+/// A channel refused because the server allows no more (OpenSSH's
+/// MaxSessions, 10 by default, answers "connect failed").
+fn is_session_limit(message: &str) -> bool {
+    [
+        "connect failed",
+        "administratively prohibited",
+        "resource shortage",
+    ]
+    .iter()
+    .any(|reason| message.contains(reason))
 }
 
 fn outbound(sess: &Session) -> bool {
@@ -1442,17 +1469,22 @@ impl Chan {
     }
 
     /// Advance this channel as far as it goes without blocking.
-    fn step(&mut self, sess: &Session, kill_grace: Duration) -> Result<bool, String> {
+    fn step(
+        &mut self,
+        sess: &Session,
+        kill_grace: Duration,
+        buf: &mut [u8],
+    ) -> Result<bool, String> {
         let mut progress = self.pump_stdin(sess)?;
         match self.phase {
             Phase::Running => {
                 progress |= self.flush_held();
-                progress |= self.pump_stdout(sess)?;
-                progress |= self.drain_stderr(sess)?;
-                progress |= self.check_remote_close(sess)?;
+                progress |= self.pump_stdout(sess, buf)?;
+                progress |= self.drain_stderr(sess, buf)?;
+                progress |= self.check_remote_close(sess, buf)?;
             }
             Phase::Closing { .. } => {
-                progress |= self.drain_stderr(sess)?;
+                progress |= self.drain_stderr(sess, buf)?;
                 progress |= self.finish_close(sess, kill_grace)?;
             }
             Phase::Done => {}
@@ -1600,12 +1632,11 @@ impl Chan {
         }
     }
 
-    fn pump_stdout(&mut self, sess: &Session) -> Result<bool, String> {
+    fn pump_stdout(&mut self, sess: &Session, buf: &mut [u8]) -> Result<bool, String> {
         let mut progress = false;
         let mut moved = 0usize;
-        let mut buf = vec![0u8; CHUNK];
         while !self.stdout_eof && self.held.is_none() && moved < SLICE {
-            match classify_io(sess, self.out.read(&mut buf)) {
+            match classify_io(sess, self.out.read(buf)) {
                 Step::Done(0) => {
                     self.stdout_eof = true;
                     self.give_stdout(Out::Eof);
@@ -1630,12 +1661,11 @@ impl Chan {
         Ok(progress)
     }
 
-    fn drain_stderr(&mut self, sess: &Session) -> Result<bool, String> {
+    /// `buf` is the same size as for stdout: see the note on `Chan`.
+    fn drain_stderr(&mut self, sess: &Session, buf: &mut [u8]) -> Result<bool, String> {
         let mut progress = false;
-        // Same size as stdout reads: see the note on `Chan`.
-        let mut buf = vec![0u8; CHUNK];
         loop {
-            match classify_io(sess, self.err.read(&mut buf)) {
+            match classify_io(sess, self.err.read(buf)) {
                 Step::Done(0) | Step::Blocked | Step::Failed(_) => return Ok(progress),
                 Step::Done(n) => {
                     push_capped(&mut self.stderr, &buf[..n]);
@@ -1648,13 +1678,13 @@ impl Chan {
 
     /// After stdout's EOF, wait for the server to close the channel (it does
     /// so once the command has exited), then collect the exit status.
-    fn check_remote_close(&mut self, sess: &Session) -> Result<bool, String> {
+    fn check_remote_close(&mut self, sess: &Session, buf: &mut [u8]) -> Result<bool, String> {
         if !self.stdout_eof || self.held.is_some() {
             return Ok(false);
         }
         match classify(self.channel.wait_close()) {
             Step::Done(()) => {
-                self.drain_stderr(sess)?;
+                self.drain_stderr(sess, buf)?;
                 let status = self.exit_status();
                 let stderr = String::from_utf8_lossy(&self.stderr).into_owned();
                 self.start_close(Some(Ok(ExitInfo { status, stderr })));
@@ -1889,6 +1919,10 @@ mod tests {
 
     impl TestSshd {
         fn start() -> TestSshd {
+            TestSshd::start_with(&["MaxSessions=30"])
+        }
+
+        fn start_with(options: &[&str]) -> TestSshd {
             let dir = tempfile::tempdir().unwrap();
             let d = dir.path().display().to_string();
             sh(&format!(
@@ -1907,7 +1941,8 @@ mod tests {
                 .args(["-o", "ListenAddress=127.0.0.1", "-o", "StrictModes=no"])
                 .args(["-o", &format!("AuthorizedKeysFile={d}/authorized_keys")])
                 .args(["-o", &format!("PidFile={d}/sshd.pid")])
-                .args(["-o", "PasswordAuthentication=no", "-o", "MaxSessions=30"])
+                .args(["-o", "PasswordAuthentication=no"])
+                .args(options.iter().flat_map(|o| ["-o", o]))
                 .args(["-E", &format!("{d}/sshd.log")])
                 .spawn()
                 .unwrap();
@@ -2001,6 +2036,11 @@ mod tests {
             ]))
             .unwrap();
         assert_eq!(out.stdout, "a b|$(id)||it's|new\nline|");
+        let started = Instant::now();
+        for _ in 0..20 {
+            assert!(host.run(&argv(&["true"])).unwrap().success());
+        }
+        eprintln!("run(true): {:?} each", started.elapsed() / 20);
         let out = host.run(&argv(&["sh", "-c", "kill -9 $$"])).unwrap();
         assert_eq!(out.status, 137);
         let err = host
@@ -2014,7 +2054,8 @@ mod tests {
     #[test]
     #[ignore]
     fn live_many_commands_in_parallel_share_one_session() {
-        let bed = TestSshd::start();
+        // More threads than the server allows channels: opens wait for a slot.
+        let bed = TestSshd::start_with(&["MaxSessions=4"]);
         let host = bed.connect();
         std::thread::scope(|scope| {
             for i in 0..12 {
@@ -2395,5 +2436,97 @@ mod tests {
             "blocking write: {:.0} MB/s",
             mb_per_s(1 << 30, started.elapsed())
         );
+    }
+
+    /// Source and target on the same host: both channels share the session,
+    /// the pump's reader and writer run on different threads. 3 GiB also
+    /// crosses OpenSSH's rekey limit for chacha20 (1 GiB) in both directions.
+    #[test]
+    #[ignore]
+    fn live_pump_between_two_channels_of_one_session() {
+        let bed = TestSshd::start();
+        let host = bed.connect();
+        let total: u64 = 3 << 30;
+        let mut send = host
+            .spawn(&argv(&[
+                "sh",
+                "-c",
+                &format!("head -c {total} /dev/zero; echo sent >&2"),
+            ]))
+            .unwrap();
+        let mut recv = host
+            .spawn(&argv(&["sh", "-c", "wc -c; echo received >&2"]))
+            .unwrap();
+        let mut from = send.take_stdout().unwrap();
+        let mut to = recv.take_stdin().unwrap();
+        let started = Instant::now();
+        let pump = std::thread::spawn(move || {
+            let copied = io::copy(&mut from, &mut to).unwrap();
+            drop(to);
+            copied
+        });
+        let mut counted = String::new();
+        recv.take_stdout()
+            .unwrap()
+            .read_to_string(&mut counted)
+            .unwrap();
+        assert_eq!(pump.join().unwrap(), total);
+        let took = started.elapsed();
+        let sent = send.wait().unwrap();
+        let received = recv.wait().unwrap();
+        assert_eq!(counted.trim(), total.to_string());
+        assert_eq!((sent.status, sent.stderr.as_str()), (0, "sent\n"));
+        assert_eq!(
+            (received.status, received.stderr.as_str()),
+            (0, "received\n")
+        );
+        eprintln!(
+            "pump 3 GiB within one session: {:.0} MB/s",
+            mb_per_s(total as usize, took)
+        );
+    }
+
+    #[test]
+    #[ignore]
+    fn live_agent_key_is_tried_first() {
+        let bed = TestSshd::start();
+        let home = bed.path("home");
+        let sock = bed.path("agent.sock");
+        let _agent = Reaper(
+            std::process::Command::new("ssh-agent")
+                .args(["-D", "-a"])
+                .arg(&sock)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        while !sock.exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The only usable key is in the agent; the key file is gone.
+        sh(&format!(
+            "SSH_AUTH_SOCK={} ssh-add -q {}/.ssh/id_ed25519 && rm {}/.ssh/id_ed25519*",
+            sock.display(),
+            home.display(),
+            home.display()
+        ));
+        std::env::set_var("SSH_AUTH_SOCK", &sock);
+        let host = SshHost::connect(&bed.spec(), &bed.opts());
+        std::env::remove_var("SSH_AUTH_SOCK");
+        let host = host.unwrap();
+        assert_eq!(
+            host.run(&argv(&["echo", "agent"])).unwrap().stdout,
+            "agent\n"
+        );
+    }
+
+    /// Kills and reaps a helper process when the test ends.
+    struct Reaper(std::process::Child);
+
+    impl Drop for Reaper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
