@@ -73,7 +73,9 @@ pub trait Child: Send {
     /// Wait for the exit, after stdin was closed and/or stdout drained.
     /// Closes stdin if it was never taken.
     fn wait(self: Box<Self>) -> anyhow::Result<ExitInfo>;
-    /// Best effort: SIGKILL locally; over SSH, close the channel.
+    /// Best effort: SIGKILL locally. Over SSH the channel is closed: the
+    /// command gets EOF on stdin and SIGPIPE on output, and `wait` returns
+    /// within a few seconds even if the command ignores both.
     fn kill(&mut self);
 }
 
