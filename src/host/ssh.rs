@@ -1502,7 +1502,7 @@ impl Chan {
             }
             Phase::Closing { .. } => {
                 progress |= self.drain_stderr(sess, buf)?;
-                progress |= self.finish_close(sess, kill_grace)?;
+                progress |= self.finish_close(kill_grace)?;
             }
             Phase::Done => {}
         }
@@ -1739,7 +1739,7 @@ impl Chan {
 
     /// Send our close once stdin is settled; done when the server's close
     /// has arrived too.
-    fn finish_close(&mut self, _sess: &Session, kill_grace: Duration) -> Result<bool, String> {
+    fn finish_close(&mut self, kill_grace: Duration) -> Result<bool, String> {
         let Phase::Closing { since, outcome } = &mut self.phase else {
             return Ok(false);
         };
