@@ -132,11 +132,22 @@ fn detect(host: &dyn Host, pool: &str, ui: &dyn Progress) -> Result<Capabilities
         }
         out.check("zfs list", host.label())?;
     }
+    // The probes are independent: run them on parallel channels, since
+    // each remote command costs a round trip and a fork on the server.
     let probes = zfs::capability_probes(pool);
-    let mut outputs = Vec::with_capacity(probes.len());
-    for (probe, argv) in &probes {
-        outputs.push((*probe, exec(host, argv, ui)?));
-    }
+    let outputs = std::thread::scope(|scope| {
+        let running: Vec<_> = probes
+            .iter()
+            .map(|(probe, argv)| (*probe, scope.spawn(move || exec(host, argv, ui))))
+            .collect();
+        running
+            .into_iter()
+            .map(|(probe, handle)| match handle.join() {
+                Ok(out) => out.map(|o| (probe, o)),
+                Err(_) => Err(anyhow!("capability probe {probe:?} panicked")),
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
     let results: Vec<ProbeResult> = outputs
         .iter()
         .map(|(probe, o)| ProbeResult {
