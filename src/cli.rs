@@ -155,7 +155,10 @@ impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.location {
             Location::Local => write!(f, "{}", self.dataset),
-            Location::Remote { user: Some(u), host } => write!(f, "{u}@{host}:{}", self.dataset),
+            Location::Remote {
+                user: Some(u),
+                host,
+            } => write!(f, "{u}@{host}:{}", self.dataset),
             Location::Remote { user: None, host } => write!(f, "{host}:{}", self.dataset),
         }
     }
@@ -257,17 +260,19 @@ impl Cli {
         if source == target {
             bail!("SOURCE and TARGET are the same dataset ({source})");
         }
-        if source.location == target.location {
-            if target.dataset.relative_to(&source.dataset).is_some()
-                || (self.recursive && source.dataset.relative_to(&target.dataset).is_some())
-            {
-                bail!("TARGET {target} overlaps SOURCE {source}; replicate into a separate tree");
-            }
+        if source.location == target.location
+            && (target.dataset.relative_to(&source.dataset).is_some()
+                || (self.recursive && source.dataset.relative_to(&target.dataset).is_some()))
+        {
+            bail!("TARGET {target} overlaps SOURCE {source}; replicate into a separate tree");
         }
         let exclude = self
             .exclude_datasets
             .iter()
-            .map(|r| Regex::new(r).map_err(|e| anyhow::anyhow!("invalid --exclude-datasets regex {r:?}: {e}")))
+            .map(|r| {
+                Regex::new(r)
+                    .map_err(|e| anyhow::anyhow!("invalid --exclude-datasets regex {r:?}: {e}"))
+            })
             .collect::<Result<Vec<_>>>()?;
         if !exclude.is_empty() && !self.recursive {
             bail!("--exclude-datasets only makes sense with -r/--recursive");
@@ -343,7 +348,10 @@ mod tests {
         let local = parse_endpoint("tank/vm").unwrap();
         assert_eq!(local.location, Location::Local);
         assert_eq!(local.dataset.as_str(), "tank/vm");
-        assert_eq!(parse_endpoint("backup:pool/vm").unwrap(), remote_ep(None, "backup", "pool/vm"));
+        assert_eq!(
+            parse_endpoint("backup:pool/vm").unwrap(),
+            remote_ep(None, "backup", "pool/vm")
+        );
         assert_eq!(
             parse_endpoint("root@10.213.0.3:pool/a b").unwrap(),
             remote_ep(Some("root"), "10.213.0.3", "pool/a b")
@@ -352,7 +360,10 @@ mod tests {
             parse_endpoint("root@[fd00::1]:pool/x").unwrap(),
             remote_ep(Some("root"), "fd00::1", "pool/x")
         );
-        assert_eq!(parse_endpoint("[::1]:pool").unwrap(), remote_ep(None, "::1", "pool"));
+        assert_eq!(
+            parse_endpoint("[::1]:pool").unwrap(),
+            remote_ep(None, "::1", "pool")
+        );
     }
 
     #[test]

@@ -195,7 +195,12 @@ pub fn human_duration(d: Duration) -> String {
         if whole < 3600 {
             format!("{}m{:02}s", whole / 60, whole % 60)
         } else {
-            format!("{}h{:02}m{:02}s", whole / 3600, (whole % 3600) / 60, whole % 60)
+            format!(
+                "{}h{:02}m{:02}s",
+                whole / 3600,
+                (whole % 3600) / 60,
+                whole % 60
+            )
         }
     }
 }
@@ -228,7 +233,10 @@ mod tests {
 
     #[test]
     fn rates_and_durations_read_naturally() {
-        assert_eq!(human_rate(100_000_000, Duration::from_secs(1)), "100.0 MB/s");
+        assert_eq!(
+            human_rate(100_000_000, Duration::from_secs(1)),
+            "100.0 MB/s"
+        );
         assert_eq!(human_rate(5, Duration::ZERO), "0.0 MB/s");
         assert_eq!(human_duration(Duration::from_millis(4200)), "4.2s");
         assert_eq!(human_duration(Duration::from_secs(192)), "3m12s");
@@ -242,7 +250,11 @@ mod tests {
         bar.add(60);
         assert_eq!(bar.bar.length(), Some(100));
         bar.add(60);
-        assert_eq!(bar.bar.length(), None, "past 100% the bar must stop showing a percentage");
+        assert_eq!(
+            bar.bar.length(),
+            None,
+            "past 100% the bar must stop showing a percentage"
+        );
         assert_eq!(bar.bar.position(), 120);
         bar.finish();
     }

@@ -167,7 +167,12 @@ fn exec(host: &dyn Host, argv: &[String], ui: &dyn Progress) -> Result<CmdOutput
     ui.debug(&format!("[{}] {}", host.label(), sh_join(argv)));
     let out = host.run(argv)?;
     if !out.success() {
-        let first = out.stderr.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+        let first = out
+            .stderr
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("");
         ui.debug(&format!("[{}] exit {}: {first}", host.label(), out.status));
     }
     Ok(out)
@@ -180,11 +185,17 @@ fn exec_ok(host: &dyn Host, argv: &[String], what: &str, ui: &dyn Progress) -> R
 
 /// Like [`exec_ok`], but retries while ZFS says the dataset is busy: right
 /// after a receive, zfs-fuse refuses destroy and rollback for a few seconds.
-fn exec_ok_when_idle(host: &dyn Host, argv: &[String], what: &str, ui: &dyn Progress) -> Result<String> {
+fn exec_ok_when_idle(
+    host: &dyn Host,
+    argv: &[String],
+    what: &str,
+    ui: &dyn Progress,
+) -> Result<String> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let out = exec(host, argv, ui)?;
-        if out.success() || !zfs::is_busy_error(&out.stderr) || std::time::Instant::now() > deadline {
+        if out.success() || !zfs::is_busy_error(&out.stderr) || std::time::Instant::now() > deadline
+        {
             return out.check(what, host.label());
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
@@ -196,14 +207,19 @@ impl Run<'_> {
     /// left on our hosts (see `runlock`), so they neither hold the target
     /// busy nor look like a run in progress.
     fn stop_leftovers(&self) -> Result<()> {
-        let Some(lock) = &self.lock else { return Ok(()) };
+        let Some(lock) = &self.lock else {
+            return Ok(());
+        };
         let leftovers = lock.leftovers().to_vec();
         for p in &leftovers {
             let host = [&self.src.host, &self.dst.host]
                 .into_iter()
                 .find(|h| h.label() == p.host);
             let Some(host) = host else {
-                self.ui.debug(&format!("leftover process on {} not on this run's hosts", p.host));
+                self.ui.debug(&format!(
+                    "leftover process on {} not on this run's hosts",
+                    p.host
+                ));
                 continue;
             };
             let out = exec(&**host, &runlock::stop_argv(p), self.ui)?;
@@ -274,10 +290,7 @@ impl Run<'_> {
             self.ui,
         )?;
         if !out.success() && zfs::is_missing_dataset_error(&out.stderr) {
-            bail!(
-                "source dataset {} does not exist",
-                self.src.label(root)
-            );
+            bail!("source dataset {} does not exist", self.src.label(root));
         }
         let listed = zfs::parse_dataset_list(&out.check("zfs list", self.src.host.label())?)?;
         let mut pairs = Vec::new();
@@ -289,8 +302,10 @@ impl Run<'_> {
                 continue;
             }
             if let Some(re) = self.cfg.exclude.iter().find(|re| re.is_match(ds.as_str())) {
-                self.ui
-                    .debug(&format!("{ds}: excluded by --exclude-datasets {}", re.as_str()));
+                self.ui.debug(&format!(
+                    "{ds}: excluded by --exclude-datasets {}",
+                    re.as_str()
+                ));
                 continue;
             }
             let target = self.cfg.target.dataset.join(rel)?;
@@ -434,7 +449,12 @@ impl Run<'_> {
             .with_context(|| format!("target {}", self.dst.label(ds)))?;
         let snapshots = zfs::parse_snapshot_list(ds, &listing)?;
         let resume_token = if self.dst.caps.resume_tokens {
-            let out = exec_ok(host, &zfs::resume_token_argv(ds), "reading receive_resume_token", self.ui)?;
+            let out = exec_ok(
+                host,
+                &zfs::resume_token_argv(ds),
+                "reading receive_resume_token",
+                self.ui,
+            )?;
             zfs::parse_resume_token(&out)
         } else {
             None
@@ -459,7 +479,12 @@ impl Run<'_> {
                     "{}: discarding a partial receive (--no-resume)",
                     self.dst.label(dst)
                 ));
-                exec_ok(&*self.dst.host, &zfs::abort_partial_argv(dst), "zfs receive -A", self.ui)?;
+                exec_ok(
+                    &*self.dst.host,
+                    &zfs::abort_partial_argv(dst),
+                    "zfs receive -A",
+                    self.ui,
+                )?;
                 Ok(0)
             }
             Step::DestroyTarget => {
@@ -467,7 +492,12 @@ impl Run<'_> {
                     "--force-delete: destroying {} and its snapshots",
                     self.dst.label(dst)
                 ));
-                exec_ok_when_idle(&*self.dst.host, &zfs::destroy_recursive_argv(dst), "zfs destroy", self.ui)?;
+                exec_ok_when_idle(
+                    &*self.dst.host,
+                    &zfs::destroy_recursive_argv(dst),
+                    "zfs destroy",
+                    self.ui,
+                )?;
                 Ok(0)
             }
             Step::Rollback { to } => {
@@ -476,7 +506,12 @@ impl Run<'_> {
                     self.dst.label(dst),
                     to.name
                 ));
-                exec_ok_when_idle(&*self.dst.host, &zfs::rollback_argv(dst, &to.name), "zfs rollback", self.ui)?;
+                exec_ok_when_idle(
+                    &*self.dst.host,
+                    &zfs::rollback_argv(dst, &to.name),
+                    "zfs rollback",
+                    self.ui,
+                )?;
                 Ok(0)
             }
             Step::Resume { token } => {
@@ -485,8 +520,15 @@ impl Run<'_> {
                     self.dst.label(dst)
                 ));
                 let send = zfs::send_resume_argv(token, &self.cfg.send_options);
-                let recv = RecvArgs { resumable: true, ..recv };
-                let n = self.transfer(&send, &zfs::receive_argv(dst, &recv), &format!("{src} (resume)"))?;
+                let recv = RecvArgs {
+                    resumable: true,
+                    ..recv
+                };
+                let n = self.transfer(
+                    &send,
+                    &zfs::receive_argv(dst, &recv),
+                    &format!("{src} (resume)"),
+                )?;
                 Ok(n)
             }
             Step::Full { to } => {
@@ -499,7 +541,11 @@ impl Run<'_> {
                         options: &self.cfg.send_options,
                     },
                 );
-                let n = self.transfer(&send, &zfs::receive_argv(dst, &recv), &format!("{src}@{}", to.name))?;
+                let n = self.transfer(
+                    &send,
+                    &zfs::receive_argv(dst, &recv),
+                    &format!("{src}@{}", to.name),
+                )?;
                 self.verify(dst, to)?;
                 Ok(n)
             }
@@ -532,8 +578,10 @@ impl Run<'_> {
     /// on the target. Both exit statuses must be zero.
     fn transfer(&self, send: &[String], recv: &[String], label: &str) -> Result<u64> {
         let (sh, th) = (&*self.src.host, &*self.dst.host);
-        self.ui.debug(&format!("[{}] {}", sh.label(), sh_join(send)));
-        self.ui.debug(&format!("[{}] {}", th.label(), sh_join(recv)));
+        self.ui
+            .debug(&format!("[{}] {}", sh.label(), sh_join(send)));
+        self.ui
+            .debug(&format!("[{}] {}", th.label(), sh_join(recv)));
         // Both commands announce their pid first, for the run lock's record.
         let mut receiver = th
             .spawn(&runlock::announce_pid_argv(recv))
@@ -545,9 +593,11 @@ impl Run<'_> {
                 return Err(e.context("cannot start zfs send"));
             }
         };
-        let (Some(mut reader), Some(writer), Some(mut recv_out)) =
-            (sender.take_stdout(), receiver.take_stdin(), receiver.take_stdout())
-        else {
+        let (Some(mut reader), Some(writer), Some(mut recv_out)) = (
+            sender.take_stdout(),
+            receiver.take_stdin(),
+            receiver.take_stdout(),
+        ) else {
             sender.kill();
             receiver.kill();
             bail!("internal error: zfs send/receive pipes are missing");
@@ -573,7 +623,7 @@ impl Run<'_> {
                 lock.record(p.clone())?;
             }
         }
-        let bar = self.ui.transfer(label, None);
+        let bar = self.ui.transfer(label, self.estimate(send));
         let pumped = stream::pump(reader, writer, &|n| bar.add(n));
         bar.finish();
         if pumped.is_err() {
@@ -610,6 +660,18 @@ impl Run<'_> {
         }
     }
 
+    /// The stream's size from `zfs send -nvP`, where the source's ZFS has it.
+    /// An estimate that cannot be had is no error: the bar shows bytes and rate.
+    fn estimate(&self, send: &[String]) -> Option<u64> {
+        if !self.src.caps.send_estimate {
+            return None;
+        }
+        let out = exec(&*self.src.host, &zfs::send_estimate_argv(send), self.ui).ok()?;
+        out.success()
+            .then(|| zfs::parse_send_estimate(&out.stdout))
+            .flatten()
+    }
+
     /// The target must list `to` with the source's GUID, whatever zfs receive said.
     fn verify(&self, dst: &Dataset, to: &Snapshot) -> Result<()> {
         let target = self.target_state(dst)?;
@@ -639,7 +701,10 @@ impl Run<'_> {
         }
         for (side, ds) in [(&self.src, src), (&self.dst, dst)] {
             if let Err(e) = self.prune_side(side, ds, current) {
-                self.ui.warn(&format!("pruning sync snapshots on {}: {e:#}", side.label(ds)));
+                self.ui.warn(&format!(
+                    "pruning sync snapshots on {}: {e:#}",
+                    side.label(ds)
+                ));
             }
         }
     }
@@ -660,7 +725,8 @@ impl Run<'_> {
             .iter()
             .filter(|s| s.name != current && syncsnap::is_ours(&s.name, id, &self.hostname))
         {
-            self.ui.debug(&format!("pruning {}@{}", side.label(ds), s.name));
+            self.ui
+                .debug(&format!("pruning {}@{}", side.label(ds), s.name));
             exec_ok_when_idle(
                 &*side.host,
                 &zfs::destroy_snapshot_argv(ds, &s.name),
@@ -693,7 +759,11 @@ fn describe(step: &Step) -> String {
 }
 
 fn describe_all(steps: &[Step]) -> String {
-    steps.iter().map(describe).collect::<Vec<_>>().join(", then ")
+    steps
+        .iter()
+        .map(describe)
+        .collect::<Vec<_>>()
+        .join(", then ")
 }
 
 /// Reads the `PID PPID` line a command wrapped by
@@ -705,7 +775,9 @@ fn read_announcement(out: &mut dyn std::io::Read) -> Result<(u32, u32)> {
     while line.len() < 64 {
         match out.read(&mut byte) {
             Ok(0) => break,
-            Ok(_) if byte[0] == b'\n' => return runlock::parse_announcement(&String::from_utf8_lossy(&line)),
+            Ok(_) if byte[0] == b'\n' => {
+                return runlock::parse_announcement(&String::from_utf8_lossy(&line))
+            }
             Ok(_) => line.push(byte[0]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
@@ -719,7 +791,11 @@ fn read_announcement(out: &mut dyn std::io::Read) -> Result<(u32, u32)> {
 
 /// The last few lines of a command's stderr, joined for a one-line message.
 fn last_lines(stderr: &str) -> String {
-    let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     let start = lines.len().saturating_sub(3);
     let joined = lines[start..].join(" / ");
     if joined.is_empty() {

@@ -141,7 +141,12 @@ impl RunLock {
         if rc != 0 {
             let age = old
                 .started
-                .and_then(|t| SystemTime::now().duration_since(UNIX_EPOCH).ok().map(|n| n.as_secs().saturating_sub(t)))
+                .and_then(|t| {
+                    SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .ok()
+                        .map(|n| n.as_secs().saturating_sub(t))
+                })
                 .map(|s| humantime::format_duration(Duration::from_secs(s)).to_string())
                 .unwrap_or_else(|| "unknown time".into());
             bail!(
@@ -299,7 +304,10 @@ mod tests {
         let first = RunLock::acquire("root@b:pool/test-lock").unwrap();
         // flock locks belong to the open file description: a second open in
         // the same process conflicts like another process would.
-        let err = RunLock::acquire("root@b:pool/test-lock").err().unwrap().to_string();
+        let err = RunLock::acquire("root@b:pool/test-lock")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains(&std::process::id().to_string()), "{err}");
         assert!(err.contains("root@b:pool/test-lock"), "{err}");
         first
@@ -311,8 +319,12 @@ mod tests {
             .unwrap();
         drop(first);
         let second = RunLock::acquire("root@b:pool/test-lock").unwrap();
-        assert_eq!(second.leftovers().len(), 1, "the dead run's processes are handed over");
-        second.forget(&second.leftovers().to_vec()).unwrap();
+        assert_eq!(
+            second.leftovers().len(),
+            1,
+            "the dead run's processes are handed over"
+        );
+        second.forget(second.leftovers()).unwrap();
         drop(second);
         let third = RunLock::acquire("root@b:pool/test-lock").unwrap();
         assert!(third.leftovers().is_empty());
@@ -326,12 +338,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("zfs");
         std::fs::write(&fake, "#!/bin/sh\nsleep 60\n").unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let mut victim = std::process::Command::new(&fake)
             .args(["receive", "pool/x"])
             .spawn()
             .unwrap();
-        let mut bystander = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let mut bystander = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(200));
         for (child, expect_stopped) in [(&mut victim, true), (&mut bystander, false)] {
             let p = RemoteProc {
@@ -340,7 +356,10 @@ mod tests {
                 ppid: child.id(),
             };
             let argv = stop_argv(&p);
-            let out = std::process::Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
+            let out = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .output()
+                .unwrap();
             let said = String::from_utf8_lossy(&out.stdout);
             assert_eq!(said.contains("stopped"), expect_stopped, "{said}");
             std::thread::sleep(Duration::from_millis(300));

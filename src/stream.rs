@@ -163,14 +163,22 @@ mod tests {
 
     #[test]
     fn a_dead_writer_is_a_write_error() {
-        let r = pump(Box::new(io::repeat(1).take(1 << 20)), Box::new(Broken), &|_| {});
+        let r = pump(
+            Box::new(io::repeat(1).take(1 << 20)),
+            Box::new(Broken),
+            &|_| {},
+        );
         assert!(matches!(r, Err(PumpError::Write(_))));
     }
 
     #[test]
     fn a_dead_reader_is_a_read_error_after_its_data() {
         let out = Arc::new(Mutex::new(Vec::new()));
-        let r = pump(Box::new(FailAfter(5000)), Box::new(Sink(out.clone())), &|_| {});
+        let r = pump(
+            Box::new(FailAfter(5000)),
+            Box::new(Sink(out.clone())),
+            &|_| {},
+        );
         assert!(matches!(r, Err(PumpError::Read(_))));
         assert_eq!(out.lock().unwrap().len(), 5000);
     }

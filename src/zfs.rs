@@ -411,6 +411,32 @@ pub fn send_resume_argv(token: &str, options: &[String]) -> Vec<String> {
     argv
 }
 
+/// The dry-run form of a send argv (`zfs send -nvP ...`), which prints the
+/// stream's estimated size instead of the stream. Only where
+/// [`Capabilities::send_estimate`] holds.
+pub fn send_estimate_argv(send_argv: &[String]) -> Vec<String> {
+    let mut argv = send_argv.to_vec();
+    let at = argv
+        .iter()
+        .position(|a| a == "send")
+        .map_or(argv.len(), |i| i + 1);
+    argv.insert(at, "-nvP".into());
+    argv
+}
+
+/// The estimate from `zfs send -nvP` output: its `size` line (OpenZFS
+/// prints one per stream, then a total `size` line last). `None` when
+/// there is none or it does not parse; the caller then shows no total.
+pub fn parse_send_estimate(stdout: &str) -> Option<u64> {
+    stdout.lines().rev().find_map(|l| {
+        let mut f = l.split('\t');
+        match (f.next(), f.next()) {
+            (Some("size"), Some(n)) => n.trim().parse::<u64>().ok(),
+            _ => None,
+        }
+    })
+}
+
 /// How to receive: `resumable` adds `-s` (keep partial state on
 /// interruption), `force` adds `-F` (roll the target back first). `options`
 /// come from [`parse_recv_options`].
@@ -1359,5 +1385,28 @@ tank/data@before upgrade\tcreatetxg\t900
             .collect();
         assert!(!capabilities_from(&r).resume_tokens);
         assert_eq!(capabilities_from(&[]), Capabilities::default());
+    }
+
+    // OpenZFS 2.x, from zfs-send.8's -P description and its dry-run output
+    // format (not runnable on zfs-fuse):
+    //   $ zfs send -nvP -I tank/a@s1 tank/a@s3
+    //   incremental	s1	tank/a@s2	1024
+    //   incremental	s2	tank/a@s3	20480
+    //   size	21504
+    #[test]
+    fn send_estimates_come_from_the_last_size_line() {
+        let out =
+            "incremental\ts1\ttank/a@s2\t1024\nincremental\ts2\ttank/a@s3\t20480\nsize\t21504\n";
+        assert_eq!(parse_send_estimate(out), Some(21504));
+        assert_eq!(parse_send_estimate("full\ttank/a@s1\t5\n"), None);
+        assert_eq!(parse_send_estimate("size\tlots\n"), None);
+        assert_eq!(parse_send_estimate(""), None);
+        let argv: Vec<String> = ["zfs", "send", "-L", "tank/a@s1"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            send_estimate_argv(&argv),
+            ["zfs", "send", "-nvP", "-L", "tank/a@s1"]
+        );
     }
 }

@@ -18,7 +18,9 @@ fn local_hostname() -> String {
 }
 
 fn resync_with_home(home: &Path, args: &[&str]) -> Output {
-    Resync::new(args).env("HOME", home.to_str().expect("utf-8 path")).run()
+    Resync::new(args)
+        .env("HOME", home.to_str().expect("utf-8 path"))
+        .run()
 }
 
 fn resync_with_env(envs: &[(&str, &str)], args: &[&str]) -> Output {
@@ -55,7 +57,7 @@ fn receiving(ds: &str) -> bool {
             return false;
         };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        args.iter().any(|a| *a == b"receive") && args.iter().any(|a| *a == ds.as_bytes())
+        args.contains(&&b"receive"[..]) && args.contains(&ds.as_bytes())
     })
 }
 
@@ -96,7 +98,11 @@ fn assert_replica(src: &str, dst: &str) {
             assert_eq!(same.1, snap.1, "GUID of @{} differs", snap.0);
         }
     }
-    assert_eq!(tree_checksums(src), tree_checksums(dst), "file contents differ");
+    assert_eq!(
+        tree_checksums(src),
+        tree_checksums(dst),
+        "file contents differ"
+    );
 }
 
 fn sync_snaps(ds: &str) -> Vec<String> {
@@ -118,7 +124,11 @@ fn push_full_then_incremental_over_ssh() {
     assert_replica(&src, &dst);
     assert!(names(&dst).contains(&"first".to_string()));
     let first_sync = sync_snaps(&dst);
-    assert_eq!(first_sync.len(), 1, "one sync snapshot on the target: {first_sync:?}");
+    assert_eq!(
+        first_sync.len(),
+        1,
+        "one sync snapshot on the target: {first_sync:?}"
+    );
 
     write_file(&src, "c.bin", 2 << 20);
     snapshot(&src, "second");
@@ -126,11 +136,18 @@ fn push_full_then_incremental_over_ssh() {
     let out = resync(&[&src, &remote(&bed.host_b, &dst)]);
     out.assert_success();
     assert_replica(&src, &dst);
-    assert!(names(&dst).contains(&"second".to_string()), "-I sends intermediates");
+    assert!(
+        names(&dst).contains(&"second".to_string()),
+        "-I sends intermediates"
+    );
     let now = sync_snaps(&dst);
     assert_eq!(now.len(), 1, "the older sync snapshot was pruned: {now:?}");
     assert_ne!(now, first_sync);
-    assert_eq!(sync_snaps(&src), now, "source keeps only the newest sync snapshot");
+    assert_eq!(
+        sync_snaps(&src),
+        now,
+        "source keeps only the newest sync snapshot"
+    );
 }
 
 #[test]
@@ -190,12 +207,20 @@ fn recursive_with_skip_parent_and_exclude() {
     create_dataset_with_data(&format!("{root}/scratch"), &[("s.bin", 20_000)]);
 
     // Whole tree except scratch.
-    resync(&["-r", "--exclude-datasets=/scratch$", &root, &remote(&bed.host_b, &dst)])
-        .assert_success();
+    resync(&[
+        "-r",
+        "--exclude-datasets=/scratch$",
+        &root,
+        &remote(&bed.host_b, &dst),
+    ])
+    .assert_success();
     assert_replica(&root, &dst);
     assert_replica(&format!("{root}/keep"), &format!("{dst}/keep"));
     assert_replica(&format!("{root}/keep/deep"), &format!("{dst}/keep/deep"));
-    assert!(!zfs_ok(&["list", &format!("{dst}/scratch")]), "scratch was excluded");
+    assert!(
+        !zfs_ok(&["list", &format!("{dst}/scratch")]),
+        "scratch was excluded"
+    );
 
     // Children only, into a fresh parent that exists but holds nothing.
     let dst2 = format!("{}/{}", bed.pool_b, unique_name("skip"));
@@ -254,9 +279,18 @@ fn sync_snapshot_pruning_matches_the_hostname_exactly() {
     resync(&[&src, &remote(&bed.host_b, &dst)]).assert_success();
     for ds in [&src, &dst] {
         let n = names(ds);
-        assert!(!n.contains(&ours_old), "our old sync snapshot is pruned on {ds}: {n:?}");
-        assert!(n.contains(&other_host), "{host}2's snapshot survives on {ds}: {n:?}");
-        assert!(n.contains(&other_job), "another identifier's survives on {ds}: {n:?}");
+        assert!(
+            !n.contains(&ours_old),
+            "our old sync snapshot is pruned on {ds}: {n:?}"
+        );
+        assert!(
+            n.contains(&other_host),
+            "{host}2's snapshot survives on {ds}: {n:?}"
+        );
+        assert!(
+            n.contains(&other_job),
+            "another identifier's survives on {ds}: {n:?}"
+        );
         assert_eq!(sync_snaps(ds).len(), 3, "{n:?}");
     }
 }
@@ -289,8 +323,17 @@ fn hostile_dataset_names_are_refused_before_any_command_runs() {
         let out = resync(&[bad, &remote(host, "pool/ok")]);
         assert_eq!(out.code, Some(2), "{bad:?}: {}", out.stderr);
         assert!(out.stderr.contains("invalid"), "{bad:?}: {}", out.stderr);
-        assert!(!out.stderr.contains("connect"), "nothing was contacted: {}", out.stderr);
-        assert_eq!(out.stderr.trim().lines().count(), 1, "one line: {}", out.stderr);
+        assert!(
+            !out.stderr.contains("connect"),
+            "nothing was contacted: {}",
+            out.stderr
+        );
+        assert_eq!(
+            out.stderr.trim().lines().count(),
+            1,
+            "one line: {}",
+            out.stderr
+        );
         let out = resync(&[&remote(host, "pool/ok"), bad]);
         assert_eq!(out.code, Some(2), "{bad:?}: {}", out.stderr);
     }
@@ -308,9 +351,21 @@ fn an_unrelated_target_is_refused_untouched_then_force_delete_replaces_it() {
     let before = (snaps(&dst), tree_checksums(&dst));
     let out = resync(&[&src, &remote(&bed.host_b, &dst)]);
     assert_eq!(out.code, Some(2), "{}", out.stderr);
-    assert!(out.stderr.contains("--force-delete"), "names the flag: {}", out.stderr);
-    assert!(out.stderr.contains("theirs"), "lists the target side: {}", out.stderr);
-    assert_eq!((snaps(&dst), tree_checksums(&dst)), before, "target untouched");
+    assert!(
+        out.stderr.contains("--force-delete"),
+        "names the flag: {}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("theirs"),
+        "lists the target side: {}",
+        out.stderr
+    );
+    assert_eq!(
+        (snaps(&dst), tree_checksums(&dst)),
+        before,
+        "target untouched"
+    );
 
     resync(&["--force-delete", &src, &remote(&bed.host_b, &dst)]).assert_success();
     assert_replica(&src, &dst);
@@ -329,7 +384,11 @@ fn a_same_named_snapshot_with_another_guid_is_a_conflict() {
     let before = snaps(&dst);
     let out = resync(&["--no-sync-snap", &src, &dst]);
     assert_eq!(out.code, Some(2), "{}", out.stderr);
-    assert!(out.stderr.contains("GUID") || out.stderr.contains("guid"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("GUID") || out.stderr.contains("guid"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(snaps(&dst), before);
 }
 
@@ -375,7 +434,11 @@ fn an_unknown_host_key_is_refused_with_a_way_to_accept_it() {
     let out = resync_with_home(&home, &["tank/x", &remote(&bed.host_b, "pool/y")]);
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("known_hosts"), "{}", out.stderr);
-    assert!(out.stderr.contains("--accept-new-host-key"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--accept-new-host-key"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
 }
 
@@ -399,7 +462,11 @@ fn clear_errors_for_missing_source_unreachable_host_and_wrong_key() {
     assert!(out.stderr.contains("does not exist"), "{}", out.stderr);
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
 
-    let out = resync(&["--timeout=5s", &format!("{}/x", bed.pool_a), &remote(&bed.unused_addr, "p/x")]);
+    let out = resync(&[
+        "--timeout=5s",
+        &format!("{}/x", bed.pool_a),
+        &remote(&bed.unused_addr, "p/x"),
+    ]);
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("connect"), "{}", out.stderr);
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
@@ -413,20 +480,38 @@ fn clear_errors_for_missing_source_unreachable_host_and_wrong_key() {
         .expect("ssh-keygen");
     let out = resync_with_home(
         &home,
-        &["--sshkey", wrong.to_str().unwrap(), &format!("{}/x", bed.pool_a), &remote(&bed.host_b, "p/x")],
+        &[
+            "--sshkey",
+            wrong.to_str().unwrap(),
+            &format!("{}/x", bed.pool_a),
+            &remote(&bed.host_b, "p/x"),
+        ],
     );
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("cannot log in"), "{}", out.stderr);
-    assert!(out.stderr.contains("wrong_key"), "names the key it tried: {}", out.stderr);
+    assert!(
+        out.stderr.contains("wrong_key"),
+        "names the key it tried: {}",
+        out.stderr
+    );
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
 }
 
 #[test]
 fn usage_errors_exit_2_with_one_line() {
-    for args in [vec!["onlyone"], vec!["--timeout=never", "a/b", "c/d"], vec!["--bogus", "a/b", "c/d"]] {
+    for args in [
+        vec!["onlyone"],
+        vec!["--timeout=never", "a/b", "c/d"],
+        vec!["--bogus", "a/b", "c/d"],
+    ] {
         let out = resync(&args);
         assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
-        assert_eq!(out.stderr.trim().lines().count(), 1, "{args:?}: {}", out.stderr);
+        assert_eq!(
+            out.stderr.trim().lines().count(),
+            1,
+            "{args:?}: {}",
+            out.stderr
+        );
     }
     let help = resync(&["--help"]);
     help.assert_success();
@@ -454,8 +539,16 @@ fn a_zfs_receive_that_lies_about_success_is_caught() {
         ),
     )
     .unwrap();
-    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let out = resync_with_env(&[("PATH", &path)], &[&src, &dst]);
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("verification failed"), "{}", out.stderr);
@@ -480,7 +573,11 @@ fn a_killed_transfer_leaves_a_target_the_next_run_completes() {
     assert!(!out.success(), "a killed run never reports success: {out}");
     // The partial incremental was not taken for a finished one.
     wait_until_no_receive_of(&dst);
-    assert_eq!(snaps(&dst), before, "the target is at its old snapshot, not a partial one");
+    assert_eq!(
+        snaps(&dst),
+        before,
+        "the target is at its old snapshot, not a partial one"
+    );
     resync(&[&src, &remote(&bed.host_b, &dst)]).assert_success();
     assert_replica(&src, &dst);
 }
@@ -506,7 +603,10 @@ fn a_cut_link_fails_the_run_and_the_next_run_completes() {
     assert_eq!(out.stderr.trim().lines().count(), 1, "{out}");
     // The remote zfs receive outlives the dead connection (sshd cannot tell);
     // the next run must stop it by itself and then complete.
-    assert!(receiving(&dst), "the orphaned receive is still there before the rerun");
+    assert!(
+        receiving(&dst),
+        "the orphaned receive is still there before the rerun"
+    );
     assert!(
         !snaps(&dst).iter().any(|(n, _)| n.starts_with("resync_")),
         "no partial snapshot on the target"
@@ -529,7 +629,9 @@ fn a_second_run_to_the_same_target_is_refused_while_the_first_runs() {
     let second = resync(&[&src, &remote(&bed.host_b, &dst)]);
     assert_eq!(second.code, Some(2), "{second}");
     assert!(
-        second.stderr.contains(&format!("another resync run (pid {}", first.pid())),
+        second
+            .stderr
+            .contains(&format!("another resync run (pid {}", first.pid())),
         "names the running one: {second}"
     );
     assert_eq!(second.stderr.trim().lines().count(), 1, "{second}");
