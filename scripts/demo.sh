@@ -123,8 +123,11 @@ run_resync "$SRC" "root@$TB_HOST_B:$DST"
 
 must_exist "$DST@demo-2"
 
+# --no-sync-snap: copy exactly what B holds. A pull with its own sync
+# snapshot would, without a distinct --identifier, prune the push job's sync
+# snapshot on B and break the next push (syncoid behaves the same).
 say "pull back from host B"
-run_resync "root@$TB_HOST_B:$DST" "$BACK"
+run_resync --no-sync-snap "root@$TB_HOST_B:$DST" "$BACK"
 must_exist "$BACK@demo-2"
 
 say "snapshots and GUIDs: $SRC (local)"

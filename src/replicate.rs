@@ -244,13 +244,6 @@ impl Run<'_> {
         if self.cfg.dry_run && self.cfg.sync_snap {
             self.ui.info("dry run: nothing will be changed");
         }
-        let sync_name = self.cfg.sync_snap.then(|| {
-            syncsnap::new_name(
-                self.cfg.identifier.as_deref(),
-                &self.hostname,
-                SystemTime::now(),
-            )
-        });
         let mut outcome = Outcome {
             replicated: 0,
             failed: Vec::new(),
@@ -268,7 +261,7 @@ impl Run<'_> {
                 failed_sources.push(src.clone());
                 continue;
             }
-            match self.one(src, dst, sync_name.as_deref()) {
+            match self.one(src, dst) {
                 Ok(()) => outcome.replicated += 1,
                 Err(e) if !self.cfg.recursive => return Err(e.context(label)),
                 Err(e) => {
@@ -315,23 +308,15 @@ impl Run<'_> {
     }
 
     /// Replicates one dataset until the planner says it is up to date.
-    fn one(&self, src: &Dataset, dst: &Dataset, sync_name: Option<&str>) -> Result<()> {
+    fn one(&self, src: &Dataset, dst: &Dataset) -> Result<()> {
         let label = format!("{} -> {}", self.src.label(src), self.dst.label(dst));
         let watch = Stopwatch::start();
         self.check_target_parent(dst)?;
-        if let Some(name) = sync_name {
-            if self.cfg.dry_run {
-                println!("would snapshot {}@{name}", self.src.label(src));
-            } else {
-                exec_ok(
-                    &*self.src.host,
-                    &zfs::create_snapshot_argv(src, name),
-                    "zfs snapshot",
-                    self.ui,
-                )
-                .with_context(|| format!("cannot take sync snapshot {}", src.snapshot(name)))?;
-            }
-        }
+        let sync_name = match self.cfg.sync_snap {
+            true => Some(self.take_sync_snapshot(src)?),
+            false => None,
+        };
+        let sync_name = sync_name.as_deref();
         let opts = PlanOptions {
             no_stream: self.cfg.no_stream,
             force_delete: self.cfg.force_delete,
@@ -399,6 +384,40 @@ impl Run<'_> {
             "still not up to date after {MAX_ROUNDS} rounds (last plan: {}); this is a bug, please report it",
             describe_all(&last_round_steps)
         )
+    }
+
+    /// Takes this run's sync snapshot on `src` and returns its name. Names
+    /// have one-second resolution: if a run a moment ago took the same name,
+    /// wait for the next second and take a fresh one.
+    fn take_sync_snapshot(&self, src: &Dataset) -> Result<String> {
+        let id = self.cfg.identifier.as_deref();
+        let mut attempt = 0;
+        loop {
+            let name = syncsnap::new_name(id, &self.hostname, SystemTime::now());
+            if self.cfg.dry_run {
+                println!("would snapshot {}@{name}", self.src.label(src));
+                return Ok(name);
+            }
+            let out = exec(
+                &*self.src.host,
+                &zfs::create_snapshot_argv(src, &name),
+                self.ui,
+            )?;
+            attempt += 1;
+            if !out.success() && out.stderr.contains("already exists") && attempt < 3 {
+                let into_second = SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos())
+                    .unwrap_or(0);
+                std::thread::sleep(std::time::Duration::from_nanos(
+                    1_000_000_000 - u64::from(into_second) + 10_000_000,
+                ));
+                continue;
+            }
+            out.check("zfs snapshot", self.src.host.label())
+                .with_context(|| format!("cannot take sync snapshot {}", src.snapshot(&name)))?;
+            return Ok(name);
+        }
     }
 
     /// A clear error instead of zfs receive's when the target's parent is missing.

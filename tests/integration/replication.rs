@@ -638,3 +638,107 @@ fn a_second_run_to_the_same_target_is_refused_while_the_first_runs() {
     first.wait().assert_success();
     assert_replica(&src, &dst);
 }
+
+#[test]
+fn a_recursive_run_with_one_failing_dataset_exits_1_and_replicates_the_rest() {
+    let bed = Bed::get();
+    let root = format!("{}/{}", bed.pool_a, unique_name("part"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("part"));
+    create_dataset_with_data(&root, &[("r", 10_000)]);
+    create_dataset_with_data(&format!("{root}/good"), &[("g", 10_000)]);
+    create_dataset_with_data(&format!("{root}/bad"), &[("b", 10_000)]);
+    create_dataset_with_data(&format!("{root}/bad/child"), &[("c", 10_000)]);
+    create_dataset_with_data(&format!("{root}/later"), &[("l", 10_000)]);
+    // The target holds the root already, and an unrelated `bad`: a conflict
+    // for that one (and so its child) only.
+    resync(&[&root, &remote(&bed.host_b, &dst)]).assert_success();
+    create_dataset_with_data(&format!("{dst}/bad"), &[("theirs", 5_000)]);
+    snapshot(&format!("{dst}/bad"), "theirs");
+    let out = resync(&["-r", &root, &remote(&bed.host_b, &dst)]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("2 of 5 datasets failed"), "{out}");
+    assert!(
+        out.stderr.contains("/bad/child") && out.stderr.contains("parent"),
+        "{out}"
+    );
+    assert_replica(&root, &dst);
+    assert_replica(&format!("{root}/good"), &format!("{dst}/good"));
+    assert_replica(&format!("{root}/later"), &format!("{dst}/later"));
+    assert_eq!(
+        names(&format!("{dst}/bad")),
+        vec!["theirs"],
+        "the conflicting one is untouched"
+    );
+}
+
+#[test]
+fn quiet_prints_nothing_on_success_and_the_error_on_failure() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("quiet"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("quiet"));
+    create_dataset_with_data(&src, &[("a", 10_000)]);
+    let out = resync(&["--quiet", &src, &remote(&bed.host_b, &dst)]);
+    out.assert_success();
+    assert_eq!(out.stderr, "", "{out}");
+    assert_eq!(out.stdout, "", "{out}");
+    assert_replica(&src, &dst);
+    let out = resync(&[
+        "--quiet",
+        &format!("{src}-missing"),
+        &remote(&bed.host_b, &dst),
+    ]);
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.stderr.contains("does not exist"), "{out}");
+}
+
+#[test]
+fn no_rollback_refuses_to_discard_changes_made_on_the_target() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("norb"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("norb"));
+    create_dataset_with_data(&src, &[("a", 10_000)]);
+    resync(&[&src, &dst]).assert_success();
+    write_file(&dst, "local-change", 1_000);
+    write_file(&src, "b", 10_000);
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = resync(&["--no-rollback", &src, &dst]);
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.stderr.contains("zfs receive failed"), "{out}");
+    assert!(
+        tree_checksums(&dst).contains_key("local-change"),
+        "the change survives"
+    );
+    // Without --no-rollback, -F discards it (syncoid's default too).
+    resync(&[&src, &dst]).assert_success();
+    assert_replica(&src, &dst);
+}
+
+#[test]
+fn a_sync_snapshot_name_already_taken_this_second_is_not_an_error() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("collide"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("collide"));
+    create_dataset_with_data(&src, &[("a", 10_000)]);
+    // Take the names a run would use this second and the next.
+    let host = local_hostname();
+    let now = std::time::SystemTime::now();
+    let taken: Vec<String> = [0, 1]
+        .iter()
+        .map(|s| {
+            let t = now + Duration::from_secs(*s);
+            format!("resync_{host}_{}", humantime::format_rfc3339_seconds(t))
+        })
+        .collect();
+    for name in &taken {
+        snapshot(&src, name);
+    }
+    let out = resync(&[&src, &dst]);
+    out.assert_success();
+    let ours = sync_snaps(&dst);
+    assert_eq!(ours.len(), 1, "{ours:?}");
+    assert!(
+        !taken.contains(&ours[0]),
+        "a fresh name: {ours:?} vs {taken:?}"
+    );
+    assert_replica(&src, &dst);
+}
