@@ -550,47 +550,42 @@ impl Run<'_> {
                 )?;
                 Ok(n)
             }
-            Step::Full { to } => {
-                let send = zfs::send_argv(
-                    src,
-                    &SendArgs {
-                        from: None,
-                        to: &to.name,
-                        intermediates: false,
-                        options: &self.cfg.send_options,
-                    },
-                );
-                let n = self.transfer(
-                    &send,
-                    &zfs::receive_argv(dst, &recv),
-                    &format!("{src}@{}", to.name),
-                )?;
-                self.verify(dst, to)?;
-                Ok(n)
-            }
+            Step::Full { to } => self.send_step(src, dst, None, to, false, &recv),
             Step::Incremental {
                 from,
                 to,
                 intermediates,
-            } => {
-                let send = zfs::send_argv(
-                    src,
-                    &SendArgs {
-                        from: Some(&from.name),
-                        to: &to.name,
-                        intermediates: *intermediates,
-                        options: &self.cfg.send_options,
-                    },
-                );
-                let n = self.transfer(
-                    &send,
-                    &zfs::receive_argv(dst, &recv),
-                    &format!("{src}@{}..@{}", from.name, to.name),
-                )?;
-                self.verify(dst, to)?;
-                Ok(n)
-            }
+            } => self.send_step(src, dst, Some(from), to, *intermediates, &recv),
         }
+    }
+
+    /// Sends `to` (in full, or from `from`), then verifies that the target
+    /// holds it with the source's GUID.
+    fn send_step(
+        &self,
+        src: &Dataset,
+        dst: &Dataset,
+        from: Option<&Snapshot>,
+        to: &Snapshot,
+        intermediates: bool,
+        recv: &RecvArgs,
+    ) -> Result<u64> {
+        let send = zfs::send_argv(
+            src,
+            &SendArgs {
+                from: from.map(|f| f.name.as_str()),
+                to: &to.name,
+                intermediates,
+                options: &self.cfg.send_options,
+            },
+        );
+        let label = match from {
+            Some(f) => format!("{src}@{}..@{}", f.name, to.name),
+            None => format!("{src}@{}", to.name),
+        };
+        let n = self.transfer(&send, &zfs::receive_argv(dst, recv), &label)?;
+        self.verify(dst, to)?;
+        Ok(n)
     }
 
     /// `zfs send` on the source, piped through this process into `zfs receive`
