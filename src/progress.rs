@@ -107,8 +107,8 @@ struct Bar {
 }
 
 const STYLE_SIZED: &str =
-    "{prefix} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}";
-const STYLE_UNSIZED: &str = "{prefix} {spinner} {bytes} {binary_bytes_per_sec} {elapsed} {msg}";
+    "{prefix} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} {decimal_bytes_per_sec} ETA {eta} {msg}";
+const STYLE_UNSIZED: &str = "{prefix} {spinner} {bytes} {decimal_bytes_per_sec} {elapsed} {msg}";
 
 fn style(template: &str) -> ProgressStyle {
     ProgressStyle::with_template(template)
