@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # test.sh: the whole suite, as root, on a machine of the project's kind.
-# Installs missing packages, builds (release binary + test binaries), brings
+# Installs missing packages, checks rustfmt and clippy (warnings fail),
+# builds (release binary + test binaries), brings
 # the test bed up in a fresh state dir (scripts/testbed.sh), runs `cargo
 # test` (the bin's unit tests and the `integration` test binary) against it,
 # tears the bed down on any exit, and exits with the tests' status.
@@ -24,6 +25,10 @@ die() {
 command -v cargo >/dev/null || die "cargo not found"
 
 bash scripts/testbed.sh deps || die "could not install the test bed's packages"
+
+say "checking format and lints"
+cargo fmt --all -- --check || die "cargo fmt --check: run cargo fmt"
+cargo clippy --all-targets --quiet -- -D warnings || die "cargo clippy reports warnings"
 
 say "building"
 cargo build --release || die "cargo build --release failed"
