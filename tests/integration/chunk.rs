@@ -684,6 +684,71 @@ fn chunk_start_detaches_the_helper_into_its_own_session() {
     bed::destroy(&src);
 }
 
+#[test]
+fn leftovers_of_a_dead_orchestrator_and_repeated_copies_are_harmless() {
+    let bed = Bed::get();
+    let src = bed.ds_a("chunkrestart");
+    let dst = bed.ds_b("chunkrestart");
+    bed::create_dataset_with_data(&src, &[("a.bin", 2 << 20)]);
+    bed::snapshot(&src, "s1");
+    let s1 = format!("{src}@s1");
+    let f = folders();
+    let side = f.tmp.path().join("copies");
+    fs::create_dir(&side).expect("mkdir");
+    let mut s = sender(&f, 150_000, 3, 60, &["zfs", "send", &s1]);
+    let mut r = receiver(&f, 60, &["zfs", "receive", &dst]);
+    // Every pass is made by a fresh relay (an orchestrator that died and
+    // came back knows only what the folders say). Before copying, it finds
+    // what a copy cut short leaves (`.part` files with junk), and after a
+    // chunk was consumed it delivers it once more, as a relay that read
+    // `progress` just before the receiver moved on would.
+    let mut redelivered = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let result = loop {
+        let next: u64 = read(&f.recv, "progress")
+            .and_then(|p| field(&p, "next"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        for i in next..next + 2 {
+            let _ = fs::write(f.recv.join(format!("{}.part", chunk_name(i))), "junk");
+            let _ = fs::write(f.recv.join(format!("{}.part", md5_name(i))), "junk");
+            // Keep a copy of what the sender staged, to deliver it again.
+            if f.send.join(md5_name(i)).exists() && !side.join(md5_name(i)).exists() {
+                let _ = fs::copy(f.send.join(chunk_name(i)), side.join(chunk_name(i)));
+                let _ = fs::copy(f.send.join(md5_name(i)), side.join(md5_name(i)));
+            }
+        }
+        if next > 0 && redelivered.insert(next - 1) {
+            let i = next - 1;
+            if side.join(md5_name(i)).exists() {
+                copy_in(&side.join(chunk_name(i)), &f.recv, &chunk_name(i), false);
+                copy_in(&side.join(md5_name(i)), &f.recv, &md5_name(i), false);
+            }
+        }
+        if let Some(r) = Relay::default().step(&f) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no result; log:\n{}", r.log());
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(
+        field(&result, "outcome").as_deref(),
+        Some("ok"),
+        "{result}\n{}",
+        r.log()
+    );
+    assert!(redelivered.len() > 5, "{redelivered:?}");
+    assert!(!r.log().contains("rejected"), "{}", r.log());
+    acknowledge(&f);
+    assert!(s.wait(Duration::from_secs(20)).success(), "{}", s.log());
+    assert!(r.wait(Duration::from_secs(20)).success(), "{}", r.log());
+    assert!(!f.send.exists() && !f.recv.exists());
+    assert_eq!(guid(&s1), guid(&format!("{dst}@s1")));
+    assert_eq!(bed::tree_checksums(&src), bed::tree_checksums(&dst));
+    bed::destroy(&dst);
+    bed::destroy(&src);
+}
+
 /// Throughput of the helpers alone: 256 MiB of zeros through 8 MiB chunks
 /// (window 4), relayed by the test. Run with `--ignored --nocapture`, best in
 /// a release build.
