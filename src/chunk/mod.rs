@@ -78,10 +78,20 @@
 //!
 //! # Timeouts
 //! A helper gives up after `--timeout` seconds without progress by the
-//! orchestrator while it waits on it (sender: no staged chunk consumed while
-//! the window is full, or no acknowledgement; receiver: no chunk or marker
-//! arrived; either: marker not acknowledged). It then kills zfs, removes its
-//! folder and exits 3. `cancel` does the same at once (exit 4).
+//! orchestrator while it waits on it: the sender when no staged chunk was
+//! consumed (the clock restarts on every chunk written or consumed; a slow
+//! `zfs send` does not count), the receiver when no chunk arrived; either
+//! when its final marker is not acknowledged. It then kills zfs, removes its
+//! folder and exits 3. `cancel` (or the folder vanishing) does the same at
+//! once, exit 4.
+//!
+//! # Command lines (hidden subcommands, exit 0 ok, 1 zfs failed, 2 usage)
+//! - `resync __chunk-send --dir D --chunk-size BYTES --window N --timeout SECS -- zfs send ...`
+//! - `resync __chunk-recv --dir D --timeout SECS -- zfs receive ...`
+//! - `resync __chunk-start --dir D -- __chunk-send|__chunk-recv ...`: creates
+//!   D, starts the helper detached with its log in `D/helper.log`, prints its pid.
+//! - `resync __chunk-clean [--tmpdir DIR] [--min-age SECS]`: removes stale
+//!   session folders (default: the system tmpdir, 60 s), printing each.
 //!
 //! # Why every step is idempotent
 //! - Helper dies between any two steps: its zfs process dies with its pipe
