@@ -273,6 +273,10 @@ fn acknowledge(f: &Folders) {
     }
 }
 
+fn acknowledge_receiver(f: &Folders) {
+    let _ = fs::remove_file(f.recv.join("result"));
+}
+
 fn guid(snap: &str) -> String {
     bed::zfs(&["get", "-Hp", "-o", "value", "guid", snap])
         .trim()
@@ -505,29 +509,40 @@ fn zfs_receive_failure_is_reported_with_its_stderr() {
     let bed = Bed::get();
     let src = bed.ds_a("chunkexists");
     let dst = bed.ds_b("chunkexists");
-    bed::create_dataset_with_data(&src, &[("a", 100_000)]);
+    bed::create_dataset_with_data(&src, &[("a", 300_000)]);
     bed::snapshot(&src, "s1");
     bed::zfs(&["create", "-p", &dst]);
     let f = folders();
-    let mut relay = Relay::default();
-    let (result, ss, rs) = transfer(
-        &f,
-        &mut relay,
-        &["zfs", "send", &format!("{src}@s1")],
-        &["zfs", "receive", &dst],
-        65536,
-        2,
-    );
+    let mut s = sender(&f, 65536, 2, 60, &["zfs", "send", &format!("{src}@s1")]);
+    let mut r = receiver(&f, 60, &["zfs", "receive", &dst]);
+    let result = Relay::default().run(&f, Duration::from_secs(60));
     assert_eq!(
         field(&result, "outcome").as_deref(),
         Some("failed"),
         "{result}"
     );
+    assert_eq!(
+        field(&result, "status").as_deref(),
+        Some("exit 1"),
+        "{result}"
+    );
     assert!(result.contains("exists"), "{result}");
-    assert_eq!(rs.code(), Some(1));
-    // The sender's stream was complete: it ended well (or was acknowledged
-    // before it had written `end` and timed out; the relay acks early).
-    let _ = ss;
+    // The orchestrator stops the sender, wherever it is (window or `end`).
+    fs::write(f.send.join("cancel"), "").expect("cancel");
+    acknowledge_receiver(&f);
+    assert_eq!(
+        s.wait(Duration::from_secs(20)).code(),
+        Some(4),
+        "{}",
+        s.log()
+    );
+    assert_eq!(
+        r.wait(Duration::from_secs(20)).code(),
+        Some(1),
+        "{}",
+        r.log()
+    );
+    assert!(!f.send.exists() && !f.recv.exists());
     bed::destroy(&dst);
     bed::destroy(&src);
 }
