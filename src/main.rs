@@ -3,6 +3,7 @@
 //! and maps the result to an exit code, in one place: 0 all done, 1 some
 //! datasets of a recursive run failed, 2 error (usage errors included).
 
+mod chunk;
 mod cli;
 mod host;
 mod plan;
@@ -20,6 +21,14 @@ fn main() {
 }
 
 fn run() -> i32 {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if args
+        .first()
+        .and_then(|a| a.to_str())
+        .is_some_and(|a| chunk::SUBCOMMANDS.contains(&a))
+    {
+        return chunk::helper_main(&args);
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),

@@ -1,0 +1,494 @@
+//! The receiver helper (`resync __chunk-recv`): runs `zfs receive` (any
+//! argv, no shell), takes chunks from its session folder in index order,
+//! verifies each one's MD5 before a byte of it reaches zfs's stdin, records
+//! `progress`, asks for a bad chunk again (`resend`), and ends with a
+//! `result` marker (see the protocol in `mod.rs`).
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use md5::{Digest, Md5};
+
+use super::sender::drain;
+use super::*;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub dir: PathBuf,
+    pub timeout: Duration,
+    pub argv: Vec<OsString>,
+}
+
+impl Config {
+    pub fn from_args(a: HelperArgs) -> Result<Config> {
+        if a.chunk_size.is_some() || a.window.is_some() || a.tmpdir.is_some() || a.min_age.is_some()
+        {
+            bail!("__chunk-recv takes --dir and --timeout");
+        }
+        let c = Config {
+            dir: a.dir.ok_or_else(|| anyhow!("--dir is required"))?,
+            timeout: a.timeout.ok_or_else(|| anyhow!("--timeout is required"))?,
+            argv: a.argv,
+        };
+        if c.argv.is_empty() {
+            bail!("missing the zfs receive command after --");
+        }
+        session_id_of(&c.dir)?;
+        Ok(c)
+    }
+}
+
+enum Stop {
+    Timeout,
+    Cancelled,
+}
+
+/// Runs the receiver helper; returns its exit code.
+pub fn run(c: Config) -> i32 {
+    let dir = c.dir.clone();
+    if let Err(e) = prepare_session_dir(&dir) {
+        log("receiver", &dir, &format!("error: {e:#}"));
+        return EXIT_USAGE;
+    }
+    let _lock = match lock_session(&dir) {
+        Ok(l) => l,
+        Err(e) => {
+            log("receiver", &dir, &format!("error: {e:#}"));
+            return EXIT_USAGE;
+        }
+    };
+    let mut r = Receiver {
+        c,
+        last_activity: Instant::now(),
+        next: 0,
+        bytes: 0,
+        attempts: HashMap::new(),
+    };
+    let result = match r.receive() {
+        Ok(Ok(result)) => result,
+        Ok(Err(stop)) => return r.give_up(stop),
+        Err(e) => {
+            log("receiver", &dir, &format!("error: {e:#}"));
+            RecvResult {
+                outcome: Outcome::Failed,
+                status: Status::Helper,
+                chunks: r.next,
+                bytes: r.bytes,
+                stderr: format!("resync receiver helper: {e:#}\n"),
+            }
+        }
+    };
+    let ok = result.outcome == Outcome::Ok;
+    log(
+        "receiver",
+        &dir,
+        &format!(
+            "zfs receive ended: {} ({}); {} chunks, {} bytes",
+            result.outcome.as_str(),
+            result.status,
+            result.chunks,
+            result.bytes
+        ),
+    );
+    if let Err(e) = write_atomic(&dir, RESULT, result.render().as_bytes()) {
+        log(
+            "receiver",
+            &dir,
+            &format!("error: cannot write result: {e:#}"),
+        );
+        let _ = fs::remove_dir_all(&dir);
+        return EXIT_ZFS_FAILED;
+    }
+    match r.wait_ack() {
+        Ok(()) => {
+            let _ = fs::remove_dir_all(&dir);
+            log("receiver", &dir, "acknowledged; folder removed");
+            if ok {
+                EXIT_OK
+            } else {
+                EXIT_ZFS_FAILED
+            }
+        }
+        Err(stop) => r.give_up(stop),
+    }
+}
+
+struct Zfs {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: JoinHandle<Vec<u8>>,
+    stderr: JoinHandle<Vec<u8>>,
+}
+
+impl Zfs {
+    /// Closes stdin and waits (killing it after `grace`, if given); returns
+    /// its status and stderr.
+    fn finish(mut self, grace: Option<Duration>) -> Result<(Status, String)> {
+        drop(self.stdin.take());
+        let status = match grace {
+            None => self.child.wait().context("waiting for zfs receive")?,
+            Some(grace) => {
+                let deadline = Instant::now() + grace;
+                loop {
+                    if let Some(s) = self.child.try_wait().context("waiting for zfs receive")? {
+                        break s;
+                    }
+                    if Instant::now() >= deadline {
+                        let _ = self.child.kill();
+                        break self.child.wait().context("waiting for zfs receive")?;
+                    }
+                    thread::sleep(POLL);
+                }
+            }
+        };
+        let _ = self.stdout.join();
+        let stderr = self.stderr.join().unwrap_or_default();
+        Ok((Status::from_exit(status), cap_stderr(&stderr)))
+    }
+
+    fn kill(mut self) -> (Status, String) {
+        let _ = self.child.kill();
+        self.finish(None).unwrap_or((Status::Helper, String::new()))
+    }
+}
+
+struct Receiver {
+    c: Config,
+    last_activity: Instant,
+    next: u64,
+    bytes: u64,
+    attempts: HashMap<u64, u32>,
+}
+
+/// What the folder holds for the receiver right now.
+struct Scan {
+    md5: bool,
+    data: bool,
+}
+
+impl Receiver {
+    fn result(&self, outcome: Outcome, status: Status, stderr: String) -> RecvResult {
+        RecvResult {
+            outcome,
+            status,
+            chunks: self.next,
+            bytes: self.bytes,
+            stderr,
+        }
+    }
+
+    fn receive(&mut self) -> Result<std::result::Result<RecvResult, Stop>> {
+        let dir = self.c.dir.clone();
+        write_atomic(
+            &dir,
+            PROGRESS,
+            Progress { next: 0, bytes: 0 }.render().as_bytes(),
+        )?;
+        let mut child = match Command::new(&self.c.argv[0])
+            .args(&self.c.argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(ch) => ch,
+            Err(e) => {
+                return Ok(Ok(self.result(
+                    Outcome::Failed,
+                    Status::Helper,
+                    format!("cannot start {:?}: {e}\n", self.c.argv[0]),
+                )))
+            }
+        };
+        log(
+            "receiver",
+            &dir,
+            &format!("started {:?} (pid {})", self.c.argv, child.id()),
+        );
+        let mut zfs = Zfs {
+            stdin: child.stdin.take(),
+            stdout: drain(child.stdout.take()),
+            stderr: drain(child.stderr.take()),
+            child,
+        };
+        loop {
+            if exists_nofollow(&dir.join(CANCEL)) || !exists_nofollow(&dir) {
+                zfs.kill();
+                return Ok(Err(Stop::Cancelled));
+            }
+            if let Some(text) = read_marker(&dir, ABORT).unwrap_or(Some(String::new())) {
+                let why = match Failure::parse(&text) {
+                    Ok(f) => format!("the sender failed ({}): {}", f.status, f.stderr.trim_end()),
+                    Err(e) => format!("the sender failed (unreadable abort marker: {e:#})"),
+                };
+                log("receiver", &dir, &format!("aborting: {why}"));
+                let (status, stderr) = zfs.finish(Some(ABORT_GRACE))?;
+                let stderr = format!("aborted: {why}\n{stderr}");
+                // zfs may exit 0 on an empty stream; aborted is never success.
+                let status = if status.success() {
+                    Status::Helper
+                } else {
+                    status
+                };
+                return Ok(Ok(self.result(Outcome::Aborted, status, stderr)));
+            }
+            let scan = self.scan()?;
+            if scan.md5 {
+                self.last_activity = Instant::now();
+                if !scan.data {
+                    self.reject("its .md5 arrived without its data")?;
+                } else if let Some(file) = self.verify()? {
+                    let stdin = zfs
+                        .stdin
+                        .as_mut()
+                        .ok_or_else(|| anyhow!("zfs receive's stdin is closed"))?;
+                    match stream(file, stdin) {
+                        Ok(n) => {
+                            self.consumed(n)?;
+                            continue;
+                        }
+                        Err(e) => {
+                            log(
+                                "receiver",
+                                &dir,
+                                &format!("writing to zfs receive failed: {e}"),
+                            );
+                            let (status, stderr) = zfs.finish(None)?;
+                            let status = if status.success() {
+                                Status::Helper
+                            } else {
+                                status
+                            };
+                            return Ok(Ok(self.result(Outcome::Failed, status, stderr)));
+                        }
+                    }
+                }
+                if self.attempts.get(&self.next).copied().unwrap_or(0) >= MAX_ATTEMPTS {
+                    let (status, mut stderr) = zfs.kill();
+                    stderr.insert_str(
+                        0,
+                        &format!(
+                            "chunk {} failed MD5 verification {MAX_ATTEMPTS} times\n",
+                            self.next
+                        ),
+                    );
+                    let status = if status.success() {
+                        Status::Helper
+                    } else {
+                        status
+                    };
+                    return Ok(Ok(self.result(Outcome::Corrupt, status, stderr)));
+                }
+                continue;
+            }
+            if let Some(text) = read_marker(&dir, END).unwrap_or(Some(String::new())) {
+                let end = End::parse(&text);
+                match end {
+                    Ok(end) if end.chunks > self.next => {}
+                    Ok(end) if end.chunks == self.next && end.bytes == self.bytes => {
+                        log(
+                            "receiver",
+                            &dir,
+                            "all chunks given; waiting for zfs receive",
+                        );
+                        let (status, stderr) = zfs.finish(None)?;
+                        let outcome = if status.success() {
+                            Outcome::Ok
+                        } else {
+                            Outcome::Failed
+                        };
+                        return Ok(Ok(self.result(outcome, status, stderr)));
+                    }
+                    other => {
+                        let why = match other {
+                            Ok(end) => format!(
+                                "the end marker says {} chunks of {} bytes; received {} chunks of {} bytes",
+                                end.chunks, end.bytes, self.next, self.bytes
+                            ),
+                            Err(e) => format!("{e:#}"),
+                        };
+                        let (status, stderr) = zfs.kill();
+                        let status = if status.success() {
+                            Status::Helper
+                        } else {
+                            status
+                        };
+                        return Ok(Ok(self.result(
+                            Outcome::Corrupt,
+                            status,
+                            format!("{why}\n{stderr}"),
+                        )));
+                    }
+                }
+            }
+            if let Some(status) = zfs.child.try_wait().context("checking on zfs receive")? {
+                let status = Status::from_exit(status);
+                let (_, stderr) = zfs.finish(None)?;
+                let (outcome, status) = if status.success() {
+                    (Outcome::Corrupt, Status::Helper)
+                } else {
+                    (Outcome::Failed, status)
+                };
+                let stderr = format!("zfs receive ended before the stream did\n{stderr}");
+                return Ok(Ok(self.result(outcome, status, stderr)));
+            }
+            if self.last_activity.elapsed() >= self.c.timeout {
+                zfs.kill();
+                return Ok(Err(Stop::Timeout));
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// Lists the folder: removes chunk files below `next` (copies of
+    /// consumed chunks), reports what there is of chunk `next`.
+    fn scan(&self) -> Result<Scan> {
+        let mut scan = Scan {
+            md5: false,
+            data: false,
+        };
+        for f in list_chunk_files(&self.c.dir)? {
+            match f {
+                _ if f.index() < self.next => {
+                    let name = match f {
+                        ChunkFile::Data(i) => chunk_name(i),
+                        ChunkFile::Md5(i) => md5_name(i),
+                    };
+                    remove_if_present(&self.c.dir, &name)?;
+                }
+                ChunkFile::Data(i) if i == self.next => scan.data = true,
+                ChunkFile::Md5(i) if i == self.next => scan.md5 = true,
+                _ => {}
+            }
+        }
+        Ok(scan)
+    }
+
+    /// Hashes chunk `next` through one descriptor; returns it rewound if the
+    /// digest matches its `.md5`, else deletes the chunk and asks for it
+    /// again.
+    fn verify(&mut self) -> Result<Option<File>> {
+        let dir = &self.c.dir;
+        let expected = match read_marker(dir, &md5_name(self.next))
+            .and_then(|t| t.ok_or_else(|| anyhow!("vanished")))
+            .and_then(|t| parse_md5(&t, self.next))
+        {
+            Ok(d) => d,
+            Err(e) => {
+                self.reject(&format!("its .md5 is unusable: {e:#}"))?;
+                return Ok(None);
+            }
+        };
+        let path = dir.join(chunk_name(self.next));
+        let mut file =
+            open_nofollow(&path).with_context(|| format!("opening {}", path.display()))?;
+        let mut h = Md5::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => h.update(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            }
+        }
+        let actual: [u8; 16] = h.finalize().into();
+        if actual != expected {
+            self.reject(&format!(
+                "MD5 mismatch: expected {}, got {}",
+                hex(&expected),
+                hex(&actual)
+            ))?;
+            return Ok(None);
+        }
+        file.seek(SeekFrom::Start(0))
+            .with_context(|| format!("rewinding {}", path.display()))?;
+        Ok(Some(file))
+    }
+
+    /// Deletes chunk `next` and writes `resend`.
+    fn reject(&mut self, why: &str) -> Result<()> {
+        let dir = &self.c.dir;
+        let attempt = self.attempts.entry(self.next).or_insert(0);
+        *attempt += 1;
+        let attempt = *attempt;
+        log(
+            "receiver",
+            dir,
+            &format!("chunk {} rejected (attempt {attempt}): {why}", self.next),
+        );
+        remove_if_present(dir, &chunk_name(self.next))?;
+        remove_if_present(dir, &md5_name(self.next))?;
+        if attempt < MAX_ATTEMPTS {
+            let r = Resend {
+                index: self.next,
+                attempt,
+            };
+            write_atomic(dir, RESEND, r.render().as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Chunk `next` went to zfs in full: record it, then delete it.
+    fn consumed(&mut self, n: u64) -> Result<()> {
+        let dir = &self.c.dir;
+        let index = self.next;
+        self.next += 1;
+        self.bytes += n;
+        let p = Progress {
+            next: self.next,
+            bytes: self.bytes,
+        };
+        write_atomic(dir, PROGRESS, p.render().as_bytes())?;
+        remove_if_present(dir, &chunk_name(index))?;
+        remove_if_present(dir, &md5_name(index))?;
+        self.last_activity = Instant::now();
+        Ok(())
+    }
+
+    /// Waits until the orchestrator deletes `result`.
+    fn wait_ack(&mut self) -> std::result::Result<(), Stop> {
+        self.last_activity = Instant::now();
+        loop {
+            if !exists_nofollow(&self.c.dir.join(RESULT)) {
+                return Ok(());
+            }
+            if exists_nofollow(&self.c.dir.join(CANCEL)) {
+                return Err(Stop::Cancelled);
+            }
+            if self.last_activity.elapsed() >= self.c.timeout {
+                return Err(Stop::Timeout);
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    fn give_up(&self, stop: Stop) -> i32 {
+        let (code, why) = match stop {
+            Stop::Timeout => (
+                EXIT_TIMEOUT,
+                format!("no progress for {}s: giving up", self.c.timeout.as_secs()),
+            ),
+            Stop::Cancelled => (EXIT_CANCELLED, "cancelled".to_string()),
+        };
+        let _ = fs::remove_dir_all(&self.c.dir);
+        log(
+            "receiver",
+            &self.c.dir,
+            &format!("{why}; zfs receive killed, folder removed"),
+        );
+        code
+    }
+}
+
+/// Copies a verified chunk into zfs's stdin; returns its length.
+fn stream(mut file: File, stdin: &mut ChildStdin) -> io::Result<u64> {
+    io::copy(&mut file, stdin)
+}
