@@ -4,6 +4,7 @@
 //! datasets of a recursive run failed, 2 error (usage errors included).
 
 mod cli;
+mod deploy;
 mod host;
 mod plan;
 mod progress;
