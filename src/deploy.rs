@@ -822,4 +822,227 @@ mod tests {
         assert!(format!("{err:#}").contains("noexec mount?"), "{err:#}");
         assert_eq!(std::fs::read_dir(private_dir(&tmp)).unwrap().count(), 0);
     }
+
+    // ---- Live, on the shared test bed's host A over SSH ----
+    // `#[ignore]`d like the SSH transport's live tests (scripts/test.sh runs
+    // them with RESYNC_TESTBED set); by hand:
+    // `RESYNC_TESTBED=/var/tmp/resync-dev/env cargo test --bin resync deploy::tests::live -- --ignored`
+
+    use crate::host::{SshHost, SshOptions, SshSpec};
+    use std::time::Instant;
+
+    /// Host A of the bed named by `$RESYNC_TESTBED`: reached with our SSH
+    /// layer for deploying and with OpenSSH (the bed's wrapper) for checking.
+    struct BedHost {
+        addr: String,
+        home: PathBuf,
+        tbssh: PathBuf,
+    }
+
+    impl BedHost {
+        fn get() -> BedHost {
+            let path = std::env::var("RESYNC_TESTBED")
+                .expect("test bed not up: set RESYNC_TESTBED (e.g. /var/tmp/resync-dev/env)");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let var = |key: &str| -> String {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                    .map(|v| v.trim_matches(|c| c == '"' || c == '\'').to_string())
+                    .unwrap_or_else(|| panic!("{path} lacks {key}"))
+            };
+            BedHost {
+                addr: var("TB_HOST_A"),
+                home: var("TB_HOME").into(),
+                tbssh: var("TB_SSH").into(),
+            }
+        }
+
+        fn connect(&self) -> SshHost {
+            std::env::remove_var("SSH_AUTH_SOCK");
+            let spec = SshSpec::parse(&format!("root@{}", self.addr));
+            SshHost::connect(&spec, &SshOptions::with_home(self.home.clone())).unwrap()
+        }
+
+        /// Runs a shell command on the host with OpenSSH; its stdout.
+        #[track_caller]
+        fn sh(&self, cmd: &str) -> String {
+            let out = std::process::Command::new(&self.tbssh)
+                .arg(format!("root@{}", self.addr))
+                .arg(cmd)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        }
+    }
+
+    /// A fresh directory on the host, removed with everything in it on drop.
+    struct RemoteDir<'a> {
+        bed: &'a BedHost,
+        path: String,
+    }
+
+    impl<'a> RemoteDir<'a> {
+        fn new(bed: &'a BedHost, parent: &str) -> RemoteDir<'a> {
+            let path = format!("{parent}/resync-deploy-test-{}", unique_suffix());
+            bed.sh(&format!("mkdir -m 755 {path}"));
+            RemoteDir { bed, path }
+        }
+
+        fn private_dir(&self) -> String {
+            format!("{}/resync-bin-0", self.path)
+        }
+    }
+
+    impl Drop for RemoteDir<'_> {
+        fn drop(&mut self) {
+            self.bed.sh(&format!("rm -rf {}", self.path));
+        }
+    }
+
+    /// The resync binary cargo built next to this test binary: release when
+    /// there is one (smaller, what users deploy), else debug.
+    fn resync_binary(prefer_release: bool) -> (PathBuf, String, u64) {
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap();
+        let debug = profile_dir.join("resync");
+        let release = profile_dir.parent().unwrap().join("release/resync");
+        let bin = if prefer_release && release.exists() {
+            release
+        } else {
+            debug
+        };
+        assert!(bin.exists(), "{} not built: run cargo build", bin.display());
+        let md5 = file_md5(&bin).unwrap();
+        let size = std::fs::metadata(&bin).unwrap().len();
+        (bin, md5, size)
+    }
+
+    fn rate(size: u64, took: std::time::Duration) -> String {
+        format!(
+            "{:.1} MB in {took:.2?} = {:.0} MB/s",
+            size as f64 / 1e6,
+            size as f64 / 1e6 / took.as_secs_f64()
+        )
+    }
+
+    #[test]
+    #[ignore]
+    fn live_deploy_uploads_reuses_and_repairs_on_a_bed_host() {
+        let bed = BedHost::get();
+        let tmp = RemoteDir::new(&bed, "/tmp");
+        let host = bed.connect();
+        let (bin, md5, size) = resync_binary(true);
+
+        let started = Instant::now();
+        let first = deploy_file(&host, &tmp.path, &bin, &md5).unwrap();
+        eprintln!(
+            "first deploy of {}: {}",
+            bin.display(),
+            rate(size, started.elapsed())
+        );
+        let path = format!("{}/resync-{md5}", tmp.private_dir());
+        assert_eq!((first.path.as_str(), first.uploaded), (path.as_str(), true));
+        let facts = bed.sh(&format!(
+            "stat -c '%u %a %F' {dir} {path}; md5sum < {path}; {path} --version",
+            dir = tmp.private_dir()
+        ));
+        assert_eq!(
+            facts,
+            format!(
+                "0 700 directory\n0 700 regular file\n{md5}  -\nresync {}\n",
+                env!("CARGO_PKG_VERSION")
+            )
+        );
+
+        let started = Instant::now();
+        let second = deploy_file(&host, &tmp.path, &bin, &md5).unwrap();
+        eprintln!("reuse check: {:.2?}", started.elapsed());
+        assert_eq!(
+            (second.path.as_str(), second.uploaded),
+            (path.as_str(), false)
+        );
+
+        bed.sh(&format!(
+            "printf Z | dd of={path} bs=1 seek=4096 conv=notrunc 2>/dev/null"
+        ));
+        assert_ne!(bed.sh(&format!("md5sum < {path}")), format!("{md5}  -\n"));
+        let third = deploy_file(&host, &tmp.path, &bin, &md5).unwrap();
+        assert_eq!((third.path.as_str(), third.uploaded), (path.as_str(), true));
+        assert_eq!(
+            bed.sh(&format!("md5sum < {path}; ls -A {}", tmp.private_dir())),
+            format!("{md5}  -\nresync-{md5}\n")
+        );
+    }
+
+    #[test]
+    #[ignore]
+    fn live_hostile_private_dir_is_refused_on_a_bed_host() {
+        let bed = BedHost::get();
+        let tmp = RemoteDir::new(&bed, "/tmp");
+        let host = bed.connect();
+        let (bin, md5, _) = resync_binary(true);
+        let dir = tmp.private_dir();
+        let refusal = || {
+            format!(
+                "{:#}",
+                deploy_file(&host, &tmp.path, &bin, &md5).unwrap_err()
+            )
+        };
+
+        bed.sh(&format!(
+            "mkdir {t}/victim && ln -s {t}/victim {dir}",
+            t = tmp.path
+        ));
+        let err = refusal();
+        assert!(err.contains(&format!("{dir} is a symlink")), "{err}");
+        assert_eq!(bed.sh(&format!("ls -A {}/victim", tmp.path)), "");
+
+        bed.sh(&format!(
+            "rm {dir} && mkdir -m 777 {dir} && chown 65534:65534 {dir}"
+        ));
+        let err = refusal();
+        assert!(
+            err.contains(&format!("{dir} belongs to uid 65534")),
+            "{err}"
+        );
+        assert_eq!(bed.sh(&format!("ls -A {dir}")), "");
+
+        bed.sh(&format!("chown 0:0 {dir}"));
+        let err = refusal();
+        assert!(
+            err.contains("writable by other users (drwxrwxrwx)"),
+            "{err}"
+        );
+        assert_eq!(bed.sh(&format!("ls -A {dir}")), "");
+
+        bed.sh(&format!("chmod 1777 {}", tmp.path));
+        bed.sh(&format!("rmdir {dir} && chown 65534 {}", tmp.path));
+        let err = refusal();
+        assert!(err.contains("belongs to uid 65534: refusing"), "{err}");
+    }
+
+    /// Upload throughput of the (larger) debug binary, into /var/tmp on the
+    /// host (its /tmp is a small tmpfs that other tests share).
+    #[test]
+    #[ignore]
+    fn live_upload_speed_of_the_debug_binary() {
+        let bed = BedHost::get();
+        let tmp = RemoteDir::new(&bed, "/var/tmp");
+        let host = bed.connect();
+        let (bin, md5, size) = resync_binary(false);
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            bed.sh(&format!("rm -rf {}", tmp.private_dir()));
+            let started = Instant::now();
+            assert!(deploy_file(&host, &tmp.path, &bin, &md5).unwrap().uploaded);
+            times.push(started.elapsed());
+        }
+        times.sort();
+        eprintln!("debug binary upload, median of 3: {}", rate(size, times[1]));
+    }
 }
