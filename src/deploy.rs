@@ -7,8 +7,9 @@
 //! The private directory lives in a shared directory (`/tmp`) where another
 //! user may have planted something first, so it is used only when it is a
 //! real directory (not a symlink) owned by the SSH user and writable by
-//! nobody else, inside a directory that others cannot rename it out of
-//! (sticky, or writable only by its owner, who is root or the SSH user).
+//! nobody else, and when every directory above it (symlinks in `tmpdir`
+//! resolved) belongs to root or the SSH user and lets nobody else rename
+//! entries (sticky, or not writable by group and others).
 //! An upload goes to a temporary name in that directory, is checked with the
 //! remote `md5sum`, made executable, renamed into place atomically and run
 //! once (`--version`, which catches a `noexec` mount); anything that fails
@@ -48,7 +49,6 @@ pub fn deploy(host: &dyn Host, tmpdir: &str) -> Result<Deployed> {
     let local = own_binary();
     let md5 = own_md5()?;
     deploy_file(host, tmpdir, &local, &md5)
-        .with_context(|| format!("cannot put resync's binary on {}", host.label()))
 }
 
 /// Checks the output of `uname -sm`: "Linux x86_64" is the only system our
@@ -122,7 +122,9 @@ fn deploy_file(host: &dyn Host, tmpdir: &str, local: &Path, md5: &str) -> Result
     let probe = Probe::parse(&out)
         .with_context(|| format!("unexpected answer from {label} about {tmpdir}"))?;
     let path = format!("{}/{name}", probe.dir);
-    match decide(&probe, md5, tmpdir).map_err(|e| anyhow!("on {label}: {e}"))? {
+    match decide(&probe, md5, tmpdir)
+        .with_context(|| format!("cannot put resync's binary on {label}"))?
+    {
         Verdict::Reuse => Ok(Deployed {
             path,
             md5: md5.to_string(),
@@ -163,17 +165,30 @@ fn sh(script: &str, args: &[&str]) -> Vec<String> {
 }
 
 /// Creates the private directory when absent (`$1`: tmpdir, `$2`: binary
-/// name) and reports, one `key value` line each, what is there; writes
-/// nothing else and decides nothing. The MD5 of an existing binary is
-/// computed only inside a directory the SSH user owns.
+/// name) and reports, one `key value` line each, what is there: the tmpdir
+/// with symlinks resolved, owner and mode of every directory from it up to
+/// `/`, the private directory and the binary. Writes nothing else and
+/// decides nothing. The MD5 of an existing binary is computed only inside a
+/// directory the SSH user owns.
 const PREPARE: &str = r#"umask 077
 uid=$(id -u) || exit 1
-dir=$1/resync-bin-$uid
-bin=$dir/$2
 echo "uid $uid"
+if real=$(cd -P "$1" 2>/dev/null && pwd -P); then
+	echo "tmpdir $real"
+	p=$real
+	while [ -n "$p" ]; do
+		echo "ancestor $(stat -c '%u %A' "$p") $p"
+		p=${p%/*}
+	done
+	echo "ancestor $(stat -c '%u %A' /) /"
+	dir=${real%/}/resync-bin-$uid
+	mkdir -m 700 "$dir" 2>/dev/null
+else
+	echo "tmpdir missing"
+	dir=$1/resync-bin-$uid
+fi
+bin=$dir/$2
 echo "dir $dir"
-echo "tmpdir $(stat -L -c '%u %A' "$1" 2>/dev/null || echo missing)"
-[ -d "$1" ] && mkdir -m 700 "$dir" 2>/dev/null
 entry() {
 	if [ -L "$2" ]; then echo "$1 symlink"
 	elif [ "$3" "$2" ]; then echo "$1 present $(stat -c '%u %A' "$2")"
@@ -225,8 +240,11 @@ struct Probe {
     uid: u32,
     /// The private directory.
     dir: String,
-    /// The directory it lives in; `None` when it does not exist.
-    tmpdir: Option<Owned>,
+    /// The directory it lives in, symlinks resolved; `None` when it does not
+    /// exist.
+    tmpdir: Option<String>,
+    /// That directory and each one above it, with owner and mode.
+    ancestors: Vec<(String, Owned)>,
     dir_state: Entry,
     bin: Entry,
     have_md5sum: bool,
@@ -287,6 +305,7 @@ impl Probe {
         let mut uid = None;
         let mut dir = None;
         let mut tmpdir = None;
+        let mut ancestors = Vec::new();
         let mut dir_state = None;
         let mut bin = None;
         let mut have_md5sum = None;
@@ -297,7 +316,16 @@ impl Probe {
                 "uid" => uid = Some(parse_uid(value)?),
                 "dir" => dir = Some(value.to_string()),
                 "tmpdir" if value == "missing" => tmpdir = Some(None),
-                "tmpdir" => tmpdir = Some(Some(Owned::parse(value)?)),
+                "tmpdir" => tmpdir = Some(Some(value.to_string())),
+                "ancestor" => {
+                    let mut words = value.splitn(3, ' ');
+                    let (Some(uid), Some(mode), Some(path)) =
+                        (words.next(), words.next(), words.next())
+                    else {
+                        bail!("unexpected line {line:?}");
+                    };
+                    ancestors.push((path.to_string(), Owned::parse(&format!("{uid} {mode}"))?));
+                }
                 "dirstate" => dir_state = Some(parse_entry(value)?),
                 "bin" => bin = Some(parse_entry(value)?),
                 "md5sum" => have_md5sum = Some(value == "yes"),
@@ -306,10 +334,15 @@ impl Probe {
             }
         }
         let missing = |what: &str| anyhow!("no {what} line in {out:?}");
+        let tmpdir = tmpdir.ok_or_else(|| missing("tmpdir"))?;
+        if tmpdir.is_some() && ancestors.is_empty() {
+            return Err(missing("ancestor"));
+        }
         Ok(Probe {
             uid: uid.ok_or_else(|| missing("uid"))?,
             dir: dir.ok_or_else(|| missing("dir"))?,
-            tmpdir: tmpdir.ok_or_else(|| missing("tmpdir"))?,
+            tmpdir,
+            ancestors,
             dir_state: dir_state.ok_or_else(|| missing("dirstate"))?,
             bin: bin.ok_or_else(|| missing("bin"))?,
             have_md5sum: have_md5sum.ok_or_else(|| missing("md5sum"))?,
@@ -342,20 +375,26 @@ enum Verdict {
 /// there can be reused. Errors say what is wrong and with which path.
 fn decide(p: &Probe, md5: &str, tmpdir: &str) -> Result<Verdict> {
     let uid = p.uid;
-    let Some(parent) = &p.tmpdir else {
+    if p.tmpdir.is_none() {
         bail!("{tmpdir} does not exist");
-    };
-    if parent.uid != 0 && parent.uid != uid {
-        bail!(
-            "{tmpdir} belongs to uid {}: refusing to keep resync's binary there (use a directory owned by root or uid {uid})",
-            parent.uid
-        );
     }
-    if parent.writable_by_others() && !parent.sticky() {
-        bail!(
-            "{tmpdir} is writable by other users and not sticky ({}): refusing to keep resync's binary there",
-            parent.mode
-        );
+    // Whoever may rename an entry on the way could swap the binary's
+    // directory for their own.
+    for (path, owner) in &p.ancestors {
+        if owner.uid != 0 && owner.uid != uid {
+            bail!(
+                "{path} belongs to uid {}: refusing to keep resync's binary under it \
+                 (every directory on the way must belong to root or uid {uid})",
+                owner.uid
+            );
+        }
+        if owner.writable_by_others() && !owner.sticky() {
+            bail!(
+                "{path} is writable by other users and not sticky ({}): \
+                 refusing to keep resync's binary under it",
+                owner.mode
+            );
+        }
     }
     let dir = &p.dir;
     match &p.dir_state {
@@ -506,8 +545,10 @@ mod tests {
     /// Real output of PREPARE on the test bed after a first deploy
     /// (`sh -c PREPARE sh /tmp resync-<md5>` as root).
     const PREPARED: &str = "uid 0\n\
+        tmpdir /tmp\n\
+        ancestor 0 drwxrwxrwt /tmp\n\
+        ancestor 0 drwxr-xr-x /\n\
         dir /tmp/resync-bin-0\n\
-        tmpdir 0 drwxrwxrwt\n\
         dirstate present 0 drwx------\n\
         bin present 0 -rwx------\n\
         md5sum yes\n\
@@ -531,20 +572,28 @@ mod tests {
             Probe {
                 uid: 0,
                 dir: "/tmp/resync-bin-0".into(),
-                tmpdir: Some(owned(0, "drwxrwxrwt")),
+                tmpdir: Some("/tmp".into()),
+                ancestors: vec![
+                    ("/tmp".into(), owned(0, "drwxrwxrwt")),
+                    ("/".into(), owned(0, "drwxr-xr-x")),
+                ],
                 dir_state: Entry::Present(owned(0, "drwx------")),
                 bin: Entry::Present(owned(0, "-rwx------")),
                 have_md5sum: true,
                 md5: Some(MD5.into()),
             }
         );
-        let fresh = "uid 1000\ndir /var/tmp/resync-bin-1000\ntmpdir missing\n\
+        let fresh = "uid 1000\ntmpdir missing\ndir /var/tmp/resync-bin-1000\n\
                      dirstate absent\nbin absent\nmd5sum no\n";
         let p = Probe::parse(fresh).unwrap();
         assert_eq!(
             (p.uid, p.tmpdir, p.dir_state, p.bin, p.have_md5sum, p.md5),
             (1000, None, Entry::Absent, Entry::Absent, false, None)
         );
+        let spaced = PREPARED.replace("/tmp", "/srv/my tmp");
+        let p = Probe::parse(&spaced).unwrap();
+        assert_eq!(p.ancestors[0].0, "/srv/my tmp");
+        assert_eq!(p.dir, "/srv/my tmp/resync-bin-0");
     }
 
     #[test]
@@ -555,6 +604,13 @@ mod tests {
         assert!(Probe::parse(&PREPARED.replace("drwx------", "drwx")).is_err());
         assert!(Probe::parse(&PREPARED.replace("bin present", "bin weird")).is_err());
         assert!(Probe::parse(&PREPARED.replace("md5sum yes\n", "")).is_err());
+        assert!(Probe::parse(&PREPARED.replace("ancestor 0 drwxr-xr-x /", "ancestor  /")).is_err());
+        let no_ancestors: String = PREPARED
+            .lines()
+            .filter(|l| !l.starts_with("ancestor"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(Probe::parse(&no_ancestors).is_err());
     }
 
     fn verdict(p: &Probe) -> Result<Verdict> {
@@ -620,20 +676,43 @@ mod tests {
     }
 
     #[test]
-    fn parent_that_others_could_rename_in_is_refused() {
+    fn directories_on_the_way_that_others_could_rename_in_are_refused() {
         let mut p = probe();
-        p.tmpdir = Some(owned(0, "drwxrwxrwx"));
-        assert!(refusal(&p).contains("writable by other users and not sticky"));
-        p.tmpdir = Some(owned(1001, "drwxr-xr-x"));
-        assert!(refusal(&p).starts_with("/tmp belongs to uid 1001"));
+        p.ancestors[0].1 = owned(0, "drwxrwxrwx");
+        assert_eq!(
+            refusal(&p),
+            "/tmp is writable by other users and not sticky (drwxrwxrwx): \
+             refusing to keep resync's binary under it"
+        );
+        p.ancestors[0].1 = owned(0, "drwxrwx---");
+        assert!(refusal(&p).contains("not sticky"));
+        p.ancestors[0].1 = owned(1001, "drwxr-xr-x");
+        assert_eq!(
+            refusal(&p),
+            "/tmp belongs to uid 1001: refusing to keep resync's binary under it \
+             (every directory on the way must belong to root or uid 0)"
+        );
+        p.ancestors[0].1 = owned(0, "drwxrwxrwt");
+        p.ancestors[1].1 = owned(1001, "drwxr-xr-x");
+        assert!(refusal(&p).starts_with("/ belongs to uid 1001"));
         p.tmpdir = None;
+        p.ancestors.clear();
         assert_eq!(refusal(&p), "/tmp does not exist");
-        // Own directory, or root's sticky /tmp: fine.
+    }
+
+    #[test]
+    fn own_directory_or_a_sticky_one_is_fine() {
+        let mut p = probe();
         p.uid = 1001;
-        p.tmpdir = Some(owned(1001, "drwx------"));
+        p.ancestors = vec![
+            ("/home/u/tmp".into(), owned(1001, "drwx------")),
+            ("/home/u".into(), owned(1001, "drwxr-x---")),
+            ("/home".into(), owned(0, "drwxr-xr-x")),
+            ("/".into(), owned(0, "drwxr-xr-x")),
+        ];
         p.dir_state = Entry::Present(owned(1001, "drwx------"));
         assert_eq!(verdict(&p).unwrap(), Verdict::Upload);
-        p.tmpdir = Some(owned(0, "drwxrwxrwT"));
+        p.ancestors[0].1 = owned(0, "drwxrwxrwT");
         assert_eq!(verdict(&p).unwrap(), Verdict::Upload);
     }
 
@@ -741,6 +820,41 @@ mod tests {
         let err = deploy_file(&LocalHost::new(), &tmpdir_str(&tmp), &bin, &md5).unwrap_err();
         assert!(format!("{err:#}").contains("is a symlink"), "{err:#}");
         assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn local_tmpdir_given_through_a_symlink_is_resolved() {
+        let src = tempfile::tempdir().unwrap();
+        let (bin, md5) = stand_in(src.path());
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let d = deploy_file(&LocalHost::new(), link.to_str().unwrap(), &bin, &md5).unwrap();
+        let expected = real.join(format!("resync-bin-{}/resync-{md5}", euid()));
+        assert_eq!(d.path, expected.display().to_string());
+        assert!(expected.is_file());
+    }
+
+    #[test]
+    fn local_tmpdir_inside_a_foreign_directory_is_refused() {
+        if euid() != 0 {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let src = tempfile::tempdir().unwrap();
+        let (bin, md5) = stand_in(src.path());
+        let tmp = tempfile::tempdir().unwrap();
+        let theirs = tmp.path().join("theirs");
+        std::fs::create_dir_all(theirs.join("tmp")).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let tmpdir = theirs.join("tmp");
+        let err = deploy_file(&LocalHost::new(), tmpdir.to_str().unwrap(), &bin, &md5).unwrap_err();
+        assert!(
+            format!("{err:#}").contains(&format!("{} belongs to uid 65534", theirs.display())),
+            "{err:#}"
+        );
     }
 
     #[test]
