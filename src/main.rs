@@ -5,6 +5,7 @@
 
 mod chunk;
 mod cli;
+mod deploy;
 mod host;
 mod plan;
 mod progress;
