@@ -4,5 +4,6 @@
 //! harness; the other modules are scenarios.
 
 mod bed;
+mod bwlimit;
 mod replication;
 mod smoke;
