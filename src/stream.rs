@@ -35,11 +35,12 @@ impl std::fmt::Display for PumpError {
 impl std::error::Error for PumpError {}
 
 /// Copies `reader` to `writer` until EOF, calling `on_bytes` after each write.
-/// With `limit`, writes are split into the limiter's chunk size and each waits
-/// for its tokens first, so the stream averages the limiter's rate; a
-/// throttled writer also slows the reader, through the bounded queue and
-/// then the producer's pipe. Returns the byte count. The writer is flushed and dropped (EOF to its
-/// process) before returning, on success and on failure alike. If writing
+/// Returns the byte count. With `limit`, writes are split into the limiter's
+/// chunk size and each waits for its tokens first, so the stream averages the
+/// limiter's rate; the throttled writer slows the reader in turn, through the
+/// bounded queue and then the producer's pipe. The writer is flushed and
+/// dropped (EOF to its process) before returning, on success and on failure
+/// alike. If writing
 /// fails the reading thread is left to end when its reader does: the caller
 /// kills the producing process so that it does.
 pub fn pump(
