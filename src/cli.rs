@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use regex::Regex;
 
+use crate::bwlimit;
 use crate::progress::Verbosity;
 use crate::syncsnap;
 use crate::zfs::{self, Dataset};
@@ -110,6 +111,17 @@ pub struct Cli {
     /// Add an unknown host key to ~/.ssh/known_hosts instead of refusing (a changed key is still refused).
     #[arg(long)]
     pub accept_new_host_key: bool,
+
+    /// Limit the stream read from the source to RATE bytes/s, e.g. 800k, 10M, 1.5G
+    /// (k/M/G/T are powers of 1024). resync moves the stream through one process, so
+    /// --source-bwlimit and --target-bwlimit throttle the same stream: the smaller wins.
+    #[arg(long, value_name = "RATE", value_parser = bwlimit::parse_rate)]
+    pub source_bwlimit: Option<u64>,
+
+    /// Limit the stream written to the target to RATE bytes/s (same syntax and the
+    /// same single stream as --source-bwlimit: the smaller of the two wins).
+    #[arg(long, value_name = "RATE", value_parser = bwlimit::parse_rate)]
+    pub target_bwlimit: Option<u64>,
 
     /// Give up after this long without progress, e.g. 30s, 10m, 1h.
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_timeout)]
@@ -248,8 +260,19 @@ pub struct Config {
     pub ssh_port: Option<u16>,
     pub accept_new_host_key: bool,
     pub timeout: Duration,
+    /// Bytes per second, as given; see [`Config::bwlimit`].
+    pub source_bwlimit: Option<u64>,
+    pub target_bwlimit: Option<u64>,
     pub dry_run: bool,
     pub verbosity: Verbosity,
+}
+
+impl Config {
+    /// The rate the stream is held to: both limits act on the one stream
+    /// this process pumps, so the smaller one.
+    pub fn bwlimit(&self) -> Option<u64> {
+        bwlimit::effective(self.source_bwlimit, self.target_bwlimit)
+    }
 }
 
 impl Cli {
@@ -317,6 +340,8 @@ impl Cli {
             ssh_port: self.sshport,
             accept_new_host_key: self.accept_new_host_key,
             timeout: self.timeout,
+            source_bwlimit: self.source_bwlimit,
+            target_bwlimit: self.target_bwlimit,
             dry_run: self.dry_run,
             verbosity,
         })
@@ -446,5 +471,52 @@ mod tests {
     #[test]
     fn same_dataset_on_different_hosts_is_fine() {
         assert!(cli(&["tank/a", "root@b:tank/a"]).is_ok());
+    }
+
+    #[test]
+    fn bwlimits_parse_and_the_smaller_one_wins() {
+        let c = cli(&["a/b", "c/d"]).unwrap();
+        assert_eq!(c.bwlimit(), None);
+        let c = cli(&["--target-bwlimit=4M", "a/b", "c/d"]).unwrap();
+        assert_eq!(c.target_bwlimit, Some(4 << 20));
+        assert_eq!(c.bwlimit(), Some(4 << 20));
+        let c = cli(&[
+            "--source-bwlimit",
+            "1.5G",
+            "--target-bwlimit=800k",
+            "a/b",
+            "c/d",
+        ])
+        .unwrap();
+        assert_eq!(c.source_bwlimit, Some(1536 << 20));
+        assert_eq!(c.bwlimit(), Some(800 << 10));
+        let c = cli(&[
+            "--source-bwlimit=512KiB/s",
+            "--target-bwlimit=1M",
+            "a/b",
+            "c/d",
+        ])
+        .unwrap();
+        assert_eq!(c.bwlimit(), Some(512 << 10));
+    }
+
+    #[test]
+    fn bad_bwlimits_are_usage_errors() {
+        for flag in ["--source-bwlimit", "--target-bwlimit"] {
+            for value in [
+                "0", "-5M", "fast", "", "inf", "NaN", "1e9", "10Mb", "2000T", "1.2.3k",
+            ] {
+                let arg = format!("{flag}={value}");
+                let err = Cli::try_parse_from(["resync", &arg, "a/b", "c/d"]).expect_err(&arg);
+                assert_eq!(
+                    err.kind(),
+                    clap::error::ErrorKind::ValueValidation,
+                    "{arg}: {err}"
+                );
+            }
+            // A separate negative value is not taken for a value either.
+            assert!(Cli::try_parse_from(["resync", flag, "-5M", "a/b", "c/d"]).is_err());
+            assert!(Cli::try_parse_from(["resync", "a/b", "c/d", flag]).is_err());
+        }
     }
 }

@@ -11,6 +11,7 @@ use std::time::SystemTime;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::bwlimit::Limiter;
 use crate::cli::{Config, Endpoint, Location};
 use crate::host::local::LocalHost;
 use crate::host::quote::sh_join;
@@ -638,7 +639,12 @@ impl Run<'_> {
             }
         }
         let bar = self.ui.transfer(label, self.estimate(send));
-        let pumped = stream::pump(reader, writer, &|n| bar.add(n));
+        if let Some(rate) = self.cfg.bwlimit() {
+            self.ui
+                .debug(&format!("bandwidth limit: {}/s", human_bytes(rate)));
+        }
+        let limit = self.cfg.bwlimit().map(Limiter::new);
+        let pumped = stream::pump(reader, writer, limit, &|n| bar.add(n));
         bar.finish();
         if pumped.is_err() {
             sender.kill();

@@ -2,10 +2,14 @@
 //! `zfs receive`'s stdin, on whatever hosts they run) on two threads, so that
 //! reading on one side overlaps writing on the other. It counts bytes for
 //! progress and tells the caller which side failed; it knows nothing of ZFS.
+//! With a [`Limiter`] the writing side splits each buffer into small chunks
+//! and waits for the bucket before each one (`--source/target-bwlimit`).
 
 use std::io::{self, Read, Write};
 use std::sync::mpsc;
 use std::thread;
+
+use crate::bwlimit::Limiter;
 
 /// Size of one buffer handed from the reading thread to the writing one.
 const BUF: usize = 256 * 1024;
@@ -31,13 +35,18 @@ impl std::fmt::Display for PumpError {
 impl std::error::Error for PumpError {}
 
 /// Copies `reader` to `writer` until EOF, calling `on_bytes` after each write.
-/// Returns the byte count. The writer is flushed and dropped (EOF to its
-/// process) before returning, on success and on failure alike. If writing
+/// Returns the byte count. With `limit`, writes are split into the limiter's
+/// chunk size and each waits for its tokens first, so the stream averages the
+/// limiter's rate; the throttled writer slows the reader in turn, through the
+/// bounded queue and then the producer's pipe. The writer is flushed and
+/// dropped (EOF to its process) before returning, on success and on failure
+/// alike. If writing
 /// fails the reading thread is left to end when its reader does: the caller
 /// kills the producing process so that it does.
 pub fn pump(
     mut reader: Box<dyn Read + Send>,
     mut writer: Box<dyn Write + Send>,
+    mut limit: Option<Limiter>,
     on_bytes: &dyn Fn(u64),
 ) -> Result<u64, PumpError> {
     let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(DEPTH);
@@ -82,11 +91,19 @@ pub fn pump(
     let outcome = loop {
         match rx.recv() {
             Ok(Ok(buf)) => {
-                if let Err(e) = writer.write_all(&buf) {
+                let chunk = limit.as_ref().map_or(buf.len(), Limiter::chunk).max(1);
+                let written = buf.chunks(chunk).try_for_each(|piece| {
+                    if let Some(l) = limit.as_mut() {
+                        l.wait_for(piece.len());
+                    }
+                    writer.write_all(piece)?;
+                    total += piece.len() as u64;
+                    on_bytes(piece.len() as u64);
+                    Ok(())
+                });
+                if let Err(e) = written {
                     break Err(PumpError::Write(e));
                 }
-                total += buf.len() as u64;
-                on_bytes(buf.len() as u64);
             }
             Ok(Err(e)) => break Err(PumpError::Read(e)),
             Err(mpsc::RecvError) => break Ok(total),
@@ -151,6 +168,7 @@ mod tests {
         let n = pump(
             Box::new(io::Cursor::new(data.clone())),
             Box::new(Sink(out.clone())),
+            None,
             &|b| {
                 counted.fetch_add(b, Ordering::Relaxed);
             },
@@ -166,6 +184,7 @@ mod tests {
         let r = pump(
             Box::new(io::repeat(1).take(1 << 20)),
             Box::new(Broken),
+            None,
             &|_| {},
         );
         assert!(matches!(r, Err(PumpError::Write(_))));
@@ -177,9 +196,49 @@ mod tests {
         let r = pump(
             Box::new(FailAfter(5000)),
             Box::new(Sink(out.clone())),
+            None,
             &|_| {},
         );
         assert!(matches!(r, Err(PumpError::Read(_))));
         assert_eq!(out.lock().unwrap().len(), 5000);
+    }
+
+    #[test]
+    fn a_limited_pump_copies_everything_at_about_the_rate() {
+        // 1.5 MiB at 2 MiB/s after a 104 KiB burst: about 0.7 s.
+        let data: Vec<u8> = (0..1_572_864u32).map(|i| (i * 13 % 241) as u8).collect();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let calls = AtomicU64::new(0);
+        let start = std::time::Instant::now();
+        let n = pump(
+            Box::new(io::Cursor::new(data.clone())),
+            Box::new(Sink(out.clone())),
+            Some(Limiter::new(2 << 20)),
+            &|_| {
+                calls.fetch_add(1, Ordering::Relaxed);
+            },
+        )
+        .unwrap();
+        let took = start.elapsed().as_secs_f64();
+        assert_eq!(n, data.len() as u64);
+        assert!(*out.lock().unwrap() == data);
+        let ideal = (data.len() as f64 - (2 << 20) as f64 / 20.0) / (2 << 20) as f64;
+        assert!(
+            took >= ideal * 0.95 && took < ideal + 1.0,
+            "{took}s, ideal {ideal}s"
+        );
+        // Writes were split: no more than a twentieth of a second's worth each.
+        assert!(calls.load(Ordering::Relaxed) >= 15);
+    }
+
+    #[test]
+    fn a_dead_writer_under_a_limit_is_still_a_write_error() {
+        let r = pump(
+            Box::new(io::repeat(1).take(1 << 20)),
+            Box::new(Broken),
+            Some(Limiter::new(1 << 30)),
+            &|_| {},
+        );
+        assert!(matches!(r, Err(PumpError::Write(_))));
     }
 }

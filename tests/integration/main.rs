@@ -4,6 +4,7 @@
 //! harness; the other modules are scenarios.
 
 mod bed;
+mod bwlimit;
 mod chunk;
 mod replication;
 mod smoke;
