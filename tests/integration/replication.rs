@@ -564,9 +564,10 @@ fn a_killed_transfer_leaves_a_target_the_next_run_completes() {
     resync(&[&src, &remote(&bed.host_b, &dst)]).assert_success();
     let before = snaps(&dst);
     // A big incremental, killed while it streams.
-    write_file(&src, "big", 120 << 20);
+    write_file(&src, "big", 40 << 20);
     std::thread::sleep(Duration::from_millis(1100));
-    let run = Resync::new(&[&src, &remote(&bed.host_b, &dst)]).spawn();
+    // Paced, so the kill always lands mid-stream.
+    let run = Resync::new(&["--target-bwlimit=8M", &src, &remote(&bed.host_b, &dst)]).spawn();
     wait_for_receive_of(&dst);
     run.signal(libc::SIGKILL);
     let out = run.wait();
@@ -587,11 +588,17 @@ fn a_cut_link_fails_the_run_and_the_next_run_completes() {
     let bed = Bed::get();
     let src = format!("{}/{}", bed.pool_a, unique_name("cut"));
     let dst = format!("{}/{}", bed.pool_b, unique_name("cut"));
-    create_dataset_with_data(&src, &[("big", 120 << 20)]);
+    create_dataset_with_data(&src, &[("big", 40 << 20)]);
     let net = exclusive_network();
-    let run = Resync::new(&["--timeout=5s", &src, &remote(&bed.host_b, &dst)])
-        .timeout(Duration::from_secs(90))
-        .spawn();
+    // Paced at 8 MiB/s, so the cut always lands mid-stream.
+    let run = Resync::new(&[
+        "--timeout=5s",
+        "--target-bwlimit=8M",
+        &src,
+        &remote(&bed.host_b, &dst),
+    ])
+    .timeout(Duration::from_secs(90))
+    .spawn();
     wait_for_receive_of(&dst);
     let out = {
         let _cut = link_down(&bed.host_b);
@@ -623,8 +630,8 @@ fn a_second_run_to_the_same_target_is_refused_while_the_first_runs() {
     let bed = Bed::get();
     let src = format!("{}/{}", bed.pool_a, unique_name("twice"));
     let dst = format!("{}/{}", bed.pool_b, unique_name("twice"));
-    create_dataset_with_data(&src, &[("big", 100 << 20)]);
-    let first = Resync::new(&[&src, &remote(&bed.host_b, &dst)]).spawn();
+    create_dataset_with_data(&src, &[("big", 40 << 20)]);
+    let first = Resync::new(&["--target-bwlimit=8M", &src, &remote(&bed.host_b, &dst)]).spawn();
     wait_for_receive_of(&dst);
     let second = resync(&[&src, &remote(&bed.host_b, &dst)]);
     assert_eq!(second.code, Some(2), "{second}");
