@@ -5,6 +5,7 @@
 //! threads. Nothing above this module knows how a command reaches its host.
 #![allow(dead_code)]
 
+pub mod knownhosts;
 pub mod local;
 pub mod quote;
 pub mod ssh;

@@ -34,7 +34,8 @@
 //! criteria other than `all`, `host`, `originalhost`, IdentitiesOnly,
 //! passphrase-protected key files (use ssh-agent), password login.
 
-use super::sshconfig::{self, ExpandContext, HostKeyVerdict, KnownHostsFile, SshConfig};
+use super::knownhosts::{self, HostKeyVerdict, KnownHostsFile};
+use super::sshconfig::{ExpandContext, SshConfig};
 use super::{push_capped, quote, signal_status, Child, CmdOutput, ConnectionLost, ExitInfo, Host};
 use anyhow::{anyhow, bail, Context};
 use ssh2::{BlockDirections, Channel, ErrorCode, MethodType, Session, Stream};
@@ -524,7 +525,7 @@ impl KnownHostsSet {
     }
 
     fn types_for(&self, target: &Target) -> Vec<String> {
-        sshconfig::known_key_types(&self.as_files(), &target.hostname, target.port)
+        knownhosts::known_key_types(&self.as_files(), &target.hostname, target.port)
     }
 }
 
@@ -559,15 +560,15 @@ fn verify_host_key(
     let (blob, _) = sess
         .host_key()
         .ok_or_else(|| anyhow!("{} sent no host key", target.hostname))?;
-    let key_type = sshconfig::key_type_of_blob(blob).unwrap_or("unknown");
+    let key_type = knownhosts::key_type_of_blob(blob).unwrap_or("unknown");
     let fingerprint = sess
         .host_key_hash(ssh2::HashType::Sha256)
-        .map(sshconfig::sha256_fingerprint)
+        .map(knownhosts::sha256_fingerprint)
         .unwrap_or_else(|| "SHA256:?".into());
-    let shown = format!("{} {fingerprint}", sshconfig::key_type_label(key_type));
-    let name = sshconfig::known_hosts_name(&target.hostname, target.port);
+    let shown = format!("{} {fingerprint}", knownhosts::key_type_label(key_type));
+    let name = knownhosts::known_hosts_name(&target.hostname, target.port);
     let user_file = known_hosts.user_file.display();
-    match sshconfig::check_host_key(&known_hosts.as_files(), &target.hostname, target.port, blob) {
+    match knownhosts::check_host_key(&known_hosts.as_files(), &target.hostname, target.port, blob) {
         HostKeyVerdict::Known => Ok(()),
         HostKeyVerdict::Revoked { where_ } => {
             bail!(
@@ -579,10 +580,10 @@ fn verify_host_key(
              different {} key. Someone may be intercepting the connection, or the host was \
              reinstalled. Refusing to connect; if the change is expected, remove the old key \
              with: ssh-keygen -R '{name}'",
-            sshconfig::key_type_label(key_type)
+            knownhosts::key_type_label(key_type)
         ),
         HostKeyVerdict::Unknown if opts.accept_new_host_key => {
-            let line = sshconfig::known_hosts_line(&target.hostname, target.port, blob)
+            let line = knownhosts::known_hosts_line(&target.hostname, target.port, blob)
                 .ok_or_else(|| anyhow!("{} sent a malformed host key", target.hostname))?;
             append_known_host(&known_hosts.user_file, &line)
                 .with_context(|| format!("cannot add the host key for {name} to {user_file}"))?;
@@ -668,7 +669,7 @@ fn authenticate(sess: &Session, target: &Target, opts: &SshOptions) -> anyhow::R
                 continue;
             }
         };
-        if sshconfig::private_key_is_encrypted(&text) {
+        if knownhosts::private_key_is_encrypted(&text) {
             tried.push(format!(
                 "{shown} (passphrase-protected: add it to ssh-agent)"
             ));
