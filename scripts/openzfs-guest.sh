@@ -54,8 +54,11 @@ MEM=${OZG_MEM:-2048}
 SMP=${OZG_SMP:-2}
 BOOT_TIMEOUT=${OZG_BOOT_TIMEOUT:-120}
 ARC_MAX=${OZG_ARC_MAX:-268435456}
-# Bump when the recipe changes: a cache built by another recipe is rebuilt.
-RECIPE=1
+# Bump when a recipe changes: a cache stage built by another recipe is redone.
+# PKG_RECIPE covers debootstrap and packages (slow), CONFIG_RECIPE the guest's
+# configuration and the image (seconds).
+PKG_RECIPE=1
+CONFIG_RECIPE=2
 
 ROOTFS=$CACHE/rootfs
 STAMPS=$CACHE/stamps
@@ -105,8 +108,9 @@ EOF
   fi
 }
 
-stage_done() { [[ -f $STAMPS/$1 ]] && [[ $(cat "$STAMPS/$1") == "$RECIPE" ]]; }
-stage_mark() { mkdir -p "$STAMPS"; echo "$RECIPE" >"$STAMPS/$1"; }
+stage_recipe() { if [[ $1 == image ]]; then echo "$CONFIG_RECIPE"; else echo "$PKG_RECIPE"; fi; }
+stage_done() { [[ -f $STAMPS/$1 ]] && [[ $(cat "$STAMPS/$1") == "$(stage_recipe "$1")" ]]; }
+stage_mark() { mkdir -p "$STAMPS"; stage_recipe "$1" >"$STAMPS/$1"; }
 
 CHROOT_MOUNTED=0
 chroot_mount() {
@@ -235,7 +239,7 @@ build_config() {
   echo openzfs-guest >"$ROOTFS/etc/hostname"
   printf '127.0.0.1 localhost\n127.0.1.1 openzfs-guest\n' >"$ROOTFS/etc/hosts"
   echo 'nameserver 10.0.2.3' >"$ROOTFS/etc/resolv.conf"
-  echo '/dev/vda / ext4 rw,errors=remount-ro 0 1' >"$ROOTFS/etc/fstab"
+  echo 'LABEL=openzfs-root / ext4 rw,errors=remount-ro 0 1' >"$ROOTFS/etc/fstab"
 
   mkdir -p "$ROOTFS/etc/systemd/network"
   cat >"$ROOTFS/etc/systemd/network/20-wired.network" <<'EOF'
@@ -362,6 +366,14 @@ qemu_alive() { # PID STATE_DIR
   [[ -n $1 && -r /proc/$1/cmdline ]] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -q -- "$2/root.qcow2"
 }
 
+# KEY="VALUE": sourceable by sh, and readable by a parser that strips quotes
+# (tests/integration/bed.rs). Values never need escaping here; refuse any that
+# would.
+env_line() {
+  [[ $2 != *[\"\$\`\\]* && $2 != *$'\n'* ]] || die "cannot write $1=$2 to env"
+  printf '%s="%s"\n' "$1" "$2"
+}
+
 cmd_up() {
   local state
   state=$(state_dir "${1:-}")
@@ -378,7 +390,11 @@ cmd_up() {
   local t0=$SECONDS
 
   qemu-img create -q -f qcow2 -F raw -b "$CACHE/rootfs.img" "$state/root.qcow2"
-  local drives=() disks=() i serial
+  # Explicit devices, root first: PCI slots follow this order, so the root
+  # disk is /dev/vda (an if=virtio drive would be placed after them).
+  local drives=(-drive "file=$state/root.qcow2,if=none,id=root,format=qcow2,cache=unsafe"
+    -device virtio-blk-pci,drive=root,serial=ozgroot)
+  local disks=() i serial
   for ((i = 0; i < NDISKS; i++)); do
     serial=ozgdisk$i
     truncate -s "$DISK_SIZE" "$state/disk$i.img"
@@ -396,8 +412,7 @@ cmd_up() {
       -nodefaults -display none -no-reboot -daemonize \
       -pidfile "$state/qemu.pid" -serial "file:$state/console.log" \
       -kernel "$CACHE/vmlinuz" -initrd "$CACHE/initrd.img" \
-      -append "root=/dev/vda rw console=ttyS0 panic=-1 quiet" \
-      -drive "file=$state/root.qcow2,if=virtio,format=qcow2,cache=unsafe" \
+      -append "root=LABEL=openzfs-root rw console=ttyS0 panic=-1 quiet" \
       "${drives[@]}" \
       -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$port-:22" \
       -device virtio-net-pci,netdev=n0 \
@@ -408,6 +423,9 @@ cmd_up() {
     log "qemu failed to start on port $port (attempt $attempt): $(tr '\n' ' ' <"$state/qemu.err")"
   done
   [[ -n $pid ]] || die "could not start qemu (see $state/qemu.err)"
+  # Whatever goes wrong from here on (a failed check, an interrupt), no guest
+  # is left running; the state dir stays for its console log until `down`.
+  trap 'kill "$pid" 2>/dev/null || true' EXIT
 
   echo "[127.0.0.1]:$port $(cut -d' ' -f1,2 "$CACHE/ssh_host_ed25519_key.pub")" >"$state/known_hosts"
   local opts
@@ -427,7 +445,6 @@ cmd_up() {
   done
   if ((!ready)); then
     tail -30 "$state/console.log" >&2 || true
-    kill "$pid" 2>/dev/null || true
     die "guest gave no SSH within ${BOOT_TIMEOUT}s; console: $state/console.log"
   fi
   local t_ssh=$((SECONDS - t0))
@@ -436,20 +453,22 @@ cmd_up() {
   zv=$(timeout 90 ssh "${opts[@]}" root@127.0.0.1 "modprobe zfs && udevadm settle &&
     for d in ${disks[*]}; do test -b \$d || { echo missing \$d >&2; exit 1; }; done &&
     zfs version | head -1" </dev/null) ||
-    { kill "$pid" 2>/dev/null || true; die "guest booted but ZFS or its disks are not ready"; }
+    die "guest booted but ZFS or its disks are not ready; console: $state/console.log"
 
   {
-    printf 'GUEST_HOST=127.0.0.1\n'
-    printf 'GUEST_SSH_PORT=%q\n' "$port"
-    printf 'GUEST_USER=root\n'
-    printf 'GUEST_KEY=%q\n' "$CACHE/id_ed25519"
-    printf 'GUEST_KNOWN_HOSTS=%q\n' "$state/known_hosts"
-    printf 'GUEST_DISKS=%q\n' "${disks[*]}"
-    printf 'GUEST_QEMU_PID=%q\n' "$pid"
-    printf 'GUEST_STATE_DIR=%q\n' "$state"
-    printf 'GUEST_ZFS_VERSION=%q\n' "$zv"
+    echo "# OpenZFS guest: written by scripts/openzfs-guest.sh up; source it."
+    env_line GUEST_HOST 127.0.0.1
+    env_line GUEST_SSH_PORT "$port"
+    env_line GUEST_USER root
+    env_line GUEST_KEY "$CACHE/id_ed25519"
+    env_line GUEST_KNOWN_HOSTS "$state/known_hosts"
+    env_line GUEST_DISKS "${disks[*]}"
+    env_line GUEST_QEMU_PID "$pid"
+    env_line GUEST_STATE_DIR "$state"
+    env_line GUEST_ZFS_VERSION "$zv"
   } >"$state/env.tmp"
   mv "$state/env.tmp" "$state/env"
+  trap - EXIT
   log "guest up: ssh after ${t_ssh}s, ZFS ready after $((SECONDS - t0))s ($zv); env: $state/env"
 }
 
