@@ -201,7 +201,9 @@ build_packages() {
   cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
   chroot_mount
   chroot_guard
-  chroot_apt update >"$CACHE/packages.log" 2>&1 || die "apt-get update in chroot failed (log: $CACHE/packages.log)"
+  # An interrupted earlier run may have left dpkg half-way.
+  in_chroot dpkg --configure -a >"$CACHE/packages.log" 2>&1 || true
+  chroot_apt update >>"$CACHE/packages.log" 2>&1 || die "apt-get update in chroot failed (log: $CACHE/packages.log)"
   chroot_apt install linux-image-amd64 linux-headers-amd64 >>"$CACHE/packages.log" 2>&1 ||
     { tail -20 "$CACHE/packages.log" >&2; die "kernel install failed"; }
   log "installing zfs-dkms zfsutils-linux (DKMS builds the module: a few minutes)"
@@ -209,20 +211,21 @@ build_packages() {
     { tail -30 "$CACHE/packages.log" >&2; die "zfs install failed (log: $CACHE/packages.log)"; }
   local kver zver
   kver=$(guest_kver)
+  # shellcheck disable=SC2016 # dpkg's format, not the shell's
   zver=$(in_chroot dpkg-query -W -f '${Version}' zfs-dkms | sed 's/-.*//')
-  if [[ ! -e $ROOTFS/lib/modules/$kver/updates/dkms/zfs.ko && ! -e $ROOTFS/lib/modules/$kver/updates/dkms/zfs.ko.xz ]]; then
+  if ! compgen -G "$ROOTFS/lib/modules/$kver/updates/dkms/zfs.ko*" >/dev/null; then
     log "zfs module missing for $kver: dkms install zfs/$zver"
     in_chroot dkms install "zfs/$zver" -k "$kver" >>"$CACHE/packages.log" 2>&1 ||
       { tail -30 "$CACHE/packages.log" >&2; die "dkms install failed"; }
   fi
-  ls "$ROOTFS/lib/modules/$kver/updates/dkms/" | grep -q '^zfs\.ko' || die "no zfs.ko for $kver after DKMS"
+  compgen -G "$ROOTFS/lib/modules/$kver/updates/dkms/zfs.ko*" >/dev/null || die "no zfs.ko for $kver after DKMS"
   chroot_apt clean >/dev/null
   stage_mark packages
 }
 
 guest_kver() {
   local k
-  k=$(ls "$ROOTFS/lib/modules" | sort -V | tail -1)
+  k=$(find "$ROOTFS/lib/modules" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -1)
   [[ -n $k ]] || die "no kernel in the chroot"
   echo "$k"
 }
@@ -286,6 +289,7 @@ EOF
 
   install -m 644 "$ROOTFS/boot/vmlinuz-$kver" "$CACHE/vmlinuz"
   install -m 644 "$ROOTFS/boot/initrd.img-$kver" "$CACHE/initrd.img"
+  # shellcheck disable=SC2016 # dpkg's format, not the shell's
   chroot "$ROOTFS" dpkg-query -W -f '${Version}' zfsutils-linux >"$CACHE/zfs-version"
 }
 
@@ -392,6 +396,7 @@ cmd_up() {
   qemu-img create -q -f qcow2 -F raw -b "$CACHE/rootfs.img" "$state/root.qcow2"
   # Explicit devices, root first: PCI slots follow this order, so the root
   # disk is /dev/vda (an if=virtio drive would be placed after them).
+  # shellcheck disable=SC2054 # commas belong to QEMU's option syntax
   local drives=(-drive "file=$state/root.qcow2,if=none,id=root,format=qcow2,cache=unsafe"
     -device virtio-blk-pci,drive=root,serial=ozgroot)
   local disks=() i serial

@@ -25,7 +25,10 @@ run zfs send -nvP -i @s1 $P/src@s2
 run zfs send -nvP -I @s1 $P/src@s2
 
 echo "# zfs send $P/src@s1 | head -c 20000000 | zfs recv -s $Q/dst"
-zfs send $P/src@s1 | head -c 20000000 | zfs recv -s $Q/dst && { echo "cut receive succeeded?!"; exit 1; } || true
+if zfs send $P/src@s1 | head -c 20000000 | zfs recv -s $Q/dst; then
+  echo "cut receive succeeded?!"
+  exit 1
+fi
 echo "# zfs get -H -o value receive_resume_token $Q/dst"
 TOKEN=$(zfs get -H -o value receive_resume_token $Q/dst)
 echo "$TOKEN"
