@@ -36,6 +36,9 @@
 #     GUEST_DISKS (space-separated by-id paths) GUEST_QEMU_PID GUEST_STATE_DIR
 #     GUEST_ZFS_VERSION
 #
+# scripts/guest/smoke.sh exercises what resync relies on inside a guest:
+#   openzfs-guest.sh ssh bash -s -- DISK_A DISK_B < scripts/guest/smoke.sh
+#
 # Tunables: OZG_DISKS (3), OZG_DISK_SIZE (2G), OZG_MEM (2048 MiB), OZG_SMP (2),
 # OZG_BOOT_TIMEOUT (120 s), OZG_ARC_MAX (268435456 bytes; build time),
 # OZG_MIRROR (http://deb.debian.org/debian).
