@@ -1409,4 +1409,34 @@ tank/data@before upgrade\tcreatetxg\t900
             ["zfs", "send", "-nvP", "-L", "tank/a@s1"]
         );
     }
+
+    // Real OpenZFS 2.3.2 output, from the test guest (scripts/openzfs-guest.sh):
+    //   $ zfs send -nvP ozgsrc/src@s1
+    //   $ zfs send -nvP -I @s1 ozgsrc/src@s2
+    //   $ zfs send -nvP -i '#b2' ozgsrc/src@s3
+    //   $ zfs send -nvP -t 1-c47680813-b8-789c...
+    #[test]
+    fn send_estimates_parse_real_openzfs_output() {
+        let full = "full\tozgsrc/src@s1\t50433136\nsize\t50433136\n";
+        let incr = "incremental\ts1\tozgsrc/src@s2\t8411760\nsize\t8411760\n";
+        let from_bookmark = "incremental\tozgsrc/src#b2\tozgsrc/src@s3\t8304\nsize\t8304\n";
+        let resumed = "resume token contents:\nnvlist version: 0\n\tobject = 0x2\n\toffset = 0x12e0000\n\tbytes = 0x130c340\n\ttoguid = 0x9013c0376aa06c8\n\ttoname = ozgsrc/src@s1\nfull\tozgsrc/src@s1\t30460208\nsize\t30460208\n";
+        assert_eq!(parse_send_estimate(full), Some(50_433_136));
+        assert_eq!(parse_send_estimate(incr), Some(8_411_760));
+        assert_eq!(parse_send_estimate(from_bookmark), Some(8_304));
+        assert_eq!(parse_send_estimate(resumed), Some(30_460_208));
+    }
+
+    // Real OpenZFS 2.3.2: `zfs get -H -o value receive_resume_token ozgdst/dst`
+    // after `zfs send ozgsrc/src@s1 | head -c 20000000 | zfs recv -s ozgdst/dst`,
+    // and after the resumed receive completed.
+    #[test]
+    fn resume_tokens_parse_real_openzfs_output() {
+        let token = "1-c47680813-b8-789c636064000310a500c4ec50360710e72765a52697303030419460caa7a515a7968064f41861f26c48f2499525a9c540dae1b0012336fd25f9e9a599290c0c27d8569531db30726a20c97382e5f312735381f654a5171725eb03b143b121d42d00d8a615bf";
+        assert_eq!(
+            parse_resume_token(&format!("{token}\n")).as_deref(),
+            Some(token)
+        );
+        assert_eq!(parse_resume_token("-\n"), None);
+    }
 }
