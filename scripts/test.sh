@@ -45,6 +45,7 @@ fi
 export TB_LOCK_HELD=1
 
 state="$TB_ROOT/test-$(date +%Y%m%d-%H%M%S)-$$"
+guest_state="/var/tmp/resync-openzfs-guest/test-$$"
 rc=1
 t_up=$t_build t_tests=$t_build
 finish() {
@@ -55,6 +56,10 @@ finish() {
 		tail -n 20 "$state"/host-*/sshd.log >&2 2>/dev/null || true
 	fi
 	t_down0=$(date +%s)
+	if [[ -d $guest_state ]]; then
+		bash scripts/openzfs-guest.sh down "$guest_state" >/dev/null 2>&1 ||
+			say "WARNING: the OpenZFS guest in $guest_state did not stop cleanly"
+	fi
 	if ! bash scripts/testbed.sh down "$state"; then
 		say "test bed tear down incomplete"
 		((rc != 0)) || rc=1
@@ -72,11 +77,25 @@ say "bringing the test bed up in $state"
 bash scripts/testbed.sh up "$state" >/dev/null || die "the test bed did not come up"
 [[ -f $state/env ]] || die "the test bed wrote no env file"
 export RESYNC_TESTBED=$state/env
+
+# The real-OpenZFS tier: a QEMU guest (scripts/openzfs-guest.sh). The first
+# build on a machine takes about 5 minutes (cached under /var/tmp after);
+# booting takes 20-50 s. RESYNC_SKIP_OPENZFS=1 skips the tier, and says so.
+skip=()
+if [[ ${RESYNC_SKIP_OPENZFS:-} == 1 ]]; then
+	say "RESYNC_SKIP_OPENZFS=1: SKIPPING the OpenZFS guest tier (tests openzfs::*)"
+	skip=(--skip openzfs::)
+else
+	say "building (or finding) and booting the OpenZFS guest"
+	bash scripts/openzfs-guest.sh build || die "the OpenZFS guest could not be built (RESYNC_SKIP_OPENZFS=1 skips the tier)"
+	bash scripts/openzfs-guest.sh up "$guest_state" || die "the OpenZFS guest did not boot (RESYNC_SKIP_OPENZFS=1 skips the tier)"
+	export RESYNC_OPENZFS=$guest_state/env
+fi
 t_up=$(date +%s)
 
 say "running tests"
 set +e
-cargo test -- --test-threads="${TEST_THREADS:-2}" "$@"
+cargo test -- --test-threads="${TEST_THREADS:-2}" "${skip[@]}" "$@"
 rc=$?
 # The SSH transport's live tests start their own sshd on loopback (and cut
 # it off with iptables), so they run one at a time, after the rest.
