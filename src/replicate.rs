@@ -122,7 +122,7 @@ fn connect(location: &Location, cfg: &Config) -> Result<Arc<dyn Host>> {
                 key: cfg.ssh_key.clone(),
                 accept_new_host_key: cfg.accept_new_host_key,
                 connect_timeout: std::time::Duration::from_secs(15),
-                io_timeout: cfg.timeout,
+                io_timeout: io_timeout(cfg),
                 home,
             };
             let spec = SshSpec {
@@ -133,6 +133,21 @@ fn connect(location: &Location, cfg: &Config) -> Result<Arc<dyn Host>> {
         }
     }
 }
+
+/// How long an SSH connection may stall before it counts as lost. In
+/// `--chunked` mode a lost connection is cheap (reconnect, read the folders
+/// again) while `--timeout` is the budget without progress for the whole
+/// transfer, so connections are declared dead much sooner.
+fn io_timeout(cfg: &Config) -> std::time::Duration {
+    if cfg.chunked {
+        cfg.timeout.min(CHUNKED_IO_TIMEOUT)
+    } else {
+        cfg.timeout
+    }
+}
+
+/// See [`io_timeout`].
+const CHUNKED_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
 
 /// Probes what the ZFS behind `host` supports, on `pool`, which must exist.
 fn detect(host: &dyn Host, pool: &str, ui: &dyn Progress) -> Result<Capabilities> {
@@ -706,10 +721,6 @@ impl Run<'_> {
     fn transfer_chunked(&self, send: &[String], recv: &[String], label: &str) -> Result<u64> {
         let src_exe = self.helper_exe(&self.src)?;
         let dst_exe = self.helper_exe(&self.dst)?;
-        if self.cfg.bwlimit().is_some() {
-            self.ui
-                .warn("--source-bwlimit/--target-bwlimit are not applied in --chunked mode yet");
-        }
         self.ui.debug(&format!(
             "[{}] {} (chunked)",
             self.src.host().label(),
@@ -727,6 +738,7 @@ impl Run<'_> {
             window: self.cfg.chunk_window,
             timeout: self.cfg.timeout,
             tmpdir: self.cfg.tmpdir.clone(),
+            bwlimit: self.cfg.bwlimit(),
         };
         let bar = self.ui.transfer(label, self.estimate(send));
         let debug = |line: &str| self.ui.debug(line);

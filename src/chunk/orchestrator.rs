@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use super::{
     chunk_name, md5_name, parse_chunk_file_name, parse_md5, render_md5, ChunkFile, End, Failure,
     Outcome, Progress, RecvResult, ABORT, CANCEL, END, ERROR, PROGRESS, RESEND, RESULT,
 };
+use crate::bwlimit::Limiter;
 use crate::host::{is_connection_lost, Host};
 use crate::progress::Transfer;
 
@@ -85,6 +86,8 @@ pub struct Options {
     pub timeout: Duration,
     /// Absolute; session folders go here on both hosts.
     pub tmpdir: String,
+    /// Bytes per second over all chunk copies together.
+    pub bwlimit: Option<u64>,
 }
 
 /// Opens a fresh connection to a side's host (after the old one broke).
@@ -254,6 +257,7 @@ struct Job {
     index: u64,
     size: u64,
     md5: String,
+    limit: Option<Arc<Mutex<Limiter>>>,
 }
 
 /// Copies chunk `index` (data, then its `.md5`) from the sender's folder to
@@ -267,6 +271,7 @@ fn copy_chunk(job: Job, counter: &AtomicU64) -> Result<u64> {
         index,
         size,
         md5,
+        limit,
     } = job;
     let name = chunk_name(index);
     let mut reader = src
@@ -294,8 +299,15 @@ fn copy_chunk(job: Job, counter: &AtomicU64) -> Result<u64> {
         writer.kill();
         bail!("internal error: copy pipes are missing");
     };
+    // One limiter for all copies: each waits for its bytes under the lock,
+    // so together they average the rate.
     let pumped = crate::stream::pump(out, inp, None, &|n| {
         counter.fetch_add(n, Ordering::Relaxed);
+        if let Some(l) = &limit {
+            l.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .wait_for(n as usize);
+        }
     });
     if pumped.is_err() {
         reader.kill();
@@ -403,6 +415,7 @@ pub fn transfer(
         stats: Stats::default(),
         counter: Arc::new(AtomicU64::new(0)),
         shown: 0,
+        limit: opts.bwlimit.map(|r| Arc::new(Mutex::new(Limiter::new(r)))),
     };
     match o.run() {
         Ok(()) => Ok(o.stats),
@@ -428,6 +441,7 @@ struct Orchestrator<'a> {
     stats: Stats,
     counter: Arc<AtomicU64>,
     shown: u64,
+    limit: Option<Arc<Mutex<Limiter>>>,
 }
 
 /// What a copy thread reports.
@@ -635,6 +649,7 @@ impl Orchestrator<'_> {
                         index,
                         size,
                         md5,
+                        limit: self.limit.clone(),
                     };
                     let counter = self.counter.clone();
                     let tx = tx.clone();

@@ -6,5 +6,6 @@
 mod bed;
 mod bwlimit;
 mod chunk;
+mod chunked;
 mod replication;
 mod smoke;
