@@ -886,4 +886,81 @@ mod tests {
         super::super::validate_session_id(&a).unwrap();
         assert_ne!(a, new_session_id().unwrap());
     }
+
+    struct Silent;
+    impl Transfer for Silent {
+        fn add(&self, _bytes: u64) {}
+        fn finish(&self) {}
+    }
+
+    /// The whole protocol between two local "hosts", with `head` standing in
+    /// for zfs send and `cat` for zfs receive. Needs the resync binary next
+    /// to the test binary's folder (`cargo build` first), hence ignored.
+    #[test]
+    #[ignore]
+    fn local_transfer_moves_a_stream_through_chunks() {
+        let exe = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("resync");
+        assert!(exe.exists(), "build the binary first: {}", exe.display());
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().to_str().unwrap().to_string();
+        let host: Arc<dyn Host> = Arc::new(crate::host::LocalHost::new());
+        let (hs, hr) = (RwLock::new(host.clone()), RwLock::new(host));
+        let reconnect = || -> Result<Arc<dyn Host>> { Ok(Arc::new(crate::host::LocalHost::new())) };
+        let exe = exe.to_str().unwrap().to_string();
+        let send = vec![
+            "sh".to_string(),
+            "-c".into(),
+            format!("head -c 5000000 /dev/urandom | tee {d}/src"),
+        ];
+        let recv = vec!["sh".to_string(), "-c".into(), format!("cat > {d}/dst")];
+        let opts = Options {
+            chunk_size: 300_000,
+            window: 3,
+            timeout: Duration::from_secs(20),
+            tmpdir: d.clone(),
+            bwlimit: None,
+        };
+        let stats = transfer(
+            Side {
+                host: &hs,
+                reconnect: &reconnect,
+                exe: exe.clone(),
+            },
+            Side {
+                host: &hr,
+                reconnect: &reconnect,
+                exe,
+            },
+            &send,
+            &recv,
+            &opts,
+            &Silent,
+            &|l| eprintln!("{l}"),
+        )
+        .unwrap();
+        assert_eq!(stats.bytes, 5_000_000);
+        assert_eq!(stats.chunks, 17);
+        assert_eq!(
+            std::fs::read(format!("{d}/src")).unwrap(),
+            std::fs::read(format!("{d}/dst")).unwrap()
+        );
+        let left = || {
+            std::fs::read_dir(&d)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("resync-"))
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while left() > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(left(), 0, "session folders removed");
+    }
 }
