@@ -893,12 +893,7 @@ mod tests {
         fn finish(&self) {}
     }
 
-    /// The whole protocol between two local "hosts", with `head` standing in
-    /// for zfs send and `cat` for zfs receive. Needs the resync binary next
-    /// to the test binary's folder (`cargo build` first), hence ignored.
-    #[test]
-    #[ignore]
-    fn local_transfer_moves_a_stream_through_chunks() {
+    fn helper_exe() -> String {
         let exe = std::env::current_exe()
             .unwrap()
             .parent()
@@ -907,26 +902,28 @@ mod tests {
             .unwrap()
             .join("resync");
         assert!(exe.exists(), "build the binary first: {}", exe.display());
+        exe.to_str().unwrap().to_string()
+    }
+
+    /// Runs `send` into `recv` between two local "hosts" in a fresh tmpdir
+    /// (as `$D` in both commands); returns the result, the tmpdir, and
+    /// whether every session folder was removed.
+    fn local(send: &str, recv: &str, chunk_size: u64) -> (Result<Stats>, tempfile::TempDir, bool) {
         let tmp = tempfile::tempdir().unwrap();
         let d = tmp.path().to_str().unwrap().to_string();
         let host: Arc<dyn Host> = Arc::new(crate::host::LocalHost::new());
         let (hs, hr) = (RwLock::new(host.clone()), RwLock::new(host));
         let reconnect = || -> Result<Arc<dyn Host>> { Ok(Arc::new(crate::host::LocalHost::new())) };
-        let exe = exe.to_str().unwrap().to_string();
-        let send = vec![
-            "sh".to_string(),
-            "-c".into(),
-            format!("head -c 5000000 /dev/urandom | tee {d}/src"),
-        ];
-        let recv = vec!["sh".to_string(), "-c".into(), format!("cat > {d}/dst")];
+        let exe = helper_exe();
+        let sh = |c: &str| vec!["sh".to_string(), "-c".into(), c.replace("$D", &d)];
         let opts = Options {
-            chunk_size: 300_000,
+            chunk_size,
             window: 3,
             timeout: Duration::from_secs(20),
             tmpdir: d.clone(),
             bwlimit: None,
         };
-        let stats = transfer(
+        let res = transfer(
             Side {
                 host: &hs,
                 reconnect: &reconnect,
@@ -937,18 +934,11 @@ mod tests {
                 reconnect: &reconnect,
                 exe,
             },
-            &send,
-            &recv,
+            &sh(send),
+            &sh(recv),
             &opts,
             &Silent,
             &|l| eprintln!("{l}"),
-        )
-        .unwrap();
-        assert_eq!(stats.bytes, 5_000_000);
-        assert_eq!(stats.chunks, 17);
-        assert_eq!(
-            std::fs::read(format!("{d}/src")).unwrap(),
-            std::fs::read(format!("{d}/dst")).unwrap()
         );
         let left = || {
             std::fs::read_dir(&d)
@@ -957,10 +947,61 @@ mod tests {
                 .filter(|e| e.file_name().to_string_lossy().starts_with("resync-"))
                 .count()
         };
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(10);
         while left() > 0 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(50));
         }
-        assert_eq!(left(), 0, "session folders removed");
+        (res, tmp, left() == 0)
+    }
+
+    /// The whole protocol with `head` standing in for zfs send and `cat` for
+    /// zfs receive. Needs the resync binary next to the test binary's folder
+    /// (`cargo build` first), hence ignored.
+    #[test]
+    #[ignore]
+    fn local_transfer_moves_a_stream_through_chunks() {
+        let (res, tmp, clean) = local(
+            "head -c 5000000 /dev/urandom | tee $D/src",
+            "cat > $D/dst",
+            300_000,
+        );
+        let stats = res.unwrap();
+        assert_eq!(stats.bytes, 5_000_000);
+        assert_eq!(stats.chunks, 17);
+        let p = |n: &str| tmp.path().join(n);
+        assert_eq!(
+            std::fs::read(p("src")).unwrap(),
+            std::fs::read(p("dst")).unwrap()
+        );
+        assert!(clean, "session folders removed");
+    }
+
+    #[test]
+    #[ignore]
+    fn local_sender_failure_is_reported() {
+        let (res, _tmp, clean) = local(
+            "head -c 1000000 /dev/urandom; echo boom >&2; exit 3",
+            "cat > /dev/null",
+            300_000,
+        );
+        let e = format!("{:#}", res.unwrap_err());
+        assert!(e.contains("zfs send failed on local (exit 3): boom"), "{e}");
+        assert!(clean, "session folders removed");
+    }
+
+    #[test]
+    #[ignore]
+    fn local_receiver_failure_is_reported() {
+        let (res, _tmp, clean) = local(
+            "head -c 3000000 /dev/urandom",
+            "head -c 10 > /dev/null; echo nope >&2; exit 1",
+            300_000,
+        );
+        let e = format!("{:#}", res.unwrap_err());
+        assert!(
+            e.contains("zfs receive failed on local") && e.contains("nope"),
+            "{e}"
+        );
+        assert!(clean, "session folders removed");
     }
 }
