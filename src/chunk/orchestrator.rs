@@ -1004,4 +1004,19 @@ mod tests {
         );
         assert!(clean, "session folders removed");
     }
+
+    /// Prints the local throughput of 200 MiB in 64 MiB chunks (no zfs).
+    #[test]
+    #[ignore]
+    fn local_throughput() {
+        let t = Instant::now();
+        let (res, _tmp, clean) = local("head -c 209715200 /dev/zero", "cat > /dev/null", 64 << 20);
+        let stats = res.unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "200 MiB in {secs:.2}s: {:.0} MiB/s",
+            stats.bytes as f64 / secs / (1 << 20) as f64
+        );
+        assert!(clean);
+    }
 }
