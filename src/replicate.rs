@@ -18,7 +18,7 @@ use crate::deploy;
 use crate::host::local::LocalHost;
 use crate::host::quote::sh_join;
 use crate::host::ssh::{SshHost, SshOptions, SshSpec};
-use crate::host::{CmdOutput, Host};
+use crate::host::{is_connection_lost, CmdOutput, Host};
 use crate::plan::{self, Plan, PlanOptions, SourceState, Step, TargetState};
 use crate::progress::{human_bytes, human_duration, human_rate, Progress, Stopwatch};
 use crate::runlock::{self, RemoteProc, RunLock};
@@ -762,10 +762,11 @@ impl Run<'_> {
         bar.finish();
         let stats = result?;
         self.ui.debug(&format!(
-            "chunked: {} chunks, {} to zfs receive, {} copied, {} reconnects",
+            "chunked: {} chunks, {} to zfs receive, {} copied ({} re-sent), {} reconnects",
             stats.chunks,
             human_bytes(stats.bytes),
             human_bytes(stats.copied),
+            human_bytes(stats.copied.saturating_sub(stats.bytes)),
             stats.reconnects
         ));
         Ok(stats.bytes)
@@ -786,9 +787,8 @@ impl Run<'_> {
                     .to_string()
             }
             Location::Remote { .. } => {
+                let d = self.deploy_retrying(side)?;
                 let host = side.host();
-                let d = deploy::deploy(&*host, &self.cfg.tmpdir)
-                    .with_context(|| format!("installing resync on {}", host.label()))?;
                 if d.uploaded {
                     self.ui
                         .debug(&format!("uploaded resync to {}:{}", host.label(), d.path));
@@ -798,6 +798,36 @@ impl Run<'_> {
         };
         *cached = Some(path.clone());
         Ok(path)
+    }
+
+    /// Deploys our binary to a side's host; a lost connection is replaced
+    /// (with backoff) until `--timeout` passes.
+    fn deploy_retrying(&self, side: &Side) -> Result<deploy::Deployed> {
+        let deadline = std::time::Instant::now() + self.cfg.timeout;
+        let mut pause = std::time::Duration::from_millis(250);
+        loop {
+            let host = side.host();
+            let err = match deploy::deploy(&*host, &self.cfg.tmpdir) {
+                Ok(d) => return Ok(d),
+                Err(e) => e.context(format!("installing resync on {}", host.label())),
+            };
+            if !is_connection_lost(&err) || std::time::Instant::now() >= deadline {
+                return Err(err);
+            }
+            self.ui.debug(&format!("{err:#}; reconnecting"));
+            loop {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_secs(4));
+                match connect(&side.endpoint.location, self.cfg) {
+                    Ok(h) => {
+                        *side.host.write().unwrap_or_else(|p| p.into_inner()) = h;
+                        break;
+                    }
+                    Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                    Err(e) => self.ui.debug(&format!("reconnecting failed: {e:#}")),
+                }
+            }
+        }
     }
 
     /// The stream's size from `zfs send -nvP`, where the source's ZFS has it.

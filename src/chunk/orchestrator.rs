@@ -109,7 +109,8 @@ pub struct Side<'a> {
 pub struct Stats {
     /// Bytes the receiver gave to zfs receive.
     pub bytes: u64,
-    /// Chunk bytes moved, including chunks copied again.
+    /// Chunk bytes moved, including chunks copied again and copies cut
+    /// short; `copied - bytes` is what outages and rejections cost.
     pub copied: u64,
     pub chunks: u64,
     pub reconnects: u32,
@@ -453,6 +454,7 @@ struct Copied {
 impl Orchestrator<'_> {
     fn show_bytes(&mut self) {
         let now = self.counter.load(Ordering::Relaxed);
+        self.stats.copied = now;
         if now > self.shown {
             self.bar.add(now - self.shown);
             self.shown = now;
@@ -679,8 +681,7 @@ impl Orchestrator<'_> {
             while let Some(c) = first.take().or_else(|| rx.try_recv().ok()) {
                 in_flight.remove(&c.index);
                 match c.result {
-                    Ok(n) => {
-                        self.stats.copied += n;
+                    Ok(_) => {
                         copied.insert(c.index, Instant::now());
                         last_progress = Instant::now();
                     }
