@@ -29,8 +29,10 @@ use crate::bwlimit::Limiter;
 use crate::host::{is_connection_lost, Host};
 use crate::progress::Transfer;
 
-/// Pause between polls when nothing happened.
-const POLL_IDLE: Duration = Duration::from_millis(100);
+/// Pause between polls right after something happened; it doubles while
+/// nothing does, up to POLL_IDLE.
+const POLL_BUSY: Duration = Duration::from_millis(20);
+const POLL_IDLE: Duration = Duration::from_millis(200);
 /// Longest pause between reconnection attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(4);
 /// Copies of one chunk that may fail (other than by a lost connection)
@@ -501,6 +503,7 @@ impl Orchestrator<'_> {
         let mut in_flight: HashSet<u64> = HashSet::new();
         let mut failures: HashMap<u64, u32> = HashMap::new();
         let mut last_progress = Instant::now();
+        let mut pause = POLL_BUSY;
         let mut progress = Progress { next: 0, bytes: 0 };
         let mut sender_failure: Option<String> = None;
         let mut end_acked = false;
@@ -677,7 +680,13 @@ impl Orchestrator<'_> {
             }
 
             // Wait for a copy to finish (or a little while), then collect.
-            let mut first = rx.recv_timeout(POLL_IDLE).ok();
+            // Poll again soon while things move, less often while idle.
+            pause = if last_progress.elapsed() < pause {
+                POLL_BUSY
+            } else {
+                (pause * 2).min(POLL_IDLE)
+            };
+            let mut first = rx.recv_timeout(pause).ok();
             while let Some(c) = first.take().or_else(|| rx.try_recv().ok()) {
                 in_flight.remove(&c.index);
                 match c.result {
@@ -1020,18 +1029,27 @@ mod tests {
         assert!(clean, "session folders removed");
     }
 
-    /// Prints the local throughput of 200 MiB in 64 MiB chunks (no zfs).
+    /// Prints the local throughput of 200 MiB in 64 MiB chunks and of
+    /// 32 MiB in 1 MiB chunks (no zfs).
     #[test]
     #[ignore]
     fn local_throughput() {
-        let t = Instant::now();
-        let (res, _tmp, clean) = local("head -c 209715200 /dev/zero", "cat > /dev/null", 64 << 20);
-        let stats = res.unwrap();
-        let secs = t.elapsed().as_secs_f64();
-        eprintln!(
-            "200 MiB in {secs:.2}s: {:.0} MiB/s",
-            stats.bytes as f64 / secs / (1 << 20) as f64
-        );
-        assert!(clean);
+        for (total, chunk) in [(200u64 << 20, 64u64 << 20), (32 << 20, 1 << 20)] {
+            let t = Instant::now();
+            let (res, _tmp, clean) = local(
+                &format!("head -c {total} /dev/zero"),
+                "cat > /dev/null",
+                chunk,
+            );
+            let stats = res.unwrap();
+            let secs = t.elapsed().as_secs_f64();
+            eprintln!(
+                "{} MiB in {} MiB chunks: {secs:.2}s, {:.0} MiB/s",
+                total >> 20,
+                chunk >> 20,
+                stats.bytes as f64 / secs / (1 << 20) as f64
+            );
+            assert!(clean);
+        }
     }
 }
