@@ -9,7 +9,6 @@
 //! memory), relays `end`/`error`, and acknowledges `result`. A lost SSH
 //! connection is reconnected with backoff and the folders are simply read
 //! again: a chunk cut mid-copy is copied again from its start.
-#![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
