@@ -31,6 +31,8 @@ use crate::progress::Transfer;
 /// Pause between polls right after something happened; it doubles while
 /// nothing does, up to POLL_IDLE.
 const POLL_BUSY: Duration = Duration::from_millis(20);
+/// Pause before a poll that carries operations (deletions, markers).
+const POLL_NOW: Duration = Duration::from_millis(2);
 const POLL_IDLE: Duration = Duration::from_millis(200);
 /// Longest pause between reconnection attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(4);
@@ -680,7 +682,10 @@ impl Orchestrator<'_> {
 
             // Wait for a copy to finish (or a little while), then collect.
             // Poll again soon while things move, less often while idle.
-            pause = if last_progress.elapsed() < pause {
+            // Deletions and markers decided this round go out at once.
+            pause = if !s_ops.is_empty() || !r_ops.is_empty() {
+                POLL_NOW
+            } else if last_progress.elapsed() < pause {
                 POLL_BUSY
             } else {
                 (pause * 2).min(POLL_IDLE)
