@@ -123,6 +123,25 @@ pub struct Cli {
     #[arg(long, value_name = "RATE", value_parser = bwlimit::parse_rate)]
     pub target_bwlimit: Option<u64>,
 
+    /// Move each stream as MD5-verified chunk files through folders on both hosts,
+    /// so that a broken link costs at most the chunks in flight (resumes by itself
+    /// on reconnect). Runs our own binary on remote hosts (uploaded to --tmpdir).
+    #[arg(long)]
+    pub chunked: bool,
+
+    /// With --chunked: bytes per chunk, e.g. 1M, 64M, 1G (powers of 1024; at most 1G).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_chunk_size)]
+    pub chunk_size: u64,
+
+    /// With --chunked: chunks staged per side and copied in parallel.
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub chunk_window: u64,
+
+    /// With --chunked: where session folders (and the uploaded binary) go on each host.
+    #[arg(long, value_name = "DIR", default_value = "/tmp", value_parser = parse_tmpdir)]
+    pub tmpdir: String,
+
     /// Give up after this long without progress, e.g. 30s, 10m, 1h.
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_timeout)]
     pub timeout: Duration,
@@ -138,6 +157,46 @@ pub struct Cli {
     /// Print every command run on every host.
     #[arg(long)]
     pub debug: bool,
+}
+
+/// A chunk size: a whole number of bytes with an optional k/M/G suffix
+/// (powers of 1024) and optional `B`/`iB`, from 1 byte to 1 GiB.
+fn parse_chunk_size(s: &str) -> Result<u64, String> {
+    let hint = "use e.g. 1M, 64M, 1G (powers of 1024, at most 1G)";
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, suffix) = t.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid chunk size {s:?}; {hint}"))?;
+    let (shift, unit) = match suffix.chars().next() {
+        Some('k' | 'K') => (10, &suffix[1..]),
+        Some('m' | 'M') => (20, &suffix[1..]),
+        Some('g' | 'G') => (30, &suffix[1..]),
+        _ => (0, suffix),
+    };
+    let unit_ok = matches!(unit, "" | "B") || (unit == "iB" && shift > 0);
+    if !unit_ok {
+        return Err(format!("invalid chunk size {s:?}; {hint}"));
+    }
+    let bytes = n
+        .checked_mul(1 << shift)
+        .filter(|b| (1..=crate::chunk::CHUNK_SIZE_MAX).contains(b))
+        .ok_or_else(|| format!("chunk size {s:?} is out of range; {hint}"))?;
+    Ok(bytes)
+}
+
+/// The tmpdir for session folders: an absolute path, no `..`.
+fn parse_tmpdir(s: &str) -> Result<String, String> {
+    let ok = s.starts_with('/')
+        && !s.split('/').any(|c| c == "..")
+        && !s.chars().any(|c| c.is_control());
+    if !ok {
+        return Err(format!(
+            "--tmpdir {s:?} must be an absolute path without '..'"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -260,6 +319,10 @@ pub struct Config {
     pub ssh_port: Option<u16>,
     pub accept_new_host_key: bool,
     pub timeout: Duration,
+    pub chunked: bool,
+    pub chunk_size: u64,
+    pub chunk_window: u64,
+    pub tmpdir: String,
     /// Bytes per second, as given; see [`Config::bwlimit`].
     pub source_bwlimit: Option<u64>,
     pub target_bwlimit: Option<u64>,
@@ -340,6 +403,10 @@ impl Cli {
             ssh_port: self.sshport,
             accept_new_host_key: self.accept_new_host_key,
             timeout: self.timeout,
+            chunked: self.chunked,
+            chunk_size: self.chunk_size,
+            chunk_window: self.chunk_window,
+            tmpdir: self.tmpdir,
             source_bwlimit: self.source_bwlimit,
             target_bwlimit: self.target_bwlimit,
             dry_run: self.dry_run,
@@ -517,6 +584,58 @@ mod tests {
             // A separate negative value is not taken for a value either.
             assert!(Cli::try_parse_from(["resync", flag, "-5M", "a/b", "c/d"]).is_err());
             assert!(Cli::try_parse_from(["resync", "a/b", "c/d", flag]).is_err());
+        }
+    }
+
+    #[test]
+    fn chunked_flags_parse_with_defaults() {
+        let c = cli(&["a/b", "c/d"]).unwrap();
+        assert!(!c.chunked);
+        assert_eq!(c.chunk_size, 64 << 20);
+        assert_eq!(c.chunk_window, 4);
+        assert_eq!(c.tmpdir, "/tmp");
+        let c = cli(&[
+            "--chunked",
+            "--chunk-size=1M",
+            "--chunk-window",
+            "8",
+            "--tmpdir=/var/tmp",
+            "a/b",
+            "c/d",
+        ])
+        .unwrap();
+        assert!(c.chunked);
+        assert_eq!(c.chunk_size, 1 << 20);
+        assert_eq!(c.chunk_window, 8);
+        assert_eq!(c.tmpdir, "/var/tmp");
+        for (s, n) in [
+            ("1", 1),
+            ("512k", 512 << 10),
+            ("2MiB", 2 << 20),
+            ("1G", 1 << 30),
+            ("7B", 7),
+        ] {
+            assert_eq!(parse_chunk_size(s), Ok(n), "{s}");
+        }
+    }
+
+    #[test]
+    fn bad_chunked_flags_are_usage_errors() {
+        for bad in [
+            &["--chunk-size=0", "a/b", "c/d"][..],
+            &["--chunk-size=2G", "a/b", "c/d"],
+            &["--chunk-size=lots", "a/b", "c/d"],
+            &["--chunk-size=1.5M", "a/b", "c/d"],
+            &["--chunk-size=-1", "a/b", "c/d"],
+            &["--chunk-size=8Mb", "a/b", "c/d"],
+            &["--chunk-window=0", "a/b", "c/d"],
+            &["--chunk-window=x", "a/b", "c/d"],
+            &["--tmpdir=relative", "a/b", "c/d"],
+            &["--tmpdir=/tmp/../etc", "a/b", "c/d"],
+        ] {
+            let mut argv = vec!["resync"];
+            argv.extend_from_slice(bad);
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
         }
     }
 }

@@ -34,6 +34,8 @@ pub trait Progress: Send + Sync {
 /// One running byte stream.
 pub trait Transfer: Send + Sync {
     fn add(&self, bytes: u64);
+    /// A short note shown beside the stream (e.g. "reconnecting"); "" clears it.
+    fn status(&self, _note: &str) {}
     /// Ends the display (the caller prints the dataset's summary line).
     fn finish(&self);
 }
@@ -148,6 +150,10 @@ impl Transfer for Bar {
             }
         }
         self.bar.set_position(done);
+    }
+
+    fn status(&self, note: &str) {
+        self.bar.set_message(note.to_string());
     }
 
     fn finish(&self) {

@@ -6,17 +6,19 @@
 //! After executing a plan it gathers and plans again: a dataset is done only
 //! when the planner, on fresh listings, says it is up to date.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::bwlimit::Limiter;
+use crate::chunk::orchestrator;
 use crate::cli::{Config, Endpoint, Location};
+use crate::deploy;
 use crate::host::local::LocalHost;
 use crate::host::quote::sh_join;
 use crate::host::ssh::{SshHost, SshOptions, SshSpec};
-use crate::host::{CmdOutput, Host};
+use crate::host::{is_connection_lost, CmdOutput, Host};
 use crate::plan::{self, Plan, PlanOptions, SourceState, Step, TargetState};
 use crate::progress::{human_bytes, human_duration, human_rate, Progress, Stopwatch};
 use crate::runlock::{self, RemoteProc, RunLock};
@@ -36,16 +38,23 @@ pub struct Outcome {
 
 /// One side of the run: where it is, and what its ZFS can do.
 struct Side {
-    host: Arc<dyn Host>,
+    /// Replaced when `--chunked` mode reconnects after a lost connection.
+    host: RwLock<Arc<dyn Host>>,
+    /// Our binary on this host, for `--chunked` (found or uploaded once).
+    helper: Mutex<Option<String>>,
     caps: Capabilities,
     endpoint: Endpoint,
 }
 
 impl Side {
+    fn host(&self) -> Arc<dyn Host> {
+        self.host.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn label(&self, ds: &Dataset) -> String {
         match &self.endpoint.location {
             Location::Local => ds.to_string(),
-            Location::Remote { .. } => format!("{}:{}", self.host.label(), ds),
+            Location::Remote { .. } => format!("{}:{}", self.host().label(), ds),
         }
     }
 }
@@ -83,12 +92,14 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
         cfg,
         ui,
         src: Side {
-            host: src_host,
+            host: RwLock::new(src_host),
+            helper: Mutex::new(None),
             caps: src_caps,
             endpoint: cfg.source.clone(),
         },
         dst: Side {
-            host: dst_host,
+            host: RwLock::new(dst_host),
+            helper: Mutex::new(None),
             caps: dst_caps,
             endpoint: cfg.target.clone(),
         },
@@ -111,7 +122,7 @@ fn connect(location: &Location, cfg: &Config) -> Result<Arc<dyn Host>> {
                 key: cfg.ssh_key.clone(),
                 accept_new_host_key: cfg.accept_new_host_key,
                 connect_timeout: std::time::Duration::from_secs(15),
-                io_timeout: cfg.timeout,
+                io_timeout: io_timeout(cfg),
                 home,
             };
             let spec = SshSpec {
@@ -122,6 +133,21 @@ fn connect(location: &Location, cfg: &Config) -> Result<Arc<dyn Host>> {
         }
     }
 }
+
+/// How long an SSH connection may stall before it counts as lost. In
+/// `--chunked` mode a lost connection is cheap (reconnect, read the folders
+/// again) while `--timeout` is the budget without progress for the whole
+/// transfer, so connections are declared dead much sooner.
+fn io_timeout(cfg: &Config) -> std::time::Duration {
+    if cfg.chunked {
+        cfg.timeout.min(CHUNKED_IO_TIMEOUT)
+    } else {
+        cfg.timeout
+    }
+}
+
+/// See [`io_timeout`].
+const CHUNKED_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
 
 /// Probes what the ZFS behind `host` supports, on `pool`, which must exist.
 fn detect(host: &dyn Host, pool: &str, ui: &dyn Progress) -> Result<Capabilities> {
@@ -213,7 +239,7 @@ impl Run<'_> {
         };
         let leftovers = lock.leftovers().to_vec();
         for p in &leftovers {
-            let host = [&self.src.host, &self.dst.host]
+            let host = [self.src.host(), self.dst.host()]
                 .into_iter()
                 .find(|h| h.label() == p.host);
             let Some(host) = host else {
@@ -223,7 +249,7 @@ impl Run<'_> {
                 ));
                 continue;
             };
-            let out = exec(&**host, &runlock::stop_argv(p), self.ui)?;
+            let out = exec(&*host, &runlock::stop_argv(p), self.ui)?;
             if out.stdout.contains("stopped") {
                 self.ui.info(&format!(
                     "stopped a zfs process (pid {}) left running on {} by an interrupted run",
@@ -279,14 +305,14 @@ impl Run<'_> {
     fn dataset_pairs(&self) -> Result<Vec<(Dataset, Dataset)>> {
         let root = &self.cfg.source.dataset;
         let out = exec(
-            &*self.src.host,
+            &*self.src.host(),
             &zfs::list_datasets_argv(root, self.cfg.recursive),
             self.ui,
         )?;
         if !out.success() && zfs::is_missing_dataset_error(&out.stderr) {
             bail!("source dataset {} does not exist", self.src.label(root));
         }
-        let listed = zfs::parse_dataset_list(&out.check("zfs list", self.src.host.label())?)?;
+        let listed = zfs::parse_dataset_list(&out.check("zfs list", self.src.host().label())?)?;
         let mut pairs = Vec::new();
         for ds in listed {
             let Some(rel) = ds.relative_to(root) else {
@@ -400,7 +426,7 @@ impl Run<'_> {
                 return Ok(name);
             }
             let out = exec(
-                &*self.src.host,
+                &*self.src.host(),
                 &zfs::create_snapshot_argv(src, &name),
                 self.ui,
             )?;
@@ -415,7 +441,7 @@ impl Run<'_> {
                 ));
                 continue;
             }
-            out.check("zfs snapshot", self.src.host.label())
+            out.check("zfs snapshot", self.src.host().label())
                 .with_context(|| format!("cannot take sync snapshot {}", src.snapshot(&name)))?;
             return Ok(name);
         }
@@ -427,7 +453,11 @@ impl Run<'_> {
             return Ok(());
         };
         let parent = Dataset::parse(parent)?;
-        let out = exec(&*self.dst.host, &zfs::dataset_exists_argv(&parent), self.ui)?;
+        let out = exec(
+            &*self.dst.host(),
+            &zfs::dataset_exists_argv(&parent),
+            self.ui,
+        )?;
         if !out.success() {
             if zfs::is_missing_dataset_error(&out.stderr) {
                 bail!(
@@ -436,14 +466,14 @@ impl Run<'_> {
                     parent
                 );
             }
-            out.check("zfs list", self.dst.host.label())?;
+            out.check("zfs list", self.dst.host().label())?;
         }
         Ok(())
     }
 
     fn source_state(&self, ds: &Dataset) -> Result<SourceState> {
         let out = exec_ok(
-            &*self.src.host,
+            &*self.src.host(),
             &zfs::list_snapshots_argv(ds, &self.src.caps),
             "listing snapshots",
             self.ui,
@@ -455,7 +485,8 @@ impl Run<'_> {
     }
 
     fn target_state(&self, ds: &Dataset) -> Result<TargetState> {
-        let host = &*self.dst.host;
+        let host = self.dst.host();
+        let host = &*host;
         let out = exec(host, &zfs::list_snapshots_argv(ds, &self.dst.caps), self.ui)?;
         if !out.success() && zfs::is_missing_dataset_error(&out.stderr) {
             return Ok(TargetState {
@@ -500,7 +531,7 @@ impl Run<'_> {
                     self.dst.label(dst)
                 ));
                 exec_ok(
-                    &*self.dst.host,
+                    &*self.dst.host(),
                     &zfs::abort_partial_argv(dst),
                     "zfs receive -A",
                     self.ui,
@@ -513,7 +544,7 @@ impl Run<'_> {
                     self.dst.label(dst)
                 ));
                 exec_ok_when_idle(
-                    &*self.dst.host,
+                    &*self.dst.host(),
                     &zfs::destroy_recursive_argv(dst),
                     "zfs destroy",
                     self.ui,
@@ -527,7 +558,7 @@ impl Run<'_> {
                     to.name
                 ));
                 exec_ok_when_idle(
-                    &*self.dst.host,
+                    &*self.dst.host(),
                     &zfs::rollback_argv(dst, &to.name),
                     "zfs rollback",
                     self.ui,
@@ -592,7 +623,11 @@ impl Run<'_> {
     /// `zfs send` on the source, piped through this process into `zfs receive`
     /// on the target. Both exit statuses must be zero.
     fn transfer(&self, send: &[String], recv: &[String], label: &str) -> Result<u64> {
-        let (sh, th) = (&*self.src.host, &*self.dst.host);
+        if self.cfg.chunked {
+            return self.transfer_chunked(send, recv, label);
+        }
+        let (sh, th) = (self.src.host(), self.dst.host());
+        let (sh, th) = (&*sh, &*th);
         self.ui
             .debug(&format!("[{}] {}", sh.label(), sh_join(send)));
         self.ui
@@ -680,13 +715,128 @@ impl Run<'_> {
         }
     }
 
+    /// `--chunked`: the stream moves as chunk files between session folders
+    /// on both hosts (see `chunk::orchestrator`); both helpers must report
+    /// success, like both zfs commands in [`Run::transfer`].
+    fn transfer_chunked(&self, send: &[String], recv: &[String], label: &str) -> Result<u64> {
+        let src_exe = self.helper_exe(&self.src)?;
+        let dst_exe = self.helper_exe(&self.dst)?;
+        self.ui.debug(&format!(
+            "[{}] {} (chunked)",
+            self.src.host().label(),
+            sh_join(send)
+        ));
+        self.ui.debug(&format!(
+            "[{}] {} (chunked)",
+            self.dst.host().label(),
+            sh_join(recv)
+        ));
+        let reconnect_src = || connect(&self.cfg.source.location, self.cfg);
+        let reconnect_dst = || connect(&self.cfg.target.location, self.cfg);
+        let opts = orchestrator::Options {
+            chunk_size: self.cfg.chunk_size,
+            window: self.cfg.chunk_window,
+            timeout: self.cfg.timeout,
+            tmpdir: self.cfg.tmpdir.clone(),
+            bwlimit: self.cfg.bwlimit(),
+        };
+        let bar = self.ui.transfer(label, self.estimate(send));
+        let debug = |line: &str| self.ui.debug(line);
+        let result = orchestrator::transfer(
+            orchestrator::Side {
+                host: &self.src.host,
+                reconnect: &reconnect_src,
+                exe: src_exe,
+            },
+            orchestrator::Side {
+                host: &self.dst.host,
+                reconnect: &reconnect_dst,
+                exe: dst_exe,
+            },
+            send,
+            recv,
+            &opts,
+            &*bar,
+            &debug,
+        );
+        bar.finish();
+        let stats = result?;
+        self.ui.debug(&format!(
+            "chunked: {} chunks, {} to zfs receive, {} copied ({} re-sent), {} reconnects",
+            stats.chunks,
+            human_bytes(stats.bytes),
+            human_bytes(stats.copied),
+            human_bytes(stats.copied.saturating_sub(stats.bytes)),
+            stats.reconnects
+        ));
+        Ok(stats.bytes)
+    }
+
+    /// Our binary on a side's host: this very file locally, else a copy
+    /// deployed (by MD5) under `--tmpdir`.
+    fn helper_exe(&self, side: &Side) -> Result<String> {
+        let mut cached = side.helper.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(path) = &*cached {
+            return Ok(path.clone());
+        }
+        let path = match side.endpoint.location {
+            Location::Local => {
+                let exe = std::env::current_exe().context("finding our own binary")?;
+                exe.to_str()
+                    .ok_or_else(|| anyhow!("our binary's path {} is not UTF-8", exe.display()))?
+                    .to_string()
+            }
+            Location::Remote { .. } => {
+                let d = self.deploy_retrying(side)?;
+                let host = side.host();
+                if d.uploaded {
+                    self.ui
+                        .debug(&format!("uploaded resync to {}:{}", host.label(), d.path));
+                }
+                d.path
+            }
+        };
+        *cached = Some(path.clone());
+        Ok(path)
+    }
+
+    /// Deploys our binary to a side's host; a lost connection is replaced
+    /// (with backoff) until `--timeout` passes.
+    fn deploy_retrying(&self, side: &Side) -> Result<deploy::Deployed> {
+        let deadline = std::time::Instant::now() + self.cfg.timeout;
+        let mut pause = std::time::Duration::from_millis(250);
+        loop {
+            let host = side.host();
+            let err = match deploy::deploy(&*host, &self.cfg.tmpdir) {
+                Ok(d) => return Ok(d),
+                Err(e) => e.context(format!("installing resync on {}", host.label())),
+            };
+            if !is_connection_lost(&err) || std::time::Instant::now() >= deadline {
+                return Err(err);
+            }
+            self.ui.debug(&format!("{err:#}; reconnecting"));
+            loop {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_secs(4));
+                match connect(&side.endpoint.location, self.cfg) {
+                    Ok(h) => {
+                        *side.host.write().unwrap_or_else(|p| p.into_inner()) = h;
+                        break;
+                    }
+                    Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                    Err(e) => self.ui.debug(&format!("reconnecting failed: {e:#}")),
+                }
+            }
+        }
+    }
+
     /// The stream's size from `zfs send -nvP`, where the source's ZFS has it.
     /// An estimate that cannot be had is no error: the bar shows bytes and rate.
     fn estimate(&self, send: &[String]) -> Option<u64> {
         if !self.src.caps.send_estimate {
             return None;
         }
-        let out = exec(&*self.src.host, &zfs::send_estimate_argv(send), self.ui).ok()?;
+        let out = exec(&*self.src.host(), &zfs::send_estimate_argv(send), self.ui).ok()?;
         out.success()
             .then(|| zfs::parse_send_estimate(&out.stdout))
             .flatten()
@@ -731,7 +881,7 @@ impl Run<'_> {
 
     fn prune_side(&self, side: &Side, ds: &Dataset, current: &str) -> Result<()> {
         let out = exec_ok(
-            &*side.host,
+            &*side.host(),
             &zfs::list_snapshots_argv(ds, &side.caps),
             "listing snapshots",
             self.ui,
@@ -748,7 +898,7 @@ impl Run<'_> {
             self.ui
                 .debug(&format!("pruning {}@{}", side.label(ds), s.name));
             exec_ok_when_idle(
-                &*side.host,
+                &*side.host(),
                 &zfs::destroy_snapshot_argv(ds, &s.name),
                 "zfs destroy",
                 self.ui,

@@ -118,6 +118,7 @@
 //!   with the same content.
 #![allow(dead_code)]
 
+pub mod orchestrator;
 pub mod receiver;
 pub mod sender;
 

@@ -6,6 +6,7 @@
 mod bed;
 mod bwlimit;
 mod chunk;
+mod chunked;
 mod openzfs;
 mod replication;
 mod smoke;
