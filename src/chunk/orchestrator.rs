@@ -631,27 +631,15 @@ impl Orchestrator<'_> {
                     last_progress = Instant::now();
                 }
                 // Start copies of complete chunks the receiver still needs.
-                // The last chunk goes only after `end` reached the receiver:
-                // zfs receive may exit as soon as it has the stream's last
-                // byte, and the receiver must know by then that it was the
-                // last. A chunk is known not to be last when a later one
-                // exists, or when it is full and the sender is blocked on a
-                // full window (it reads ahead before waiting on the window).
-                let end_delivered = rf.markers.contains_key(END);
-                let staged = sf.chunks.len() as u64;
-                let not_last = |i: u64, size: u64| {
-                    end_delivered
-                        || newest.is_some_and(|n| n > i)
-                        || (size == self.opts.chunk_size && staged >= self.opts.window)
-                };
+                // (zfs receive may exit 0 on the last chunk before `end` is
+                // relayed; the receiver then waits for `end` to confirm.)
                 let mut todo: Vec<(u64, u64, String)> = sf
                     .complete()
-                    .filter(|(i, size, _)| {
+                    .filter(|(i, _, _)| {
                         *i >= progress.next
                             && !in_flight.contains(i)
                             && !copied.contains_key(i)
                             && !rf.has_md5(*i)
-                            && not_last(*i, *size)
                     })
                     .map(|(i, size, md5)| (i, size, md5.to_string()))
                     .collect();

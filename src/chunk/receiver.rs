@@ -174,6 +174,54 @@ struct Scan {
 }
 
 impl Receiver {
+    /// zfs receive exited 0 before the end marker arrived. It is a success
+    /// only if `end` then confirms that every chunk was given to it; another
+    /// chunk arriving, a mismatching `end` or an abort means it stopped
+    /// before the stream did. Cancel and the inactivity timeout still apply.
+    fn after_early_exit(
+        &mut self,
+        status: Status,
+        stderr: String,
+    ) -> Result<Result<RecvResult, Stop>> {
+        let dir = self.c.dir.clone();
+        let early =
+            |why: &str| format!("zfs receive ended before the stream did ({why})\n{stderr}");
+        loop {
+            if exists_nofollow(&dir.join(CANCEL)) || !exists_nofollow(&dir) {
+                return Ok(Err(Stop::Cancelled));
+            }
+            if exists_nofollow(&dir.join(ABORT)) {
+                let text = early("the sender failed");
+                return Ok(Ok(self.result(Outcome::Aborted, Status::Helper, text)));
+            }
+            if self.scan()?.md5 {
+                let text = early(&format!("chunk {} arrived after it exited", self.next));
+                return Ok(Ok(self.result(Outcome::Corrupt, Status::Helper, text)));
+            }
+            if let Some(text) = read_marker(&dir, END).unwrap_or(Some(String::new())) {
+                return Ok(Ok(match End::parse(&text) {
+                    Ok(end) if end.chunks == self.next && end.bytes == self.bytes => {
+                        self.result(Outcome::Ok, status, stderr.clone())
+                    }
+                    Ok(end) => {
+                        let why = format!(
+                            "the end marker says {} chunks of {} bytes; it was given {} chunks of {} bytes",
+                            end.chunks, end.bytes, self.next, self.bytes
+                        );
+                        self.result(Outcome::Corrupt, Status::Helper, early(&why))
+                    }
+                    Err(e) => {
+                        self.result(Outcome::Corrupt, Status::Helper, early(&format!("{e:#}")))
+                    }
+                }));
+            }
+            if self.last_activity.elapsed() >= self.c.timeout {
+                return Ok(Err(Stop::Timeout));
+            }
+            thread::sleep(POLL);
+        }
+    }
+
     fn result(&self, outcome: Outcome, status: Status, stderr: String) -> RecvResult {
         RecvResult {
             outcome,
@@ -331,13 +379,14 @@ impl Receiver {
             if let Some(status) = zfs.child.try_wait().context("checking on zfs receive")? {
                 let status = Status::from_exit(status);
                 let (_, stderr) = zfs.finish(None)?;
-                let (outcome, status) = if status.success() {
-                    (Outcome::Corrupt, Status::Helper)
-                } else {
-                    (Outcome::Failed, status)
-                };
+                if status.success() {
+                    // zfs receive may exit 0 as soon as it has read the
+                    // stream's last byte, before the sender's `end` reached
+                    // this folder: wait for `end` and check the counts.
+                    return self.after_early_exit(status, stderr);
+                }
                 let stderr = format!("zfs receive ended before the stream did\n{stderr}");
-                return Ok(Ok(self.result(outcome, status, stderr)));
+                return Ok(Ok(self.result(Outcome::Failed, status, stderr)));
             }
             if self.last_activity.elapsed() >= self.c.timeout {
                 zfs.kill();
