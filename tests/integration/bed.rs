@@ -845,6 +845,21 @@ fn set_link(link: &str, state: &str) {
     }
 }
 
+/// Is a `zfs receive` into `ds` running anywhere on this machine? The
+/// namespace hosts share its process table, so this sees theirs too.
+pub fn zfs_receive_running(ds: &str) -> bool {
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        let Ok(cmdline) = fs::read(p.path().join("cmdline")) else {
+            return false;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        args.contains(&&b"receive"[..]) && args.contains(&ds.as_bytes())
+    })
+}
+
 /// Polls `f` every 100 ms until it returns true or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

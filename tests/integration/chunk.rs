@@ -191,6 +191,9 @@ struct Relay {
     max_staged: usize,
     /// Chunks copied (including copies again).
     copies: u64,
+    /// Withhold `end` from the receiver until this file has existed for
+    /// half a second (several of the receiver's polls).
+    end_after: Option<PathBuf>,
 }
 
 impl Relay {
@@ -244,7 +247,12 @@ impl Relay {
             }
         }
         if let Some(end) = read(&f.send, "end") {
-            if read(&f.recv, "end").is_none() {
+            let withheld = self.end_after.as_deref().is_some_and(|p| {
+                let age = p.metadata().and_then(|m| m.modified()).ok();
+                !age.and_then(|t| t.elapsed().ok())
+                    .is_some_and(|a| a > Duration::from_millis(500))
+            });
+            if read(&f.recv, "end").is_none() && !withheld {
                 fs::write(f.recv.join("end.part"), end).expect("write end");
                 fs::rename(f.recv.join("end.part"), f.recv.join("end")).expect("rename");
             }
@@ -790,4 +798,54 @@ fn chunk_throughput_256_mib_in_8_mib_chunks() {
     eprintln!("chunk helpers: {size} bytes in {secs:.2}s = {mbs:.0} MB/s");
     let mut sink = std::io::sink();
     let _ = writeln!(sink, "{mbs}");
+}
+
+#[test]
+fn a_consumer_exiting_0_on_the_last_byte_before_end_arrives_is_a_success() {
+    // OpenZFS's zfs receive stops reading at the stream's END record and may
+    // exit before the relay delivers `end`. Stand-in consumer: `head -c LEN`
+    // exits 0 exactly at the last byte; the relay keeps `end` back until it
+    // has. The receiver must wait for `end`, check the counts, and report
+    // ok (it once called this corrupt).
+    let bed = Bed::get();
+    let src = bed.ds_a("chunkearly");
+    bed::create_dataset_with_data(&src, &[("a.bin", 1 << 20)]);
+    bed::snapshot(&src, "s1");
+    let s1 = format!("{src}@s1");
+    let len = Command::new("sh")
+        .args(["-c", "zfs send \"$1\" | wc -c", "sh", &s1])
+        .output()
+        .expect("measure the stream");
+    let len = String::from_utf8_lossy(&len.stdout).trim().to_string();
+    assert!(len.parse::<u64>().is_ok_and(|n| n > 0), "{len:?}");
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let done = scratch.path().join("consumer-exited");
+    let done_arg = done.to_str().expect("utf-8 path").to_string();
+    let f = folders();
+    let mut relay = Relay {
+        end_after: Some(done),
+        ..Relay::default()
+    };
+    let (result, ss, rs) = transfer(
+        &f,
+        &mut relay,
+        &["zfs", "send", &s1],
+        &[
+            "sh",
+            "-c",
+            "head -c \"$1\" >/dev/null && touch \"$2\"",
+            "sh",
+            &len,
+            &done_arg,
+        ],
+        256 << 10,
+        4,
+    );
+    assert_eq!(field(&result, "outcome").as_deref(), Some("ok"), "{result}");
+    assert_eq!(
+        field(&result, "bytes").as_deref(),
+        Some(len.as_str()),
+        "{result}"
+    );
+    assert!(ss.success() && rs.success(), "{ss:?} {rs:?}");
 }

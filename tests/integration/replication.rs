@@ -46,19 +46,8 @@ fn home_copy_without(leave_out: &[&str]) -> (tempfile::TempDir, PathBuf) {
     (dir, home)
 }
 
-/// Is a `zfs receive` into `ds` running anywhere on this machine (the hosts
-/// share its process table)?
 fn receiving(ds: &str) -> bool {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    procs.flatten().any(|p| {
-        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
-            return false;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        args.contains(&&b"receive"[..]) && args.contains(&ds.as_bytes())
-    })
+    zfs_receive_running(ds)
 }
 
 fn wait_for_receive_of(ds: &str) {
