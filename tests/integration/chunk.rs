@@ -249,8 +249,8 @@ impl Relay {
         if let Some(end) = read(&f.send, "end") {
             let withheld = self.end_after.as_deref().is_some_and(|p| {
                 let age = p.metadata().and_then(|m| m.modified()).ok();
-                !age.and_then(|t| t.elapsed().ok())
-                    .is_some_and(|a| a > Duration::from_millis(500))
+                age.and_then(|t| t.elapsed().ok())
+                    .is_none_or(|a| a <= Duration::from_millis(500))
             });
             if read(&f.recv, "end").is_none() && !withheld {
                 fs::write(f.recv.join("end.part"), end).expect("write end");
