@@ -11,6 +11,7 @@
 #   raw ssh       zfs send | ssh host 'cat > /dev/null'   (OpenSSH; the baseline)
 #   local recv    zfs send | zfs receive on this machine   (zfs-fuse's own ceiling)
 #   resync        resync --no-sync-snap SRC root@B:DST     (default mode, release build)
+#   resync chunk  the same with --chunked (64 MiB chunks, window 4)
 #   syncoid       syncoid --no-sync-snap --compress=none   (Debian's sanoid package)
 # For resync also its peak RSS (GNU time).
 set -euo pipefail
@@ -29,7 +30,7 @@ echo "bench: building the release binary" >&2
 cargo build --release --quiet
 BIN=$PWD/target/x86_64-unknown-linux-gnu/release/resync
 
-TB_VDEV_SIZE=$((MB * 3 + 512))M bash scripts/testbed.sh up "$STATE" >/dev/null
+TB_VDEV_SIZE=$((MB * 4 + 512))M bash scripts/testbed.sh up "$STATE" >/dev/null
 trap 'bash scripts/testbed.sh down "$STATE" >/dev/null 2>&1 || true' EXIT
 # shellcheck disable=SC1091
 . "$STATE/env"
@@ -64,6 +65,10 @@ resync_push() {
 	HOME=$TB_HOME /usr/bin/time -f '%M' -o "$STATE/resync.rss" \
 		"$BIN" --quiet --no-sync-snap "$src" "root@$TB_HOST_B:$TB_POOL_B/bench-resync"
 }
+chunked_push() {
+	HOME=$TB_HOME /usr/bin/time -f '%M' -o "$STATE/chunked.rss" \
+		"$BIN" --quiet --no-sync-snap --chunked --tmpdir=/var/tmp "$src" "root@$TB_HOST_B:$TB_POOL_B/bench-chunked"
+}
 syncoid_push() {
 	HOME=$TB_HOME syncoid --quiet --no-sync-snap --compress=none --no-privilege-elevation \
 		--sshkey="$TB_KEY" --sshoption=UserKnownHostsFile="$TB_KNOWN_HOSTS" \
@@ -73,11 +78,12 @@ syncoid_push() {
 time_it "raw ssh" raw
 time_it "local recv" local_recv
 time_it "resync" resync_push
+time_it "resync chunk" chunked_push
 time_it "syncoid" syncoid_push
 
 # The replicas must be real: same GUID as the source snapshot.
 guid=$(zfs get -H -o value guid "$src@b1")
-for d in bench-resync bench-syncoid; do
+for d in bench-resync bench-chunked bench-syncoid; do
 	got=$(zfs get -H -o value guid "$TB_POOL_B/$d@b1")
 	[[ $got == "$guid" ]] || { echo "bench: $d@b1 has GUID $got, expected $guid" >&2; exit 1; }
 done
@@ -85,9 +91,10 @@ done
 base=${SECS["raw ssh"]}
 printf '\nstream: %s bytes (%s MiB of random data), host B over veth, %s\n' "$bytes" "$MB" "$(date -u +%F)"
 printf '%-12s %8s %10s %12s\n' method seconds MB/s "vs raw ssh"
-for name in "raw ssh" "local recv" "resync" "syncoid"; do
+for name in "raw ssh" "local recv" "resync" "resync chunk" "syncoid"; do
 	s=${SECS[$name]}
 	printf '%-12s %8s %10s %11sx\n' "$name" "$s" "$(rate "$bytes" "$s")" \
 		"$(awk -v a="$base" -v b="$s" 'BEGIN { printf "%.2f", a / b }')"
 done
-printf 'resync peak RSS: %s KiB\n' "$(cat "$STATE/resync.rss")"
+printf 'peak RSS of the orchestrator: resync %s KiB, resync --chunked %s KiB\n' \
+	"$(cat "$STATE/resync.rss")" "$(cat "$STATE/chunked.rss")"
