@@ -50,6 +50,42 @@ fn receiving(ds: &str) -> bool {
     zfs_receive_running(ds)
 }
 
+/// An iptables rule in a host's namespace that drops incoming TCP RSTs,
+/// removed on drop.
+struct DropRsts(String);
+
+impl DropRsts {
+    const RULE: [&'static str; 8] = [
+        "INPUT",
+        "-p",
+        "tcp",
+        "--tcp-flags",
+        "RST",
+        "RST",
+        "-j",
+        "DROP",
+    ];
+
+    fn on(ns: &str) -> DropRsts {
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "iptables", "-I"])
+            .args(Self::RULE)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot add the RST-dropping rule in {ns}");
+        DropRsts(ns.to_string())
+    }
+}
+
+impl Drop for DropRsts {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0, "iptables", "-D"])
+            .args(Self::RULE)
+            .status();
+    }
+}
+
 fn wait_for_receive_of(ds: &str) {
     assert!(
         wait_until(Duration::from_secs(60), || receiving(ds)),
@@ -579,6 +615,12 @@ fn a_cut_link_fails_the_run_and_the_next_run_completes() {
     let dst = format!("{}/{}", bed.pool_b, unique_name("cut"));
     create_dataset_with_data(&src, &[("big", 40 << 20)]);
     let net = exclusive_network();
+    // Once the link is back, host B's sshd would get a RST for the dead
+    // connection and end the orphan by itself, racing the rerun. Host B
+    // drops incoming RSTs while this test runs (it holds the network), so
+    // the orphan lives until the rerun stops it, as it would for hours
+    // after a real cut whose client machine rebooted.
+    let _no_rst = DropRsts::on(&bed.ns_b);
     // Paced at 8 MiB/s, so the cut always lands mid-stream.
     let run = Resync::new(&[
         "--timeout=5s",
