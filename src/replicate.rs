@@ -691,22 +691,8 @@ impl Run<'_> {
         if let Some(lock) = &self.lock {
             lock.forget(&started)?;
         }
-        if recv_exit.status != 0 {
-            bail!(
-                "zfs receive failed on {} (exit {}): {}",
-                th.label(),
-                recv_exit.status,
-                last_lines(&recv_exit.stderr)
-            );
-        }
-        if send_exit.status != 0 {
-            bail!(
-                "zfs send failed on {} (exit {}): {}",
-                sh.label(),
-                send_exit.status,
-                last_lines(&send_exit.stderr)
-            );
-        }
+        recv_exit.check("zfs receive", th.label())?;
+        send_exit.check("zfs send", sh.label())?;
         match pumped {
             Ok(n) => Ok(n),
             Err(e @ (PumpError::Read(_) | PumpError::Write(_))) => {
@@ -959,22 +945,6 @@ fn read_announcement(out: &mut dyn std::io::Read) -> Result<(u32, u32)> {
     )
 }
 
-/// The last few lines of a command's stderr, joined for a one-line message.
-fn last_lines(stderr: &str) -> String {
-    let lines: Vec<&str> = stderr
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    let start = lines.len().saturating_sub(3);
-    let joined = lines[start..].join(" / ");
-    if joined.is_empty() {
-        "(no error output)".into()
-    } else {
-        joined
-    }
-}
-
 /// This machine's name, as it appears in sync snapshot names.
 fn local_hostname() -> String {
     let mut buf = [0u8; 256];
@@ -992,12 +962,6 @@ fn local_hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn last_lines_keeps_the_tail_on_one_line() {
-        assert_eq!(last_lines(""), "(no error output)");
-        assert_eq!(last_lines("a\n\nb\nc\nd\n"), "b / c / d");
-    }
 
     #[test]
     fn steps_describe_themselves() {

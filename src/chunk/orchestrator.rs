@@ -25,7 +25,7 @@ use super::{
     Outcome, Progress, RecvResult, ABORT, CANCEL, END, ERROR, PROGRESS, RESEND, RESULT,
 };
 use crate::bwlimit::Limiter;
-use crate::host::{is_connection_lost, Host};
+use crate::host::{is_connection_lost, stderr_tail, Host};
 use crate::progress::Transfer;
 
 /// Pause between polls right after something happened; it doubles while
@@ -616,7 +616,7 @@ impl Orchestrator<'_> {
                         "zfs send failed on {} ({}): {}",
                         s.label,
                         f.status.render(),
-                        last_lines(&f.stderr)
+                        stderr_tail(&f.stderr)
                     ));
                     if rf.markers.get(ABORT) == Some(text) {
                         s_ops.extend(["rm".into(), ERROR.into()]);
@@ -764,37 +764,21 @@ impl Orchestrator<'_> {
                 sender_failure.unwrap_or_else(|| format!(
                     "zfs send failed on {}: {}",
                     s.label,
-                    last_lines(&res.stderr)
+                    stderr_tail(&res.stderr)
                 ))
             )),
             Outcome::Failed => bail!(
                 "zfs receive failed on {} ({}): {}",
                 r.label,
                 res.status.render(),
-                last_lines(&res.stderr)
+                stderr_tail(&res.stderr)
             ),
             Outcome::Corrupt => bail!(
                 "the chunked stream to {} was corrupt; zfs receive was stopped: {}",
                 r.label,
-                last_lines(&res.stderr)
+                stderr_tail(&res.stderr)
             ),
         }
-    }
-}
-
-/// The last few non-blank lines of a helper's stderr, on one line.
-fn last_lines(text: &str) -> String {
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    let start = lines.len().saturating_sub(3);
-    let joined = lines[start..].join(" / ");
-    if joined.is_empty() {
-        "(no error output)".into()
-    } else {
-        joined
     }
 }
 

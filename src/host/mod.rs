@@ -157,7 +157,7 @@ fn failure(what: &str, host: &str, status: i32, stderr: &str) -> anyhow::Error {
 
 /// The last `n` non-blank lines of `text`, trimmed, joined with "; " when
 /// there are several. Long output is cut from the front.
-fn last_lines(text: &str, n: usize) -> String {
+pub(crate) fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text
         .lines()
         .map(str::trim)
@@ -168,6 +168,16 @@ fn last_lines(text: &str, n: usize) -> String {
 }
 
 /// Exit code for a status that may have ended by signal.
+/// [`last_lines`] for a message that needs something to show.
+pub(crate) fn stderr_tail(text: &str) -> String {
+    let tail = last_lines(text, 3);
+    if tail.is_empty() {
+        "(no error output)".into()
+    } else {
+        tail
+    }
+}
+
 pub(crate) fn signal_status(signal: i32) -> i32 {
     128 + signal
 }

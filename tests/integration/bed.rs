@@ -845,6 +845,26 @@ fn set_link(link: &str, state: &str) {
     }
 }
 
+/// The target must hold the source's newest snapshot, every snapshot the
+/// two share by name with the same GUID, and the same files.
+#[track_caller]
+pub fn assert_replica(src: &str, dst: &str) {
+    let s = snapshots(src);
+    let d = snapshots(dst);
+    let newest = s.last().expect("source has snapshots");
+    assert!(d.contains(newest), "target {dst} lacks {newest:?}: {d:?}");
+    for snap in &d {
+        if let Some(same) = s.iter().find(|x| x.0 == snap.0) {
+            assert_eq!(same.1, snap.1, "GUID of @{} differs", snap.0);
+        }
+    }
+    assert_eq!(
+        tree_checksums(src),
+        tree_checksums(dst),
+        "file contents differ"
+    );
+}
+
 /// Is a `zfs receive` into `ds` running anywhere on this machine? The
 /// namespace hosts share its process table, so this sees theirs too.
 pub fn zfs_receive_running(ds: &str) -> bool {

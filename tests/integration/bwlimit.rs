@@ -9,25 +9,6 @@ use crate::bed::*;
 
 const MIB: usize = 1 << 20;
 
-/// The target must hold the source's newest snapshot with the same GUID,
-/// every common snapshot with the same GUID, and the same files.
-fn assert_replica(src: &str, dst: &str) {
-    let s = snapshots(src);
-    let d = snapshots(dst);
-    let newest = s.last().expect("source has snapshots");
-    assert!(d.contains(newest), "target {dst} lacks {newest:?}: {d:?}");
-    for snap in &d {
-        if let Some(same) = s.iter().find(|x| x.0 == snap.0) {
-            assert_eq!(same.1, snap.1, "GUID of @{} differs", snap.0);
-        }
-    }
-    assert_eq!(
-        tree_checksums(src),
-        tree_checksums(dst),
-        "file contents differ"
-    );
-}
-
 /// Bytes moved, from the summary line "LABEL: 24.06 MiB in 6.2s (...)".
 fn summary_bytes(stderr: &str) -> Option<f64> {
     let line = stderr

@@ -41,25 +41,6 @@ fn assert_no_sessions_left(dir: &Path) {
     assert!(clean, "session folders left: {:?}", sessions(dir));
 }
 
-/// Same snapshots (names and GUIDs) on both sides, and the same files.
-#[track_caller]
-fn assert_replica(src: &str, dst: &str) {
-    let s = snapshots(src);
-    let d = snapshots(dst);
-    let newest = s.last().expect("source has snapshots");
-    assert!(d.contains(newest), "target {dst} lacks {newest:?}: {d:?}");
-    for snap in &d {
-        if let Some(same) = s.iter().find(|x| x.0 == snap.0) {
-            assert_eq!(same.1, snap.1, "GUID of @{} differs", snap.0);
-        }
-    }
-    assert_eq!(
-        tree_checksums(src),
-        tree_checksums(dst),
-        "file contents differ"
-    );
-}
-
 /// Destroys a test's dataset; zfs-fuse sometimes keeps one "busy" for a
 /// long while after a receive, which is no failure of the test.
 fn cleanup(ds: &str) {

@@ -111,25 +111,6 @@ fn names(ds: &str) -> Vec<String> {
     snaps(ds).into_iter().map(|(n, _)| n).collect()
 }
 
-/// The target must hold every snapshot of the source that it lists, with the
-/// same GUID, and the newest source snapshot; the files must be equal.
-fn assert_replica(src: &str, dst: &str) {
-    let s = snaps(src);
-    let d = snaps(dst);
-    let newest = s.last().expect("source has snapshots");
-    assert!(d.contains(newest), "target {dst} lacks {newest:?}: {d:?}");
-    for snap in &d {
-        if let Some(same) = s.iter().find(|x| x.0 == snap.0) {
-            assert_eq!(same.1, snap.1, "GUID of @{} differs", snap.0);
-        }
-    }
-    assert_eq!(
-        tree_checksums(src),
-        tree_checksums(dst),
-        "file contents differ"
-    );
-}
-
 fn sync_snaps(ds: &str) -> Vec<String> {
     names(ds)
         .into_iter()
