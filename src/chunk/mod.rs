@@ -1010,6 +1010,23 @@ fn clean(a: HelperArgs) -> Result<i32> {
 }
 
 /// Log line of a helper (its stderr goes to `helper.log`).
+/// Why a helper stopped waiting.
+pub(crate) enum Stop {
+    Timeout,
+    Cancelled,
+}
+
+/// A helper's first step: create (or check) its session folder and take its
+/// lock. On failure it logs why and returns the usage exit code.
+pub(crate) fn enter_session(who: &str, dir: &Path) -> std::result::Result<SessionLock, i32> {
+    prepare_session_dir(dir)
+        .and_then(|()| lock_session(dir))
+        .map_err(|e| {
+            log(who, dir, &format!("error: {e:#}"));
+            EXIT_USAGE
+        })
+}
+
 pub(crate) fn log(who: &str, dir: &Path, msg: &str) {
     let id = dir
         .file_name()

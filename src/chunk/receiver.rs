@@ -45,24 +45,12 @@ impl Config {
     }
 }
 
-enum Stop {
-    Timeout,
-    Cancelled,
-}
-
 /// Runs the receiver helper; returns its exit code.
 pub fn run(c: Config) -> i32 {
     let dir = c.dir.clone();
-    if let Err(e) = prepare_session_dir(&dir) {
-        log("receiver", &dir, &format!("error: {e:#}"));
-        return EXIT_USAGE;
-    }
-    let _lock = match lock_session(&dir) {
+    let _lock = match enter_session("receiver", &dir) {
         Ok(l) => l,
-        Err(e) => {
-            log("receiver", &dir, &format!("error: {e:#}"));
-            return EXIT_USAGE;
-        }
+        Err(code) => return code,
     };
     let mut r = Receiver {
         c,

@@ -56,25 +56,12 @@ impl Config {
     }
 }
 
-/// Why the helper stopped waiting.
-enum Stop {
-    Timeout,
-    Cancelled,
-}
-
 /// Runs the sender helper; returns its exit code.
 pub fn run(c: Config) -> i32 {
     let dir = c.dir.clone();
-    if let Err(e) = prepare_session_dir(&dir) {
-        log("sender", &dir, &format!("error: {e:#}"));
-        return EXIT_USAGE;
-    }
-    let _lock = match lock_session(&dir) {
+    let _lock = match enter_session("sender", &dir) {
         Ok(l) => l,
-        Err(e) => {
-            log("sender", &dir, &format!("error: {e:#}"));
-            return EXIT_USAGE;
-        }
+        Err(code) => return code,
     };
     let mut s = Sender {
         c,
