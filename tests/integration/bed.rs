@@ -739,6 +739,7 @@ thread_local! {
 /// it exclusively already).
 pub struct NetShared {
     _guard: RwLockReadGuard<'static, ()>,
+    _file: fs::File,
 }
 
 impl Drop for NetShared {
@@ -752,21 +753,51 @@ fn net_shared() -> Option<NetShared> {
         return None;
     }
     let guard = NET.read().unwrap_or_else(|e| e.into_inner());
+    let file = net_file_lock(libc::LOCK_SH);
     SHARED.with(|s| s.set(s.get() + 1));
-    Some(NetShared { _guard: guard })
+    Some(NetShared {
+        _guard: guard,
+        _file: file,
+    })
 }
 
 /// Exclusive hold on the bed's network: waits until no other test is using
 /// ssh or resync, and keeps them waiting until dropped. Take it before
 /// spawning a resync that you will cut a link under.
 pub struct NetExclusive {
-    guard: Option<RwLockWriteGuard<'static, ()>>,
+    guard: Option<(RwLockWriteGuard<'static, ()>, fs::File)>,
 }
 
 impl Drop for NetExclusive {
     fn drop(&mut self) {
         if self.guard.take().is_some() {
             EXCLUSIVE.with(|e| e.set(false));
+        }
+    }
+}
+
+/// The same lock across processes: several `cargo test` runs may share one
+/// bed (while developing), and a cut in one must not surprise another. An
+/// flock on a file in the bed's state dir: shared for ssh/resync, exclusive
+/// for a cut. The in-process RwLock comes first, so a process never waits on
+/// its own shared holds.
+fn net_file_lock(op: libc::c_int) -> fs::File {
+    use std::os::unix::io::AsRawFd;
+    let path = Bed::get().dir.join("net.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return file;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            panic!("flock {}: {err}", path.display());
         }
     }
 }
@@ -783,8 +814,11 @@ pub fn exclusive_network() -> NetExclusive {
          bed::exclusive_network() before spawning it"
     );
     let guard = NET.write().unwrap_or_else(|e| e.into_inner());
+    let file = net_file_lock(libc::LOCK_EX);
     EXCLUSIVE.with(|e| e.set(true));
-    NetExclusive { guard: Some(guard) }
+    NetExclusive {
+        guard: Some((guard, file)),
+    }
 }
 
 /// A cut link; dropping it brings the link back up (also when the test
