@@ -14,6 +14,7 @@ mod replicate;
 mod runlock;
 mod stream;
 mod syncsnap;
+mod token;
 mod zfs;
 
 use clap::Parser;

@@ -11,7 +11,10 @@
 //!
 //! Rules, in order:
 //! 1. A resume token on the target: with `resume`, the plan is the lone
-//!    [`Step::Resume`]; otherwise [`Step::AbortPartial`] comes first.
+//!    [`Step::Resume`] when the token passes [`token::check`] (it names a
+//!    snapshot of this source that still has the token's GUID, from a base
+//!    both sides hold), else the lone [`Step::DiscardPartial`] saying why;
+//!    without `resume`, [`Step::AbortPartial`] comes first.
 //! 2. No source snapshots: [`Conflict::NoSourceSnapshots`].
 //! 3. No target: a full stream of the oldest source snapshot, then one
 //!    incremental stream with intermediates to the newest (`no_stream`: a
@@ -35,10 +38,13 @@
 
 use std::fmt;
 
+use crate::token::{self, Refusal};
 use crate::zfs::Snapshot;
 
 /// The source dataset's snapshots, ascending by createtxg.
 pub struct SourceState {
+    /// The source dataset's name (`pool/ds`): a resume token must name it.
+    pub dataset: String,
     pub snapshots: Vec<Snapshot>,
 }
 
@@ -65,8 +71,12 @@ pub struct PlanOptions {
 pub enum Step {
     /// `zfs receive -A target`: clears a partial receive we won't resume.
     AbortPartial,
-    /// `zfs send -t TOKEN | zfs receive -s target`.
-    Resume { token: String },
+    /// `zfs send -t TOKEN | zfs receive -s target`; `received` is the
+    /// token's count of stream bytes the target already has.
+    Resume { token: String, received: u64 },
+    /// `zfs receive -A target`: the token must not be sent (forged, for
+    /// another dataset, or stale); `why` completes "resume token on X ...".
+    DiscardPartial { why: Refusal },
     /// `zfs destroy -r target` (only with `force_delete`).
     DestroyTarget,
     /// `zfs rollback -r target@to` (only with `force_delete`): destroys the
@@ -102,7 +112,10 @@ impl Plan {
         matches!(
             self,
             Plan::Replicate(steps)
-                if matches!(steps.last(), Some(Step::Resume { .. } | Step::AbortPartial))
+                if matches!(
+                    steps.last(),
+                    Some(Step::Resume { .. } | Step::AbortPartial | Step::DiscardPartial { .. })
+                )
         )
     }
 }
@@ -134,8 +147,14 @@ pub fn plan(source: &SourceState, target: &TargetState, opts: &PlanOptions) -> P
     let mut steps = Vec::new();
     if let Some(token) = &target.resume_token {
         if opts.resume {
-            return Plan::Replicate(vec![Step::Resume {
-                token: token.clone(),
+            let checked =
+                token::check(token, &source.dataset, &source.snapshots, &target.snapshots);
+            return Plan::Replicate(vec![match checked {
+                Ok(t) => Step::Resume {
+                    token: token.clone(),
+                    received: t.bytes,
+                },
+                Err(why) => Step::DiscardPartial { why },
             }]);
         }
         steps.push(Step::AbortPartial);
@@ -351,6 +370,7 @@ impl std::error::Error for Conflict {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::tests::{FULL, INCREMENTAL};
 
     /// `"a:1:10 b:2:20"`: snapshots as name:guid:createtxg.
     fn snaps(spec: &str) -> Vec<Snapshot> {
@@ -374,6 +394,7 @@ mod tests {
 
     fn source(spec: &str) -> SourceState {
         SourceState {
+            dataset: "ozs/tokfix".into(),
             snapshots: snaps(spec),
         }
     }
@@ -674,20 +695,69 @@ mod tests {
     }
 
     fn with_token(mut t: TargetState) -> TargetState {
-        t.resume_token = Some("1-abc-def".into());
+        t.resume_token = Some(FULL.into());
         t
     }
 
+    // Snapshots named like the real tokens' (see token.rs): ozs/tokfix @s1
+    // and @s2 with these GUIDs.
+    const S1: &str = "s1:10045012655411321857:10";
+    const S2: &str = "s2:11627777177197314544:20";
+
     #[test]
-    fn resume_token_is_resumed_alone_when_allowed() {
+    fn a_sound_resume_token_is_resumed_alone() {
         let want = replicate(vec![Step::Resume {
-            token: "1-abc-def".into(),
+            token: FULL.into(),
+            received: 0xe1288,
         }]);
-        let got = plan(&source(SRC), &with_token(target("a:1:5")), &DEFAULT);
+        // A partial first receive: the target has no snapshots yet.
+        let got = plan(&source(S1), &with_token(target("")), &DEFAULT);
         assert_eq!(got, want);
         assert!(got.replan_after());
-        // Even when the listings alone would be a conflict: the resume decides.
-        assert_eq!(plan(&source(""), &with_token(target("")), &DEFAULT), want);
+        let mut tgt = target("s1:10045012655411321857:5");
+        tgt.resume_token = Some(INCREMENTAL.into());
+        assert_eq!(
+            plan(&source(&format!("{S1} {S2}")), &tgt, &DEFAULT),
+            replicate(vec![Step::Resume {
+                token: INCREMENTAL.into(),
+                received: 0xa1000,
+            }])
+        );
+    }
+
+    #[test]
+    fn an_unsound_resume_token_is_discarded_and_never_resumed() {
+        let discard = |p: Plan| match p {
+            Plan::Replicate(steps) => match &steps[..] {
+                [Step::DiscardPartial { why }] => why.clone(),
+                other => panic!("not a lone discard: {other:?}"),
+            },
+            other => panic!("not a discard: {other:?}"),
+        };
+        // Another dataset's token.
+        let mut other = source(S1);
+        other.dataset = "ozs/planned".into();
+        let got = plan(&other, &with_token(target("")), &DEFAULT);
+        assert!(got.replan_after());
+        assert!(matches!(discard(got), Refusal::OtherDataset { .. }));
+        // Its snapshot destroyed (stale), or destroyed and re-created.
+        let got = plan(&source(S2), &with_token(target("")), &DEFAULT);
+        assert!(matches!(discard(got), Refusal::Gone { .. }));
+        let got = plan(&source("s1:77:30"), &with_token(target("")), &DEFAULT);
+        assert!(matches!(discard(got), Refusal::Replaced { .. }));
+        // No source snapshots at all: the token is stale, not a conflict.
+        let got = plan(&source(""), &with_token(target("")), &DEFAULT);
+        assert!(matches!(discard(got), Refusal::Gone { .. }));
+        // Corrupt.
+        let mut tgt = target("a:1:5");
+        tgt.resume_token = Some("1-abc-def".into());
+        let got = plan(&source(SRC), &tgt, &DEFAULT);
+        assert!(matches!(discard(got), Refusal::Corrupt(_)));
+        // An incremental whose base the target lacks.
+        let mut tgt = target("x:5:5");
+        tgt.resume_token = Some(INCREMENTAL.into());
+        let got = plan(&source(&format!("{S1} {S2}")), &tgt, &DEFAULT);
+        assert!(matches!(discard(got), Refusal::BaseNotOnTarget { .. }));
     }
 
     #[test]

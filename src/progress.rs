@@ -2,7 +2,10 @@
 //! [`Transfer`] traits; this module holds their two implementations and is the
 //! only user of indicatif: a live bar on stderr when stderr is a terminal, and
 //! plain one-line summaries otherwise (cron, pipes, tests). `--quiet` keeps
-//! only errors; `--debug` adds the commands that run and why.
+//! only errors; `--debug` adds the commands that run and why, and without a
+//! terminal a progress line per stream every [`LINE_INTERVAL`]. Neither
+//! display shows more than 100% or a wrapped number: past its estimate a
+//! stream is shown as bytes and rate.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +37,9 @@ pub trait Progress: Send + Sync {
 /// One running byte stream.
 pub trait Transfer: Send + Sync {
     fn add(&self, bytes: u64);
+    /// This stream continues an interrupted one of which `bytes` already
+    /// arrived: the display starts there (and counts its rate from there).
+    fn resume_at(&self, _bytes: u64) {}
     /// A short note shown beside the stream (e.g. "reconnecting"); "" clears it.
     fn status(&self, _note: &str) {}
     /// Ends the display (the caller prints the dataset's summary line).
@@ -76,6 +82,8 @@ impl Progress for Reporter {
         }
         if self.tty {
             Box::new(Bar::new(label, total))
+        } else if self.verbosity >= Verbosity::Debug {
+            Box::new(Lines::new(label, total))
         } else {
             Box::new(Plain)
         }
@@ -96,6 +104,98 @@ struct Plain;
 impl Transfer for Plain {
     fn add(&self, _bytes: u64) {}
     fn finish(&self) {}
+}
+
+/// How often [`Lines`] prints a stream's progress.
+pub const LINE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// No terminal, `--debug`: a line per stream every [`LINE_INTERVAL`] and
+/// one at the end, for logs ("tank/x: 12.30 MiB of 40.00 MiB (30%)").
+struct Lines {
+    label: String,
+    total: Option<u64>,
+    start: AtomicU64,
+    done: AtomicU64,
+    began: Instant,
+    next: Mutex<Instant>,
+}
+
+impl Lines {
+    fn new(label: &str, total: Option<u64>) -> Lines {
+        let now = Instant::now();
+        Lines {
+            label: label.to_string(),
+            total,
+            start: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            began: now,
+            next: Mutex::new(now),
+        }
+    }
+
+    fn print(&self) {
+        let (start, done) = (
+            self.start.load(Ordering::Relaxed),
+            self.done.load(Ordering::Relaxed),
+        );
+        eprintln!(
+            "{}",
+            progress_line(
+                &self.label,
+                done,
+                self.total,
+                done - start.min(done),
+                self.began.elapsed()
+            )
+        );
+    }
+}
+
+impl Transfer for Lines {
+    fn add(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        if Instant::now() >= *next {
+            *next = Instant::now() + LINE_INTERVAL;
+            drop(next);
+            self.print();
+        }
+    }
+
+    fn resume_at(&self, bytes: u64) {
+        self.start.store(bytes, Ordering::Relaxed);
+        self.done.store(bytes, Ordering::Relaxed);
+        self.print();
+    }
+
+    fn finish(&self) {
+        self.print();
+    }
+}
+
+/// One progress line: "LABEL: DONE of TOTAL (P%)" while `done` is within
+/// the estimate, else "LABEL: DONE (RATE)" with the rate of the `new` bytes
+/// this run moved. The percentage is never above 100.
+pub fn progress_line(
+    label: &str,
+    done: u64,
+    total: Option<u64>,
+    new: u64,
+    elapsed: Duration,
+) -> String {
+    match total.filter(|t| *t > 0 && done <= *t) {
+        Some(t) => format!(
+            "{label}: {} of {} ({}%)",
+            human_bytes(done),
+            human_bytes(t),
+            u128::from(done) * 100 / u128::from(t)
+        ),
+        None => format!(
+            "{label}: {} ({})",
+            human_bytes(done),
+            human_rate(new, elapsed)
+        ),
+    }
 }
 
 /// A live indicatif bar. With a known total it shows percent and ETA; when the
@@ -136,9 +236,9 @@ impl Bar {
     }
 }
 
-impl Transfer for Bar {
-    fn add(&self, bytes: u64) {
-        let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+impl Bar {
+    /// Shows `done`, turning into a byte counter past the estimate.
+    fn show(&self, done: u64) {
         if let Some(total) = self.total {
             if done > total {
                 let mut over = self.overflowed.lock().unwrap_or_else(|p| p.into_inner());
@@ -150,6 +250,19 @@ impl Transfer for Bar {
             }
         }
         self.bar.set_position(done);
+    }
+}
+
+impl Transfer for Bar {
+    fn add(&self, bytes: u64) {
+        let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.show(done);
+    }
+
+    fn resume_at(&self, bytes: u64) {
+        self.done.store(bytes, Ordering::Relaxed);
+        self.show(bytes);
+        self.bar.reset_eta();
     }
 
     fn status(&self, note: &str) {
@@ -263,5 +376,45 @@ mod tests {
         );
         assert_eq!(bar.bar.position(), 120);
         bar.finish();
+    }
+
+    #[test]
+    fn a_resumed_bar_starts_at_the_bytes_already_received() {
+        let bar = Bar::new("t", Some(100));
+        bar.bar.set_draw_target(ProgressDrawTarget::hidden());
+        bar.resume_at(40);
+        assert_eq!(bar.bar.position(), 40);
+        bar.add(50);
+        assert_eq!((bar.bar.position(), bar.bar.length()), (90, Some(100)));
+        let over = Bar::new("t", Some(100));
+        over.bar.set_draw_target(ProgressDrawTarget::hidden());
+        over.resume_at(150);
+        assert_eq!(over.bar.length(), None, "an estimate already passed");
+    }
+
+    #[test]
+    fn progress_lines_never_pass_100_percent() {
+        let sec = Duration::from_secs(1);
+        let mib = 1 << 20;
+        assert_eq!(
+            progress_line("tank/x", 12 * mib, Some(40 * mib), 0, sec),
+            "tank/x: 12.00 MiB of 40.00 MiB (30%)"
+        );
+        assert_eq!(
+            progress_line("t", 40 * mib, Some(40 * mib), 0, sec),
+            "t: 40.00 MiB of 40.00 MiB (100%)"
+        );
+        // Past the estimate, or none: bytes and the rate of the new bytes.
+        assert_eq!(
+            progress_line("t", 41 * mib, Some(40 * mib), 2_000_000, sec),
+            "t: 41.00 MiB (2.0 MB/s)"
+        );
+        assert_eq!(progress_line("t", 5, None, 5, sec), "t: 5 B (0.0 MB/s)");
+        assert_eq!(progress_line("t", 5, Some(0), 5, sec), "t: 5 B (0.0 MB/s)");
+        // No overflow near the top of the range.
+        assert_eq!(
+            progress_line("t", u64::MAX - 1, Some(u64::MAX), 0, sec),
+            "t: 16384.00 PiB of 16384.00 PiB (99%)"
+        );
     }
 }

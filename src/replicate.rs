@@ -20,10 +20,11 @@ use crate::host::quote::sh_join;
 use crate::host::ssh::{SshHost, SshOptions, SshSpec};
 use crate::host::{is_connection_lost, CmdOutput, Host};
 use crate::plan::{self, Plan, PlanOptions, SourceState, Step, TargetState};
-use crate::progress::{human_bytes, human_duration, human_rate, Progress, Stopwatch};
+use crate::progress::{human_bytes, human_duration, human_rate, Progress, Stopwatch, Transfer};
 use crate::runlock::{self, RemoteProc, RunLock};
 use crate::stream::{self, PumpError};
 use crate::syncsnap;
+use crate::token;
 use crate::zfs::{self, Capabilities, Dataset, ProbeResult, RecvArgs, SendArgs, Snapshot};
 
 /// How many gather-plan-execute rounds one dataset may take before we call it
@@ -401,7 +402,11 @@ impl Run<'_> {
                         );
                     }
                     for step in &steps {
-                        bytes += self.execute(src, dst, step)?;
+                        match self.execute(src, dst, step) {
+                            Ok(n) => bytes += n,
+                            Err(e) if self.discarded_after(src, dst, step, &e)? => break,
+                            Err(e) => return Err(e),
+                        }
                     }
                     last_round_steps = steps;
                 }
@@ -480,6 +485,7 @@ impl Run<'_> {
         )
         .with_context(|| format!("source {}", self.src.label(ds)))?;
         Ok(SourceState {
+            dataset: ds.to_string(),
             snapshots: zfs::parse_snapshot_list(ds, &out)?,
         })
     }
@@ -526,15 +532,12 @@ impl Run<'_> {
         };
         match step {
             Step::AbortPartial => {
-                self.ui.info(&format!(
-                    "{}: discarding a partial receive (--no-resume)",
-                    self.dst.label(dst)
-                ));
-                exec_ok(
-                    &*self.dst.host(),
-                    &zfs::abort_partial_argv(dst),
-                    "zfs receive -A",
-                    self.ui,
+                self.abort_partial(
+                    dst,
+                    &format!(
+                        "{}: discarding a partial receive (--no-resume)",
+                        self.dst.label(dst)
+                    ),
                 )?;
                 Ok(0)
             }
@@ -565,10 +568,15 @@ impl Run<'_> {
                 )?;
                 Ok(0)
             }
-            Step::Resume { token } => {
+            Step::DiscardPartial { why } => {
+                self.discard_partial(dst, &why.to_string())?;
+                Ok(0)
+            }
+            Step::Resume { token, received } => {
                 self.ui.info(&format!(
-                    "{}: resuming an interrupted receive",
-                    self.dst.label(dst)
+                    "{}: resuming an interrupted receive ({} already there)",
+                    self.dst.label(dst),
+                    human_bytes(*received)
                 ));
                 let send = zfs::send_resume_argv(token, &self.cfg.send_options);
                 let recv = RecvArgs {
@@ -579,6 +587,7 @@ impl Run<'_> {
                     &send,
                     &zfs::receive_argv(dst, &recv),
                     &format!("{src} (resume)"),
+                    *received,
                 )?;
                 Ok(n)
             }
@@ -615,16 +624,93 @@ impl Run<'_> {
             Some(f) => format!("{src}@{}..@{}", f.name, to.name),
             None => format!("{src}@{}", to.name),
         };
-        let n = self.transfer(&send, &zfs::receive_argv(dst, recv), &label)?;
+        let n = self.transfer(&send, &zfs::receive_argv(dst, recv), &label, 0)?;
         self.verify(dst, to)?;
         Ok(n)
     }
 
+    /// `resume token on X <why>: discarding the partial receive`, then
+    /// `zfs receive -A`. Only the interrupted receive's state goes.
+    fn discard_partial(&self, dst: &Dataset, why: &str) -> Result<()> {
+        self.abort_partial(
+            dst,
+            &format!(
+                "resume token on {} {why}: discarding the partial receive",
+                self.dst.label(dst)
+            ),
+        )
+    }
+
+    /// Prints `line`, then `zfs receive -A` on the target.
+    fn abort_partial(&self, dst: &Dataset, line: &str) -> Result<()> {
+        self.ui.info(line);
+        exec_ok(
+            &*self.dst.host(),
+            &zfs::abort_partial_argv(dst),
+            "zfs receive -A",
+            self.ui,
+        )?;
+        Ok(())
+    }
+
+    /// After `step` failed with `err`: was it because of a partial receive
+    /// that must go? A receive refused for "partially-complete state", or a
+    /// resume whose token no longer passes [`token::check`] on a fresh
+    /// source listing (its snapshot destroyed meanwhile). Then the partial
+    /// receive is discarded and the caller plans again (true). Anything
+    /// else, a lost connection above all, keeps the partial state for the
+    /// next attempt (false).
+    fn discarded_after(
+        &self,
+        src: &Dataset,
+        dst: &Dataset,
+        step: &Step,
+        err: &anyhow::Error,
+    ) -> Result<bool> {
+        if is_connection_lost(err) {
+            return Ok(false);
+        }
+        if zfs::is_partial_state_error(&format!("{err:#}")) {
+            self.discard_partial(
+                dst,
+                "blocks the receive (\"contains partially-complete state\")",
+            )?;
+            return Ok(true);
+        }
+        let Step::Resume { token, .. } = step else {
+            return Ok(false);
+        };
+        let source = self.source_state(src)?;
+        let target = self.target_state(dst)?;
+        if target.resume_token.as_deref() != Some(token.as_str()) {
+            return Ok(false);
+        }
+        match token::check(token, &source.dataset, &source.snapshots, &target.snapshots) {
+            Ok(_) => Ok(false),
+            Err(why) => {
+                self.ui.warn(&format!("resuming failed: {err:#}"));
+                self.discard_partial(dst, &why.to_string())?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// The display for one stream: its estimate from `zfs send -nvP`, plus
+    /// `already` bytes a resumed stream had received before (where it starts).
+    fn bar(&self, label: &str, send: &[String], already: u64) -> Box<dyn Transfer> {
+        let total = self.estimate(send).map(|n| n.saturating_add(already));
+        let bar = self.ui.transfer(label, total);
+        if already > 0 {
+            bar.resume_at(already);
+        }
+        bar
+    }
+
     /// `zfs send` on the source, piped through this process into `zfs receive`
-    /// on the target. Both exit statuses must be zero.
-    fn transfer(&self, send: &[String], recv: &[String], label: &str) -> Result<u64> {
+    /// on the target. Both exit statuses must be zero. `already`: see [`Run::bar`].
+    fn transfer(&self, send: &[String], recv: &[String], label: &str, already: u64) -> Result<u64> {
         if self.cfg.chunked {
-            return self.transfer_chunked(send, recv, label);
+            return self.transfer_chunked(send, recv, label, already);
         }
         let (sh, th) = (self.src.host(), self.dst.host());
         let (sh, th) = (&*sh, &*th);
@@ -673,7 +759,7 @@ impl Run<'_> {
                 lock.record(p.clone())?;
             }
         }
-        let bar = self.ui.transfer(label, self.estimate(send));
+        let bar = self.bar(label, send, already);
         if let Some(rate) = self.cfg.bwlimit() {
             self.ui
                 .debug(&format!("bandwidth limit: {}/s", human_bytes(rate)));
@@ -704,7 +790,13 @@ impl Run<'_> {
     /// `--chunked`: the stream moves as chunk files between session folders
     /// on both hosts (see `chunk::orchestrator`); both helpers must report
     /// success, like both zfs commands in [`Run::transfer`].
-    fn transfer_chunked(&self, send: &[String], recv: &[String], label: &str) -> Result<u64> {
+    fn transfer_chunked(
+        &self,
+        send: &[String],
+        recv: &[String],
+        label: &str,
+        already: u64,
+    ) -> Result<u64> {
         let src_exe = self.helper_exe(&self.src)?;
         let dst_exe = self.helper_exe(&self.dst)?;
         self.ui.debug(&format!(
@@ -726,7 +818,7 @@ impl Run<'_> {
             tmpdir: self.cfg.tmpdir.clone(),
             bwlimit: self.cfg.bwlimit(),
         };
-        let bar = self.ui.transfer(label, self.estimate(send));
+        let bar = self.bar(label, send, already);
         let debug = |line: &str| self.ui.debug(line);
         let result = orchestrator::transfer(
             orchestrator::Side {
@@ -898,6 +990,9 @@ fn describe(step: &Step) -> String {
     match step {
         Step::AbortPartial => "discard the partial receive on the target".into(),
         Step::Resume { .. } => "resume the interrupted receive from its token".into(),
+        Step::DiscardPartial { why } => {
+            format!("discard the partial receive (its resume token {why})")
+        }
         Step::DestroyTarget => "destroy the target (--force-delete)".into(),
         Step::Rollback { to } => format!("roll the target back to @{} (--force-delete)", to.name),
         Step::Full { to } => format!("send @{} in full", to.name),

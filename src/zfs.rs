@@ -739,7 +739,7 @@ pub fn capabilities_from(results: &[ProbeResult]) -> Capabilities {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn ds(s: &str) -> Dataset {
@@ -1024,7 +1024,7 @@ tank/data@before upgrade\tguid\t17
 tank/data@before upgrade\tcreatetxg\t900
 ";
 
-    fn snap(name: &str, guid: u64, createtxg: u64) -> Snapshot {
+    pub(crate) fn snap(name: &str, guid: u64, createtxg: u64) -> Snapshot {
         Snapshot {
             name: name.into(),
             guid,
