@@ -252,3 +252,227 @@ fn zfs_fuse_to_openzfs_and_back() {
     assert_eq!(tree_checksums(&back), local_md5);
     g.sh(&format!("zfs destroy -r {guest_ds}"));
 }
+
+impl Guest {
+    /// A real interrupted resumable receive: `SEND | head -c BYTES | zfs
+    /// receive -s DST` in the guest. Returns the token it left.
+    fn partial_receive(&self, send: &str, dst: &str, bytes: u64) -> String {
+        self.sh(&format!(
+            "{send} | head -c {bytes} | zfs receive -s {dst} 2>/dev/null; true"
+        ));
+        let token = self.token(dst);
+        assert!(
+            token.starts_with("1-"),
+            "no resume token on {dst}: {token:?}"
+        );
+        token
+    }
+
+    fn token(&self, ds: &str) -> String {
+        self.sh(&format!("zfs get -H -o value receive_resume_token {ds}"))
+            .trim()
+            .to_string()
+    }
+
+    /// Source and target hold the same snapshots (GUIDs) and files, and no
+    /// partial receive is left on the target.
+    fn assert_same(&self, src: &str, dst: &str) {
+        assert_eq!(self.snaps(src), self.snaps(dst), "same snapshots and GUIDs");
+        assert_eq!(self.md5s(src), self.md5s(dst), "same files");
+        assert_eq!(self.token(dst), "-", "no partial state left on {dst}");
+    }
+}
+
+/// The `zfs send` commands a `--debug` run logged that resume from a token
+/// (not the size estimates, `zfs send -nvP -t`, which send nothing).
+fn resumed_sends(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| {
+            l.starts_with("debug: [")
+                && l.contains("zfs send")
+                && l.contains(" -t 1-")
+                && !l.contains(" -nvP ")
+        })
+        .collect()
+}
+
+/// The percentages of the `--debug` progress lines of streams labelled
+/// `LABEL`, as (bytes shown, percent): "LABEL: 9.50 MiB of 16.20 MiB (58%)".
+fn progress_percentages(stderr: &str, label: &str) -> Vec<(f64, u64)> {
+    let prefix = format!("{label}: ");
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (done, rest) = rest.split_once(" of ")?;
+            let pct = rest.rsplit_once(" (")?.1.strip_suffix("%)")?;
+            Some((human_to_bytes(done), pct.parse().ok()?))
+        })
+        .collect()
+}
+
+/// "9.50 MiB" -> bytes.
+fn human_to_bytes(s: &str) -> f64 {
+    let (value, unit) = s.split_once(' ').unwrap_or((s, "B"));
+    let scale = match unit {
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => 1.0,
+    };
+    value.parse::<f64>().unwrap_or(-1.0) * scale
+}
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn a_full_send_cut_midway_resumes_and_sends_only_the_rest() {
+    let g = Guest::get();
+    let name = unique_name("fullresume");
+    let (src, dst) = (format!("{POOL_S}/{name}"), format!("{POOL_T}/{name}"));
+    g.sh(&format!(
+        "zfs create {src} && head -c 16M /dev/urandom > /{src}/big && zfs snapshot {src}@s1"
+    ));
+    let cut = 10 * MIB;
+    g.partial_receive(&format!("zfs send {src}@s1"), &dst, cut);
+
+    let (s, d) = (g.endpoint(&src), g.endpoint(&dst));
+    let out = g
+        .resync(&["--no-sync-snap", "--debug", "--target-bwlimit=3M", &s, &d])
+        .run();
+    out.assert_success();
+    assert!(
+        out.stderr.contains("resuming an interrupted receive"),
+        "{out}"
+    );
+    assert_eq!(
+        resumed_sends(&out.stderr).len(),
+        1,
+        "one zfs send -t\n{out}"
+    );
+    // Only what was missing crossed: the stream is ~16 MiB, 10 MiB had arrived.
+    let sent = summary_bytes(&out.stderr);
+    assert!(
+        sent > 4.0 * MIB as f64 && sent < 8.0 * MIB as f64,
+        "resumed, not re-sent: {sent} bytes\n{out}"
+    );
+    // The display started at the token's bytes and never passed 100%.
+    let lines = progress_percentages(&out.stderr, &format!("{src} (resume)"));
+    assert!(lines.len() >= 2, "progress lines with an estimate\n{out}");
+    assert!(
+        lines[0].0 > 9.0 * MIB as f64,
+        "starts at the bytes already received: {lines:?}"
+    );
+    assert!(lines.iter().all(|(_, pct)| *pct <= 100), "{lines:?}");
+    g.assert_same(&src, &dst);
+    g.sh(&format!("zfs destroy -r {src}; zfs destroy -r {dst}"));
+}
+
+#[test]
+fn a_stale_token_whose_snapshot_was_destroyed_is_discarded_automatically() {
+    let g = Guest::get();
+    let name = unique_name("stale");
+    let (src, dst) = (format!("{POOL_S}/{name}"), format!("{POOL_T}/{name}"));
+    g.sh(&format!(
+        "zfs create {src} && head -c 2M /dev/urandom > /{src}/a && zfs snapshot {src}@s1 \
+         && zfs send {src}@s1 | zfs receive {dst} \
+         && head -c 6M /dev/urandom > /{src}/b && zfs snapshot {src}@s2"
+    ));
+    g.partial_receive(&format!("zfs send -i @s1 {src}@s2"), &dst, 3 * MIB);
+    g.sh(&format!(
+        "zfs destroy {src}@s2 && head -c 1M /dev/urandom > /{src}/c && zfs snapshot {src}@s3"
+    ));
+
+    let (s, d) = (g.endpoint(&src), g.endpoint(&dst));
+    let out = g.resync(&["--no-sync-snap", "--debug", &s, &d]).run();
+    out.assert_success();
+    assert!(
+        out.stderr.contains(&format!("names {src}@s2 (guid "))
+            && out
+                .stderr
+                .contains("no longer exists on the source: discarding the partial receive"),
+        "{out}"
+    );
+    assert!(resumed_sends(&out.stderr).is_empty(), "{out}");
+    g.assert_same(&src, &dst);
+    g.sh(&format!("zfs destroy -r {src}; zfs destroy -r {dst}"));
+}
+
+#[test]
+fn a_partial_receive_from_another_dataset_is_refused_and_cleared() {
+    let g = Guest::get();
+    let name = unique_name("forged");
+    let (src, other, dst) = (
+        format!("{POOL_S}/{name}"),
+        format!("{POOL_S}/{name}-other"),
+        format!("{POOL_T}/{name}"),
+    );
+    g.sh(&format!(
+        "zfs create {other} && head -c 6M /dev/urandom > /{other}/secret && zfs snapshot {other}@o \
+         && zfs create {src} && head -c 2M /dev/urandom > /{src}/mine && zfs snapshot {src}@p"
+    ));
+    // A real partial receive of the other dataset into our target.
+    g.partial_receive(&format!("zfs send {other}@o"), &dst, 3 * MIB);
+
+    let (s, d) = (g.endpoint(&src), g.endpoint(&dst));
+    let out = g.resync(&["--no-sync-snap", "--debug", &s, &d]).run();
+    out.assert_success();
+    assert!(
+        out.stderr.contains(&format!(
+            ":{dst} names {other}@o, not {src}: discarding the partial receive"
+        )),
+        "{out}"
+    );
+    assert!(
+        resumed_sends(&out.stderr).is_empty(),
+        "nothing may be sent from the token\n{out}"
+    );
+    assert!(
+        !out.stderr
+            .lines()
+            .any(|l| l.contains("zfs send") && l.contains(&other)),
+        "{out}"
+    );
+    g.assert_same(&src, &dst);
+    assert!(!g.md5s(&dst).contains_key("secret"));
+    g.sh(&format!(
+        "zfs destroy -r {src}; zfs destroy -r {other}; zfs destroy -r {dst}"
+    ));
+}
+
+#[test]
+fn a_token_for_a_destroyed_and_re_created_snapshot_is_refused_and_cleared() {
+    let g = Guest::get();
+    let name = unique_name("regen");
+    let (src, dst) = (format!("{POOL_S}/{name}"), format!("{POOL_T}/{name}"));
+    g.sh(&format!(
+        "zfs create {src} && head -c 6M /dev/urandom > /{src}/old && zfs snapshot {src}@s"
+    ));
+    let token_guid = g.snaps(&src)[0].1;
+    g.partial_receive(&format!("zfs send {src}@s"), &dst, 3 * MIB);
+    g.sh(&format!(
+        "zfs destroy {src}@s && rm /{src}/old && head -c 2M /dev/urandom > /{src}/new \
+         && zfs snapshot {src}@s"
+    ));
+    assert_ne!(
+        g.snaps(&src)[0].1,
+        token_guid,
+        "a new GUID under the old name"
+    );
+
+    let (s, d) = (g.endpoint(&src), g.endpoint(&dst));
+    let out = g.resync(&["--no-sync-snap", "--debug", &s, &d]).run();
+    out.assert_success();
+    assert!(
+        out.stderr
+            .contains(&format!("names {src}@s with guid {token_guid}"))
+            && out
+                .stderr
+                .contains("(destroyed and re-created): discarding the partial receive"),
+        "{out}"
+    );
+    assert!(resumed_sends(&out.stderr).is_empty(), "{out}");
+    g.assert_same(&src, &dst);
+    g.sh(&format!("zfs destroy -r {src}; zfs destroy -r {dst}"));
+}
