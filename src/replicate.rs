@@ -532,10 +532,15 @@ impl Run<'_> {
         };
         match step {
             Step::AbortPartial => {
+                let why = if self.cfg.resume {
+                    "the source's ZFS cannot resume it (no send -t)"
+                } else {
+                    "--no-resume"
+                };
                 self.abort_partial(
                     dst,
                     &format!(
-                        "{}: discarding a partial receive (--no-resume)",
+                        "{}: discarding a partial receive ({why})",
                         self.dst.label(dst)
                     ),
                 )?;

@@ -476,3 +476,82 @@ fn a_token_for_a_destroyed_and_re_created_snapshot_is_refused_and_cleared() {
     g.assert_same(&src, &dst);
     g.sh(&format!("zfs destroy -r {src}; zfs destroy -r {dst}"));
 }
+
+#[test]
+fn no_resume_discards_a_resumable_partial_and_sends_the_step_again() {
+    let g = Guest::get();
+    let name = unique_name("noresume");
+    let (src, dst) = (format!("{POOL_S}/{name}"), format!("{POOL_T}/{name}"));
+    g.sh(&format!(
+        "zfs create {src} && head -c 4M /dev/urandom > /{src}/a && zfs snapshot {src}@s1"
+    ));
+    g.partial_receive(&format!("zfs send {src}@s1"), &dst, 2 * MIB);
+
+    let (s, d) = (g.endpoint(&src), g.endpoint(&dst));
+    let out = g
+        .resync(&["--no-sync-snap", "--no-resume", "--debug", &s, &d])
+        .run();
+    out.assert_success();
+    assert!(
+        out.stderr.contains(&format!(
+            ":{dst}: discarding a partial receive (--no-resume)"
+        )),
+        "{out}"
+    );
+    assert!(resumed_sends(&out.stderr).is_empty(), "{out}");
+    assert!(
+        summary_bytes(&out.stderr) > 4.0 * MIB as f64,
+        "sent again in full\n{out}"
+    );
+    g.assert_same(&src, &dst);
+    g.sh(&format!("zfs destroy -r {src}; zfs destroy -r {dst}"));
+}
+
+#[test]
+fn a_partial_from_a_source_without_resume_tokens_is_discarded_and_sent_again() {
+    let bed = Bed::get();
+    let g = Guest::get();
+    let name = unique_name("fusepartial");
+    let local = format!("{}/{name}", bed.pool_a);
+    let dst = format!("{POOL_T}/{name}");
+    create_dataset_with_data(&local, &[("a.bin", 3 << 20)]);
+    snapshot(&local, "s1");
+    // zfs-fuse's stream, cut, into a resumable receive on OpenZFS: the
+    // target keeps a token, but zfs-fuse has no `send -t` to resume it.
+    let ssh = format!(
+        "ssh -i {} -p {} -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null \
+         -o StrictHostKeyChecking=yes -o BatchMode=yes -o IdentitiesOnly=yes root@127.0.0.1",
+        g.key.display(),
+        g.port,
+        g.known_hosts.display()
+    );
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "zfs send {local}@s1 | head -c {} | {ssh} 'zfs receive -s {dst}'; true",
+            MIB
+        ))
+        .status()
+        .expect("run sh");
+    assert!(status.success());
+    assert!(
+        g.token(&dst).starts_with("1-"),
+        "a partial receive with a token"
+    );
+
+    let out = g
+        .resync(&["--no-sync-snap", &local, &g.endpoint(&dst)])
+        .run();
+    out.assert_success();
+    assert!(
+        out.stderr.contains(&format!(
+            ":{dst}: discarding a partial receive (the source's ZFS cannot resume it"
+        )),
+        "{out}"
+    );
+    assert_eq!(snapshots(&local), g.snaps(&dst), "same snapshots and GUIDs");
+    assert_eq!(tree_checksums(&local), g.md5s(&dst), "same files");
+    assert_eq!(g.token(&dst), "-");
+    g.sh(&format!("zfs destroy -r {dst}"));
+    destroy(&local);
+}
