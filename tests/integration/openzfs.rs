@@ -70,27 +70,31 @@ impl Guest {
         })
     }
 
+    /// `ssh ... root@GUEST` (OpenSSH); append the remote command.
+    fn ssh_argv(&self) -> Vec<String> {
+        let mut argv: Vec<String> = vec!["ssh".into(), "-i".into()];
+        argv.push(self.key.display().to_string());
+        argv.extend(["-p".into(), self.port.clone(), "-o".into()]);
+        argv.push(format!("UserKnownHostsFile={}", self.known_hosts.display()));
+        for opt in [
+            "GlobalKnownHostsFile=/dev/null",
+            "StrictHostKeyChecking=yes",
+            "BatchMode=yes",
+            "IdentitiesOnly=yes",
+            "ConnectTimeout=10",
+        ] {
+            argv.extend(["-o".into(), opt.into()]);
+        }
+        argv.push("root@127.0.0.1".into());
+        argv
+    }
+
     /// Runs a shell command in the guest (OpenSSH), panicking on failure.
     fn sh(&self, cmd: &str) -> String {
-        let out = Command::new("ssh")
-            .args(["-i"])
-            .arg(&self.key)
-            .args(["-p", &self.port, "-o"])
-            .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
-            .args([
-                "-o",
-                "GlobalKnownHostsFile=/dev/null",
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "ConnectTimeout=10",
-                "root@127.0.0.1",
-                cmd,
-            ])
+        let argv = self.ssh_argv();
+        let out = Command::new(&argv[0])
+            .args(&argv[1..])
+            .arg(cmd)
             .output()
             .expect("run ssh");
         assert!(
@@ -518,13 +522,8 @@ fn a_partial_from_a_source_without_resume_tokens_is_discarded_and_sent_again() {
     snapshot(&local, "s1");
     // zfs-fuse's stream, cut, into a resumable receive on OpenZFS: the
     // target keeps a token, but zfs-fuse has no `send -t` to resume it.
-    let ssh = format!(
-        "ssh -i {} -p {} -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null \
-         -o StrictHostKeyChecking=yes -o BatchMode=yes -o IdentitiesOnly=yes root@127.0.0.1",
-        g.key.display(),
-        g.port,
-        g.known_hosts.display()
-    );
+    // (The test bed's paths have no spaces or shell metacharacters.)
+    let ssh = g.ssh_argv().join(" ");
     let status = Command::new("sh")
         .arg("-c")
         .arg(format!(
