@@ -682,14 +682,14 @@ impl Run<'_> {
             )?;
             return Ok(true);
         }
-        let Step::Resume { token, .. } = step else {
-            return Ok(false);
-        };
-        let source = self.source_state(src)?;
-        let target = self.target_state(dst)?;
-        if target.resume_token.as_deref() != Some(token.as_str()) {
+        if !matches!(step, Step::Resume { .. }) {
             return Ok(false);
         }
+        let source = self.source_state(src)?;
+        let target = self.target_state(dst)?;
+        let Some(token) = &target.resume_token else {
+            return Ok(false);
+        };
         match token::check(token, &source.dataset, &source.snapshots, &target.snapshots) {
             Ok(_) => Ok(false),
             Err(why) => {
