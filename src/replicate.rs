@@ -401,14 +401,20 @@ impl Run<'_> {
                             describe_all(&steps)
                         );
                     }
+                    let mut discarded = false;
                     for step in &steps {
                         match self.execute(src, dst, step) {
                             Ok(n) => bytes += n,
-                            Err(e) if self.discarded_after(src, dst, step, &e)? => break,
+                            Err(e) if self.discarded_after(src, dst, step, &e)? => {
+                                // The target changed: the same plan may
+                                // rightly come again.
+                                discarded = true;
+                                break;
+                            }
                             Err(e) => return Err(e),
                         }
                     }
-                    last_round_steps = steps;
+                    last_round_steps = if discarded { Vec::new() } else { steps };
                 }
             }
         }
