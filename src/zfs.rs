@@ -1579,7 +1579,10 @@ ozs/hprobe#a\tcreatetxg\t9
             "zfs get -Hp -d 1 -t snapshot,bookmark -o name,property,value guid,createtxg ozs/hprobe"
         );
         let got = err(parse_bookmark_list(&d, "ozs/hprobe#a\tguid\t1\n"));
-        assert!(got.contains("bookmark ozs/hprobe#a: listing lacks its createtxg"), "{got}");
+        assert!(
+            got.contains("bookmark ozs/hprobe#a: listing lacks its createtxg"),
+            "{got}"
+        );
     }
 
     #[test]
