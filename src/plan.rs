@@ -218,25 +218,9 @@ pub fn plan(source: &SourceState, target: &TargetState, opts: &PlanOptions) -> P
         return Plan::Replicate(steps);
     };
 
-    let newer_on_target: Vec<Snapshot> = tgt
-        .iter()
-        .filter(|t| t.createtxg > common_on_target.createtxg)
-        .cloned()
-        .collect();
-    if !newer_on_target.is_empty() {
-        if !opts.force_delete {
-            return Plan::Conflict(guid_mismatch(&src, &newer_on_target).unwrap_or_else(|| {
-                Conflict::Diverged {
-                    common: common.clone(),
-                    target_only: newer_on_target,
-                }
-            }));
-        }
-        steps.push(Step::Rollback {
-            to: common_on_target.clone(),
-        });
+    if let Some(conflict) = divergence(&mut steps, &src, &tgt, common, common_on_target, opts) {
+        return Plan::Conflict(conflict);
     }
-
     if common == newest {
         if steps.is_empty() {
             return Plan::UpToDate {
@@ -263,23 +247,8 @@ fn from_bookmark(
     on_target: Snapshot,
     opts: &PlanOptions,
 ) -> Plan {
-    let newer_on_target: Vec<Snapshot> = tgt
-        .iter()
-        .filter(|t| t.createtxg > on_target.createtxg)
-        .cloned()
-        .collect();
-    if !newer_on_target.is_empty() {
-        if !opts.force_delete {
-            return Plan::Conflict(guid_mismatch(src, &newer_on_target).unwrap_or_else(|| {
-                Conflict::Diverged {
-                    common: on_target.clone(),
-                    target_only: newer_on_target,
-                }
-            }));
-        }
-        steps.push(Step::Rollback {
-            to: on_target.clone(),
-        });
+    if let Some(conflict) = divergence(&mut steps, src, tgt, &on_target, &on_target, opts) {
+        return Plan::Conflict(conflict);
     }
     let newer: Vec<&Snapshot> = src
         .iter()
@@ -306,6 +275,39 @@ fn from_bookmark(
         });
     }
     Plan::Replicate(steps)
+}
+
+/// Rule 6: target snapshots newer than the base (`on_target`, the target's
+/// entry of it; `shared` names it in the message) are a conflict, or with
+/// `force_delete` a rollback to the base, pushed onto `steps`.
+fn divergence(
+    steps: &mut Vec<Step>,
+    src: &[Snapshot],
+    tgt: &[Snapshot],
+    shared: &Snapshot,
+    on_target: &Snapshot,
+    opts: &PlanOptions,
+) -> Option<Conflict> {
+    let newer_on_target: Vec<Snapshot> = tgt
+        .iter()
+        .filter(|t| t.createtxg > on_target.createtxg)
+        .cloned()
+        .collect();
+    if newer_on_target.is_empty() {
+        return None;
+    }
+    if !opts.force_delete {
+        return Some(
+            guid_mismatch(src, &newer_on_target).unwrap_or_else(|| Conflict::Diverged {
+                common: shared.clone(),
+                target_only: newer_on_target,
+            }),
+        );
+    }
+    steps.push(Step::Rollback {
+        to: on_target.clone(),
+    });
+    None
 }
 
 /// Ascending by createtxg (then name), whatever order the caller gave.

@@ -221,11 +221,16 @@ pub fn parse_dataset_list(stdout: &str) -> Result<Vec<Dataset>> {
 /// Without `-t` (zfs-fuse) the output also holds the dataset itself and its
 /// children; [`parse_snapshot_list`] skips those lines.
 pub fn list_snapshots_argv(ds: &Dataset, caps: &Capabilities) -> Vec<String> {
+    snapshot_props_argv(ds, caps, "guid,createtxg")
+}
+
+/// `zfs get -Hp -d 1 [-t snapshot] -o name,property,value PROPS DS`
+fn snapshot_props_argv(ds: &Dataset, caps: &Capabilities, props: &str) -> Vec<String> {
     let mut argv = zfs(&["get", "-Hp", "-d", "1"]);
     if caps.get_type_filter {
         argv.extend(["-t".into(), "snapshot".into()]);
     }
-    argv.extend(["-o", "name,property,value", "guid,createtxg", ds.as_str()].map(String::from));
+    argv.extend(["-o", "name,property,value", props, ds.as_str()].map(String::from));
     argv
 }
 
@@ -418,12 +423,7 @@ pub fn destroy_bookmark_argv(ds: &Dataset, bookmark: &str) -> Vec<String> {
 /// many holds each snapshot has (zfs-fuse lists them too, though its `zfs
 /// holds` does not work). Parse with [`parse_userrefs`].
 pub fn userrefs_argv(ds: &Dataset, caps: &Capabilities) -> Vec<String> {
-    let mut argv = zfs(&["get", "-Hp", "-d", "1"]);
-    if caps.get_type_filter {
-        argv.extend(["-t".into(), "snapshot".into()]);
-    }
-    argv.extend(["-o", "name,property,value", "userrefs", ds.as_str()].map(String::from));
-    argv
+    snapshot_props_argv(ds, caps, "userrefs")
 }
 
 /// `(snapshot name, hold count)` of `ds`'s snapshots from [`userrefs_argv`]'s
