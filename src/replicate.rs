@@ -1191,5 +1191,12 @@ mod tests {
             }),
             "send @a..@b incrementally (-I)"
         );
+        assert_eq!(
+            describe(&Step::FromBookmark {
+                bookmark: s("a"),
+                to: s("b")
+            }),
+            "send #a..@b incrementally from the bookmark (-i)"
+        );
     }
 }

@@ -40,14 +40,41 @@ fn assert_destroy_refused(snap: &str) {
     assert!(exists(snap), "{snap} is gone");
 }
 
-/// Releases `tags` from every snapshot of `ds` that has them, then destroys it.
-fn release_and_destroy(ds: &str, tags: &[&str]) {
-    for (name, _) in snapshots(ds) {
-        for tag in tags {
-            let _ = zfs_ok(&["release", tag, &format!("{ds}@{name}")]);
+/// Datasets to release (from the given tags) and destroy when the test
+/// ends, passed or failed, so held snapshots do not pile up in the bed.
+struct Cleanup(Vec<(String, Vec<String>)>);
+
+impl Cleanup {
+    fn add(&mut self, ds: &str, tags: &[&str]) {
+        let tags = tags.iter().map(|t| t.to_string()).collect();
+        self.0.push((ds.to_string(), tags));
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for (ds, tags) in &self.0 {
+            if !exists(ds) {
+                continue;
+            }
+            // Not the panicking harness helpers: this may run while unwinding.
+            let listing = std::process::Command::new("zfs")
+                .args(["get", "-H", "-d", "1", "-o", "name", "userrefs", ds])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            for snap in listing.lines().filter(|l| l.contains('@')) {
+                for tag in tags {
+                    let _ = zfs_ok(&["release", tag, snap]);
+                }
+            }
+            if !std::thread::panicking() {
+                destroy(ds);
+            } else {
+                let _ = zfs_ok(&["destroy", "-r", ds]);
+            }
         }
     }
-    destroy(ds);
 }
 
 #[test]
@@ -59,6 +86,10 @@ fn use_hold_pins_the_base_on_both_sides_and_moves_forward() {
     let src_tag = format!("resync_to_{}:{dst}", bed.host_b);
     let dst_tag = format!("resync_from_{host}:{src}");
     let other_tag = format!("resync_other_to_{host}:{dst2}");
+    let mut cleanup = Cleanup(vec![]);
+    cleanup.add(&src, &[&src_tag, &other_tag]);
+    cleanup.add(&dst, &[&dst_tag]);
+    cleanup.add(&dst2, &[&format!("resync_other_from_{host}:{src}")]);
     create_dataset_with_data(&src, &[("a.bin", 1 << 20)]);
     snapshot(&src, "s1");
 
@@ -111,10 +142,6 @@ fn use_hold_pins_the_base_on_both_sides_and_moves_forward() {
             zfs_ok(&["destroy", &dst1])
         }
     );
-
-    release_and_destroy(&src, &[&src_tag, &other_tag]);
-    release_and_destroy(&dst, &[&dst_tag]);
-    release_and_destroy(&dst2, &[&format!("resync_other_from_{host}:{src}")]);
 }
 
 #[test]
@@ -124,6 +151,9 @@ fn held_sync_snapshots_are_still_pruned_by_their_own_job() {
     let (src, dst) = (bed.ds_a("holdprune"), bed.ds_b("holdprune"));
     let src_tag = format!("resync_to_{host}:{dst}");
     let dst_tag = format!("resync_from_{host}:{src}");
+    let mut cleanup = Cleanup(vec![]);
+    cleanup.add(&src, &[&src_tag]);
+    cleanup.add(&dst, &[&dst_tag]);
     create_dataset_with_data(&src, &[("a.bin", 256 << 10)]);
     let sync_snaps = |ds: &str| -> Vec<String> {
         snapshots(ds)
@@ -163,9 +193,6 @@ fn held_sync_snapshots_are_still_pruned_by_their_own_job() {
         "no pruning warning:\n{out}"
     );
     assert_replica(&src, &dst);
-
-    release_and_destroy(&src, &[&src_tag]);
-    release_and_destroy(&dst, &[&dst_tag]);
 }
 
 #[test]

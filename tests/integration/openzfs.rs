@@ -337,8 +337,33 @@ fn create_bookmark_lets_the_next_run_send_from_the_bookmark_after_the_snapshot_i
         .sh(&format!("zfs list -H -t bookmark -o name {src}"))
         .contains(&format!("{src}#s3")));
 
+    // With sync snapshots each run bookmarks its own and destroys the job's
+    // previous one; the user's bookmarks stay.
+    for _ in 0..2 {
+        g.resync(&["--create-bookmark", "--use-hold", &s, &d])
+            .run()
+            .assert_success();
+    }
+    let marks: Vec<String> = g
+        .sh(&format!("zfs list -H -t bookmark -o name {src}"))
+        .lines()
+        .filter_map(|l| l.split_once('#').map(|(_, b)| b.to_string()))
+        .collect();
+    let sync: Vec<String> = g
+        .snaps(&src)
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| n.starts_with("resync_"))
+        .collect();
+    assert_eq!(sync.len(), 1, "the older sync snapshot was pruned");
+    assert_eq!(marks.len(), 3, "{marks:?}");
+    assert!(marks.contains(&"s1".to_string()) && marks.contains(&"s3".to_string()));
+    assert!(marks.contains(&sync[0]), "{marks:?} has {}", sync[0]);
+    assert_eq!(g.snaps(&src).last(), g.snaps(&dst).last());
+
     g.sh(&format!(
-        "zfs release {src_tag} {src}@s3; zfs release {dst_tag} {dst}@s3; \
+        "for s in $(zfs list -H -o name -t snapshot {src} {dst}); do \
+           zfs release {src_tag} $s 2>/dev/null; zfs release {dst_tag} $s 2>/dev/null; done; \
          zfs destroy -r {src}; zfs destroy -r {dst}"
     ));
 }
