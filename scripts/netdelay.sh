@@ -85,13 +85,21 @@ alive() {
 # Runs in NS (through ip netns exec): the program, then the rule's removal
 # however the program ended. TERM/INT/HUP are passed on to the program.
 supervise() { # NS BIN DELAY_MS READY
-	local ns=$1 bin=$2 delay=$3 ready=$4 pid rc=0
+	local ns=$1 bin=$2 delay=$3 ready=$4 pid rc=0 again
 	trap '[[ -n ${pid:-} ]] && kill -TERM "$pid" 2>/dev/null' TERM INT HUP
 	"$bin" -q "$QUEUE" -d "$delay" -r "$ready" &
 	pid=$!
+	# A trapped signal interrupts `wait` (status > 128) while the program
+	# still runs: wait again; once it is gone, one more wait gives its status.
 	while :; do
 		wait "$pid" && rc=0 || rc=$?
-		alive "$pid" || break
+		((rc > 128)) || break
+		if ! alive "$pid"; then
+			again=0
+			wait "$pid" 2>/dev/null || again=$?
+			((again == 127)) || rc=$again
+			break
+		fi
 	done
 	iptables -w 5 -t mangle -D PREROUTING ! -i lo -m comment --comment "$COMMENT" \
 		-j NFQUEUE --queue-num "$QUEUE" --queue-bypass 2>/dev/null || true
