@@ -137,7 +137,10 @@ off() {
 on() {
 	local ns=$1 delay=$2 bin i
 	check_ns "$ns"
-	[[ $delay =~ ^[0-9]+$ ]] && ((delay <= 60000)) || die "DELAY_MS must be 0..60000, got '$delay'"
+	if ! [[ $delay =~ ^[0-9]{1,5}$ ]] || ((10#$delay > 60000)); then
+		die "DELAY_MS must be 0..60000, got '$delay'"
+	fi
+	delay=$((10#$delay))
 	bin=$(build)
 	off "$ns"
 	mkdir -p "$RUN"
@@ -179,7 +182,9 @@ status() {
 # trip plus a few microseconds of bash).
 rtt() {
 	local addr=$1 port=$2 n=${3:-5} i t0 t1 times=()
-	[[ $n =~ ^[0-9]+$ ]] && ((n > 0)) || die "N must be a positive integer"
+	if ! [[ $n =~ ^[0-9]{1,4}$ ]] || ((10#$n == 0)); then
+		die "N must be a positive integer"
+	fi
 	for ((i = 0; i < n; i++)); do
 		t0=$EPOCHREALTIME
 		if { exec 3<>"/dev/tcp/$addr/$port"; } 2>/dev/null; then
