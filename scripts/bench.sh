@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The TB_* variables come from the bed's env file:
-# shellcheck disable=SC2153
+# The TB_* variables come from the bed's env file (SC2153); backticks in
+# single quotes are Markdown (SC2016).
+# shellcheck disable=SC2153,SC2016
 # bench.sh: resync's throughput as ratios against baselines measured in the
 # same run, on the real test bed (zfs-fuse pools, sshd in a network
 # namespace). Nothing here is a pass/fail test; it prints Markdown tables
@@ -127,7 +128,7 @@ if [[ -n ${BENCH_ENV:-} ]]; then
 else
 	OWN_BED=1
 	# Pool B holds one replica at a time (each is checked and destroyed).
-	TB_VDEV_SIZE=$((MB * 3 + 512))M bash scripts/testbed.sh up "$STATE" >/dev/null
+	TB_VDEV_SIZE=$((MB * 3 + DELAY_MB + 512))M bash scripts/testbed.sh up "$STATE" >/dev/null
 	ENV_FILE=$STATE/env
 fi
 # shellcheck disable=SC1090
@@ -261,7 +262,7 @@ chunked_push() { # KEY SNAPSHOT DST: also the helpers' peaks into RSS[KEY/send],
 syncoid_push() { # SNAPSHOT DST
 	HOME=$TB_HOME syncoid --quiet --no-sync-snap --compress=none --no-privilege-elevation \
 		--sshkey="$TB_KEY" --sshoption=UserKnownHostsFile="$TB_KNOWN_HOSTS" \
-		"${1%@*}" "root@$TB_HOST_B:$TB_POOL_B/$2"
+		"${1%@*}" "root@$TB_HOST_B:$TB_POOL_B/$2" >&2
 }
 
 rss_cell() { # KEY
@@ -356,7 +357,6 @@ if phase delay; then
 	DELAY_ON=0
 	table "$DELAY_MS ms added to packets entering host B (TCP connect RTT measured: $RTT_PLAIN ms plain, $RTT_DELAY ms delayed, $RTT_AFTER ms after the last run), $dbytes-byte stream ($DELAY_MB MiB of random data):" \
 		"$dbytes" d-raw "d-raw:$L_RAW" "d-resync:$L_RESYNC" "d-chunked:$L_CHUNKED" "d-syncoid:$L_SYNCOID"
-	# shellcheck disable=SC2016
 	out '\nresync `--chunked` vs syncoid at +%s ms: %sx (target: at least 2x)\n' "$DELAY_MS" \
 		"$(ratio "${SECS[d-syncoid]}" "${SECS[d-chunked]}")"
 fi
@@ -405,7 +405,7 @@ cut_run() { # KEY DST [ARGS...]
 	done
 	CUT_SECS_TOTAL=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
 	CUT_WIRE=$(($(wire_tx) - w0))
-	CUT_RESENT=$(grep -oE '[0-9.]+( [KMGTP]?i?B)? re-sent' "$log" | tail -n 1 | sed 's/ re-sent$//') || true
+	CUT_RESENT=$(grep -oE '[0-9.]+( ?[KMGTP]?i?B| bytes)? re-sent' "$log" | tail -n 1 | sed 's/ re-sent$//') || true
 	[[ -n $CUT_RESENT ]] || CUT_RESENT=n/a
 	check_replica "$TB_POOL_B/$dst" "$guid"
 	log "$key: $CUT_RUNS run(s), $CUT_SECS_TOTAL s, $CUT_WIRE bytes to B, resync says re-sent: $CUT_RESENT"
@@ -428,7 +428,6 @@ if phase cut; then
 		time_it resync resync_push resync "$src" bench-resync
 		check_replica "$TB_POOL_B/bench-resync" "$guid"
 	fi
-	# shellcheck disable=SC2016
 	out '\nOne %s s cut of host B'"'"'s link (`ip link set ... down`) once 40%% of a %s-byte stream crossed; bytes the link carried to B (tx counter of its veth, so SSH, TCP and resync'"'"'s own traffic count too):\n\n' \
 		"$CUT_SECS" "$bytes"
 	out '| method | runs | seconds | MB to B | minus the stream | minus an uncut run | re-sent (resync'"'"'s summary) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n'
@@ -442,9 +441,45 @@ if phase cut; then
 		fi
 		out '| %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$CUT_RUNS" "$CUT_SECS_TOTAL" "$(mb "$CUT_WIRE")" \
 			"$(mb $((CUT_WIRE - bytes)))" "$(mb $((CUT_WIRE - WIRE[$m])))" "$CUT_RESENT"
+		[[ $m == chunked ]] && RESENT_WIRE=$((CUT_WIRE - WIRE[$m]))
 	done
 	out '\n(Uncut runs carried %s MB (chunked) and %s MB (default mode) for the same stream.)\n' \
 		"$(mb "${WIRE[chunked]}")" "$(mb "${WIRE[resync]}")"
+fi
+
+# Item 11's targets, from the numbers above.
+verdict() { [[ $1 == 1 ]] && echo met || echo "NOT met"; }
+out '\nTargets:\n'
+if phase plain; then
+	r=$(ratio "${SECS[raw]}" "${SECS[chunked]}")
+	out '- `--chunked` at least 0.9x the raw pipe on the plain link: %sx, %s\n' "$r" \
+		"$(verdict "$(awk -v r="$r" 'BEGIN { print (r >= 0.9) }')")"
+fi
+if phase delay; then
+	r=$(ratio "${SECS[d-syncoid]}" "${SECS[d-chunked]}")
+	out '- `--chunked` at least 2x syncoid at +%s ms: %sx, %s\n' "$DELAY_MS" "$r" \
+		"$(verdict "$(awk -v r="$r" 'BEGIN { print (r >= 2) }')")"
+fi
+if phase cut; then
+	# Wire bytes carry SSH and TCP overhead: scale by the uncut run's ratio.
+	resent=$(awk -v x="$RESENT_WIRE" -v b="$bytes" -v w="${WIRE[chunked]}" 'BEGIN { printf "%.0f", x * b / w }')
+	out '- re-sent after the cut at most one chunk (64 MiB = 67.1 MB): about %s MB of stream (%s MB on the wire beyond an uncut run), %s\n' \
+		"$(mb "$resent")" "$(mb "$RESENT_WIRE")" "$(verdict "$((resent <= 64 * 1024 * 1024))")"
+fi
+peak=0 peak_what=""
+for k in "${!RSS[@]}"; do
+	if [[ -n ${RSS[$k]} ]] && ((RSS[$k] > peak)); then
+		peak=${RSS[$k]} peak_what=$k
+		case $k in
+		*/send) peak_what="${k%/*} sender helper" ;;
+		*/recv) peak_what="${k%/*} receiver helper" ;;
+		*) peak_what="$k orchestrator" ;;
+		esac
+	fi
+done
+if ((peak > 0)); then
+	out '- peak RSS of every resync process at most 64 MiB: largest %s MiB (%s), %s\n' "$(kib2mib "$peak")" \
+		"$peak_what" "$(verdict "$((peak <= 64 * 1024))")"
 fi
 
 out '\nMachine: %s cores (%s), kernel %s, %s; %s.\n' "$(nproc)" \
