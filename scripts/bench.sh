@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
-# The TB_* variables come from the bed's env file (SC2153); backticks in
-# single quotes are Markdown (SC2016).
-# shellcheck disable=SC2153,SC2016
 # bench.sh: resync's throughput as ratios against baselines measured in the
 # same run, on the real test bed (zfs-fuse pools, sshd in a network
 # namespace). Nothing here is a pass/fail test; it prints Markdown tables
-# ready for README (progress goes to stderr, the tables to stdout).
+# ready for README (progress goes to stderr, the tables to stdout and to
+# $BENCH_OUT, default /var/tmp/resync-bench.md).
 #
-#   bash scripts/bench.sh                    # 1 GiB stream, about 10 minutes
+#   bash scripts/bench.sh                    # 1 GiB stream, about 8 minutes
 #   BENCH_SIZE=256M bash scripts/bench.sh    # a quick run
 #
 # It brings up its own bed (scripts/testbed.sh up, which tears down any
@@ -21,14 +19,14 @@
 #             resync        resync --no-sync-snap SRC root@B:DST (default mode, release build)
 #             resync chunk  the same with --chunked (default 64 MiB chunks, window 4)
 #             syncoid       syncoid --no-sync-snap --compress=none (Debian's sanoid package)
-#   delay   the same but local recv, with BENCH_DELAY_MS added to every
+#   delay   the same except local recv, with BENCH_DELAY_MS added to every
 #           packet entering host B (scripts/netdelay.sh; the added RTT is
 #           measured and printed), and resync --chunked against syncoid
 #   cut     resync --chunked, then the default mode, each with host B's link
 #           cut (`ip link set ... down`) for BENCH_CUT_SECS mid-transfer: the
 #           bytes the link carried to B beyond the stream and beyond an uncut
-#           run, and what resync's summary says it re-sent. The default mode
-#           cannot survive the cut on zfs-fuse; it is rerun until it succeeds.
+#           run, and what resync's summary says it re-sent. A run that fails
+#           is run again (at most 4 runs; zfs-fuse has no resume tokens).
 # Peak RSS: the orchestrator's (GNU time) and, in chunked mode, the chunk
 # helpers' (VmHWM from /proc, sampled every 0.2 s while they run).
 # Every replica's snapshot GUID is checked against the source's.
@@ -44,6 +42,10 @@
 #   BENCH_ENV         use the bed of this env file instead of bringing one up
 #                     (never a shared bed: the bench cuts and delays host B's
 #                     link and creates and destroys datasets on both pools)
+#
+# The TB_* variables come from the bed's env file (SC2153); backticks in
+# single quotes are Markdown (SC2016).
+# shellcheck disable=SC2153,SC2016
 set -euo pipefail
 export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH:-}"
 export LC_ALL=C
@@ -487,3 +489,4 @@ out '\nMachine: %s cores (%s), kernel %s, %s; %s.\n' "$(nproc)" \
 	"zfs-fuse $(dpkg-query -W -f '${Version}' zfs-fuse 2>/dev/null || echo '?')" "$(date -u +%F)"
 printf '\n'
 cat "$OUT"
+cp "$OUT" "${BENCH_OUT:-/var/tmp/resync-bench.md}"
