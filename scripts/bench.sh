@@ -1,100 +1,492 @@
 #!/usr/bin/env bash
 # bench.sh: resync's throughput as ratios against baselines measured in the
 # same run, on the real test bed (zfs-fuse pools, sshd in a network
-# namespace). Nothing here is a pass/fail test; it prints a table.
+# namespace). Nothing here is a pass/fail test; it prints Markdown tables
+# ready for README (progress goes to stderr, the tables to stdout and to
+# $BENCH_OUT, default /var/tmp/resync-bench.md).
 #
-#   bash scripts/bench.sh            # 1024 MiB stream
-#   BENCH_MB=256 bash scripts/bench.sh
+#   bash scripts/bench.sh                    # 1 GiB stream, about 8 minutes
+#   BENCH_SIZE=256M bash scripts/bench.sh    # a quick run
 #
-# Rows, each pushing the same `zfs send` stream of BENCH_MB MiB of random
-# (incompressible) data from pool A to host B:
-#   raw ssh       zfs send | ssh host 'cat > /dev/null'   (OpenSSH; the baseline)
-#   local recv    zfs send | zfs receive on this machine   (zfs-fuse's own ceiling)
-#   resync        resync --no-sync-snap SRC root@B:DST     (default mode, release build)
-#   resync chunk  the same with --chunked (64 MiB chunks, window 4)
-#   syncoid       syncoid --no-sync-snap --compress=none   (Debian's sanoid package)
-# For resync also its peak RSS (GNU time).
+# It brings up its own bed (scripts/testbed.sh up, which tears down any
+# other bed on this machine) and tears it down on any exit.
+#
+# Phases, each pushing a `zfs send` stream of random (incompressible) data
+# from pool A to host B:
+#   plain   over the plain veth link:
+#             raw ssh       zfs send | ssh host 'cat > /dev/null' (OpenSSH; the baseline)
+#             local recv    zfs send | zfs receive on this machine (zfs-fuse's ceiling)
+#             resync        resync --no-sync-snap SRC root@B:DST (default mode, release build)
+#             resync chunk  the same with --chunked (default 64 MiB chunks, window 4)
+#             syncoid       syncoid --no-sync-snap --compress=none (Debian's sanoid package)
+#   delay   the same except local recv, with BENCH_DELAY_MS added to every
+#           packet entering host B (scripts/netdelay.sh; the added RTT is
+#           measured and printed), and resync --chunked against syncoid
+#   cut     resync --chunked, then the default mode, each with host B's link
+#           cut (`ip link set ... down`) for BENCH_CUT_SECS mid-transfer: the
+#           bytes the link carried to B beyond the stream and beyond an uncut
+#           run, and what resync's summary says it re-sent. A run that fails
+#           is run again (at most 4 runs; zfs-fuse has no resume tokens).
+# Peak RSS: the orchestrator's (GNU time) and, in chunked mode, the chunk
+# helpers' (VmHWM from /proc, sampled every 0.2 s while they run).
+# Every replica's snapshot GUID is checked against the source's.
+#
+# Environment:
+#   BENCH_SIZE        stream size for plain and cut (NNN[M|G], default 1G;
+#                     BENCH_MB=NNN still works)
+#   BENCH_DELAY_SIZE  stream size for the delay phase (default: BENCH_SIZE)
+#   BENCH_DELAY_MS    delay added to packets entering host B (default 50)
+#   BENCH_CUT_SECS    length of the link cut (default 30)
+#   BENCH_PHASES      comma-separated subset of plain,delay,cut (default all)
+#   BENCH_STATE       state dir of the bed (default /var/tmp/resync-bench)
+#   BENCH_ENV         use the bed of this env file instead of bringing one up
+#                     (never a shared bed: the bench cuts and delays host B's
+#                     link and creates and destroys datasets on both pools)
+#
+# The TB_* variables come from the bed's env file (SC2153); backticks in
+# single quotes are Markdown (SC2016).
+# shellcheck disable=SC2153,SC2016
 set -euo pipefail
 export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH:-}"
+export LC_ALL=C
 cd "$(dirname "$0")/.."
 
-MB=${BENCH_MB:-1024}
-STATE=${BENCH_STATE:-/var/tmp/resync-bench}
+log() { printf 'bench: %s\n' "$*" >&2; }
+die() {
+	printf 'bench: FAILED: %s\n' "$*" >&2
+	exit 1
+}
 
-[[ $(id -u) == 0 ]] || { echo "bench.sh: run as root (it starts zfs-fuse and network namespaces)" >&2; exit 2; }
+mib() { # NNN, NNNM or NNNG -> MiB
+	local v=$1 mul=1
+	case $v in
+	*[gG]) v=${v%?} mul=1024 ;;
+	*[mM]) v=${v%?} ;;
+	esac
+	if ! [[ $v =~ ^[0-9]{1,6}$ ]] || ((10#$v == 0)); then
+		die "bad size '$1' (want e.g. 256M or 1G)"
+	fi
+	echo $((10#$v * mul))
+}
+
+MB=$(mib "${BENCH_SIZE:-${BENCH_MB:-1024}}")
+DELAY_MB=$(mib "${BENCH_DELAY_SIZE:-${MB}M}")
+DELAY_MS=${BENCH_DELAY_MS:-50}
+CUT_SECS=${BENCH_CUT_SECS:-30}
+PHASES=,${BENCH_PHASES:-plain,delay,cut},
+STATE=${BENCH_STATE:-/var/tmp/resync-bench}
+[[ $DELAY_MS =~ ^[0-9]+$ ]] || die "BENCH_DELAY_MS must be a whole number of ms"
+[[ $CUT_SECS =~ ^[0-9]+$ ]] || die "BENCH_CUT_SECS must be a whole number of seconds"
+phase() { [[ $PHASES == *,$1,* ]]; }
+
+[[ $(id -u) == 0 ]] || die "run as root (it starts zfs-fuse and network namespaces)"
 bash scripts/testbed.sh deps
 command -v syncoid >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sanoid >/dev/null
 command -v /usr/bin/time >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq time >/dev/null
+if phase delay; then
+	bash scripts/netdelay.sh build >/dev/null
+fi
 
-echo "bench: building the release binary" >&2
+log "building the release binary"
 cargo build --release --quiet
 BIN=$PWD/target/x86_64-unknown-linux-gnu/release/resync
 
-TB_VDEV_SIZE=$((MB * 4 + 512))M bash scripts/testbed.sh up "$STATE" >/dev/null
-trap 'bash scripts/testbed.sh down "$STATE" >/dev/null 2>&1 || true' EXIT
-# shellcheck disable=SC1091
-. "$STATE/env"
+# ---------------------------------------------------------------------------
+# The bed, and cleanup on any exit
 
-src=$TB_POOL_A/bench
-zfs create -o compression=off "$src"
-sleep 1
-mp=$(zfs get -H -o value mountpoint "$src")
-echo "bench: writing $MB MiB of random data" >&2
-head -c "$((MB * 1024 * 1024))" /dev/urandom >"$mp/data"
-sync
-zfs snapshot "$src@b1"
-bytes=$(zfs send "$src@b1" | wc -c)
+OWN_BED=0 BG_PIDS=() LINK_CUT=0 DELAY_ON=0 DATASETS=()
+cleanup() {
+	local rc=$? pid ds
+	set +e
+	for pid in "${BG_PIDS[@]}"; do
+		kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+	done
+	((LINK_CUT)) && ip link set "$TB_LINK_B" up
+	((DELAY_ON)) && bash scripts/netdelay.sh off "$TB_NS_B"
+	# Also stops any chunk helper still running (its folder vanishes).
+	[[ -n ${CHUNK_TMP:-} ]] && rm -rf "$CHUNK_TMP"
+	# On a bed of our own its pools go anyway; on another, our datasets.
+	if ((!OWN_BED)) && [[ -n ${TB_POOL_B:-} ]]; then
+		for ds in "${DATASETS[@]}" $(zfs list -H -o name -d 1 "$TB_POOL_B" 2>/dev/null | grep "^$TB_POOL_B/bench-"); do
+			for _ in 1 2 3 4 5 6 7 8 9 10; do
+				zfs destroy -r "$ds" 2>/dev/null && break
+				zfs list -H -o name "$ds" >/dev/null 2>&1 || break
+				sleep 0.3
+			done
+		done
+	fi
+	if ((OWN_BED)); then
+		bash scripts/testbed.sh down "$STATE" >/dev/null 2>&1 || log "WARNING: testbed.sh down $STATE failed"
+	fi
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
-now() { date +%s.%N; }
+if [[ -n ${BENCH_ENV:-} ]]; then
+	ENV_FILE=$BENCH_ENV
+	log "using the existing bed of $ENV_FILE"
+else
+	OWN_BED=1
+	# Pool B holds one replica at a time (each is checked and destroyed).
+	TB_VDEV_SIZE=$((MB * 3 + DELAY_MB + 512))M bash scripts/testbed.sh up "$STATE" >/dev/null
+	ENV_FILE=$STATE/env
+fi
+# shellcheck disable=SC1090
+. "$ENV_FILE"
+WORK=$TB_DIR/bench
+mkdir -p "$WORK"
+# Chunk helpers and session folders: /var/tmp is one file system for this
+# machine and the hosts (their /tmp is a small private tmpfs), and our own
+# folder there tells our helpers from any other.
+CHUNK_TMP=/var/tmp/resync-bench-chunks
+mkdir -p "$CHUNK_TMP"
+
+# ---------------------------------------------------------------------------
+# Data
+
+make_source() { # NAME MIB: the snapshot into SNAP
+	local ds=$TB_POOL_A/$1 mp
+	zfs create -o compression=off "$ds"
+	DATASETS+=("$ds")
+	sleep 1
+	mp=$(zfs get -H -o value mountpoint "$ds")
+	log "writing $2 MiB of random data to $ds"
+	head -c "$(($2 * 1024 * 1024))" /dev/urandom >"$mp/data"
+	sync
+	zfs snapshot "$ds@b1"
+	SNAP=$ds@b1
+}
+
+make_source bench "$MB"
+src=$SNAP
+bytes=$(zfs send "$src" | wc -c)
+guid=$(zfs get -Hp -o value guid "$src")
+if ((DELAY_MB == MB)); then
+	dsrc=$src dbytes=$bytes dguid=$guid
+elif phase delay; then
+	make_source bench-delay "$DELAY_MB"
+	dsrc=$SNAP
+	dbytes=$(zfs send "$dsrc" | wc -c)
+	dguid=$(zfs get -Hp -o value guid "$dsrc")
+fi
+
+# Checks a replica's GUID, then destroys it (pool B holds one at a time).
+check_replica() { # DATASET EXPECTED_GUID
+	local got i
+	got=$(zfs get -Hp -o value guid "$1@b1" 2>/dev/null) || got=missing
+	[[ $got == "$2" ]] || die "$1@b1 has GUID $got, expected $2"
+	for ((i = 0; i < 50; i++)); do
+		zfs destroy -r "$1" 2>/dev/null && return 0
+		sleep 0.2
+	done
+	zfs destroy -r "$1" || die "cannot destroy $1"
+}
+
+# ---------------------------------------------------------------------------
+# Measuring
+
+declare -A SECS RSS
+now() { echo "$EPOCHREALTIME"; }
 rate() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / s / 1e6 }'; }
-declare -A SECS
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+kib2mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+wire_tx() { cat "/sys/class/net/$TB_LINK_B/statistics/tx_bytes"; }
 
-time_it() { # NAME COMMAND...
-	local name=$1 t0 t1
+# Samples the peak RSS (VmHWM) of our chunk helpers into FILE until killed.
+rss_watch() { # FILE
+	local pid role hwm
+	while :; do
+		for pid in $(pgrep -f "__chunk-(send|recv) --dir $CHUNK_TMP/" || true); do
+			role=$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | sed -n 2p) || continue
+			hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || continue
+			[[ -n $hwm && $role == __chunk-* ]] && echo "$role $hwm"
+		done
+		sleep 0.2
+	done >"$1"
+}
+forget() { # PID: no longer ours to kill on exit
+	local keep=() p
+	for p in "${BG_PIDS[@]}"; do
+		[[ $p == "$1" ]] || keep+=("$p")
+	done
+	BG_PIDS=("${keep[@]}")
+}
+rss_start() { # FILE
+	rss_watch "$1" &
+	RSS_PID=$!
+	BG_PIDS+=("$RSS_PID")
+}
+rss_stop() {
+	{ kill "$RSS_PID" 2>/dev/null && wait "$RSS_PID" 2>/dev/null; } || true
+	forget "$RSS_PID"
+}
+rss_peak() { # FILE ROLE -> KiB or empty
+	awk -v r="$2" '$1 == r && $2 > m { m = $2 } END { if (m) print m }' "$1"
+}
+
+# time_it KEY COMMAND...: seconds into SECS[KEY], tx bytes to B into WIRE[KEY].
+declare -A WIRE
+time_it() {
+	local key=$1 t0 t1 w0
 	shift
+	w0=$(wire_tx)
 	t0=$(now)
 	"$@"
 	t1=$(now)
-	SECS[$name]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
-	echo "bench: $name took ${SECS[$name]} s" >&2
+	SECS[$key]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+	WIRE[$key]=$(($(wire_tx) - w0))
+	log "$key took ${SECS[$key]} s"
 }
 
-raw() { zfs send "$src@b1" | "$TB_SSH" "root@$TB_HOST_B" 'cat > /dev/null'; }
-local_recv() { zfs send "$src@b1" | zfs receive "$TB_POOL_A/bench-local"; }
-resync_push() {
-	HOME=$TB_HOME /usr/bin/time -f '%M' -o "$STATE/resync.rss" \
-		"$BIN" --quiet --no-sync-snap "$src" "root@$TB_HOST_B:$TB_POOL_B/bench-resync"
+raw() { # SNAPSHOT
+	zfs send "$1" | "$TB_SSH" "root@$TB_HOST_B" 'cat > /dev/null'
 }
-chunked_push() {
-	HOME=$TB_HOME /usr/bin/time -f '%M' -o "$STATE/chunked.rss" \
-		"$BIN" --quiet --no-sync-snap --chunked --tmpdir=/var/tmp "$src" "root@$TB_HOST_B:$TB_POOL_B/bench-chunked"
+local_recv() { # SNAPSHOT DST
+	zfs send "$1" | zfs receive "$TB_POOL_A/$2"
 }
-syncoid_push() {
+resync_push() { # KEY SNAPSHOT DST [ARGS...]: orchestrator's peak RSS into RSS[KEY]
+	local key=$1 snap=$2 dst=$3
+	shift 3
+	HOME=$TB_HOME /usr/bin/time -f '%M' -o "$WORK/$key.rss" \
+		"$BIN" --quiet --no-sync-snap "$@" "${snap%@*}" "root@$TB_HOST_B:$TB_POOL_B/$dst"
+	RSS[$key]=$(tail -n 1 "$WORK/$key.rss")
+}
+chunked_push() { # KEY SNAPSHOT DST: also the helpers' peaks into RSS[KEY/send], RSS[KEY/recv]
+	local key=$1
+	rss_start "$WORK/$key.helpers"
+	resync_push "$@" --chunked --tmpdir="$CHUNK_TMP"
+	rss_stop
+	RSS[$key/send]=$(rss_peak "$WORK/$key.helpers" __chunk-send)
+	RSS[$key/recv]=$(rss_peak "$WORK/$key.helpers" __chunk-recv)
+}
+syncoid_push() { # SNAPSHOT DST
 	HOME=$TB_HOME syncoid --quiet --no-sync-snap --compress=none --no-privilege-elevation \
 		--sshkey="$TB_KEY" --sshoption=UserKnownHostsFile="$TB_KNOWN_HOSTS" \
-		"$src" "root@$TB_HOST_B:$TB_POOL_B/bench-syncoid"
+		"${1%@*}" "root@$TB_HOST_B:$TB_POOL_B/$2" >&2
 }
 
-time_it "raw ssh" raw
-time_it "local recv" local_recv
-time_it "resync" resync_push
-time_it "resync chunk" chunked_push
-time_it "syncoid" syncoid_push
+rss_cell() { # KEY
+	local k=$1 s
+	[[ -n ${RSS[$k]:-} ]] || {
+		echo ""
+		return
+	}
+	s="$(kib2mib "${RSS[$k]}") MiB"
+	if [[ -v RSS[$k/send] ]]; then
+		s="orchestrator $s, sender helper $(kib2mib "${RSS[$k/send]:-0}") MiB, receiver helper $(kib2mib "${RSS[$k/recv]:-0}") MiB"
+		[[ -n ${RSS[$k/send]} && -n ${RSS[$k/recv]} ]] || s="$s (a helper was not seen)"
+	fi
+	echo "$s"
+}
 
-# The replicas must be real: same GUID as the source snapshot.
-guid=$(zfs get -H -o value guid "$src@b1")
-for d in bench-resync bench-chunked bench-syncoid; do
-	got=$(zfs get -H -o value guid "$TB_POOL_B/$d@b1")
-	[[ $got == "$guid" ]] || { echo "bench: $d@b1 has GUID $got, expected $guid" >&2; exit 1; }
-done
+OUT=$WORK/tables.md
+: >"$OUT"
+out() { # FORMAT ARGS...
+	local fmt=$1
+	shift
+	# shellcheck disable=SC2059
+	printf -- "$fmt" "$@" >>"$OUT"
+}
 
-base=${SECS["raw ssh"]}
-printf '\nstream: %s bytes (%s MiB of random data), host B over veth, %s\n' "$bytes" "$MB" "$(date -u +%F)"
-printf '%-12s %8s %10s %12s\n' method seconds MB/s "vs raw ssh"
-for name in "raw ssh" "local recv" "resync" "resync chunk" "syncoid"; do
-	s=${SECS[$name]}
-	printf '%-12s %8s %10s %11sx\n' "$name" "$s" "$(rate "$bytes" "$s")" \
-		"$(awk -v a="$base" -v b="$s" 'BEGIN { printf "%.2f", a / b }')"
+table() { # TITLE STREAM_BYTES BASE_KEY KEY:LABEL...
+	local title=$1 b=$2 base=${SECS[$3]} kv key label
+	shift 3
+	out '\n%s\n\n' "$title"
+	out '| method | seconds | MB/s | vs raw ssh | peak RSS |\n| --- | ---: | ---: | ---: | --- |\n'
+	for kv in "$@"; do
+		key=${kv%%:*} label=${kv#*:}
+		out '| %s | %s | %s | %sx | %s |\n' "$label" "${SECS[$key]}" "$(rate "$b" "${SECS[$key]}")" \
+			"$(ratio "$base" "${SECS[$key]}")" "$(rss_cell "$key")"
+	done
+}
+
+L_RAW="\`zfs send \\| ssh host 'cat > /dev/null'\` (OpenSSH)"
+L_LOCAL="\`zfs send \\| zfs receive\` on one machine (zfs-fuse's ceiling)"
+L_RESYNC="resync (default mode)"
+L_CHUNKED="resync \`--chunked\` (64 MiB chunks, window 4)"
+L_SYNCOID="syncoid $(syncoid --version 2>/dev/null | grep -oE '[0-9]+\.[0-9]+(\.[0-9]+)?' | head -n 1) (\`--compress=none\`)"
+
+# A first chunked run uploads the helper binary to host B; a tiny warm-up
+# keeps that upload out of the measured runs.
+make_source bench-warm 1
+warm=$SNAP
+log "warm-up: deploying the chunk helper to host B"
+HOME=$TB_HOME "$BIN" --quiet --no-sync-snap --chunked --tmpdir="$CHUNK_TMP" "${warm%@*}" "root@$TB_HOST_B:$TB_POOL_B/bench-warm"
+check_replica "$TB_POOL_B/bench-warm" "$(zfs get -Hp -o value guid "$warm")"
+
+RTT_PLAIN=$(bash scripts/netdelay.sh rtt "$TB_HOST_B" 22 9)
+
+# ---------------------------------------------------------------------------
+# Phase: plain link
+
+if phase plain; then
+	log "phase plain: $bytes bytes"
+	time_it raw raw "$src"
+	time_it local local_recv "$src" bench-local
+	DATASETS+=("$TB_POOL_A/bench-local")
+	check_replica "$TB_POOL_A/bench-local" "$guid"
+	time_it resync resync_push resync "$src" bench-resync
+	check_replica "$TB_POOL_B/bench-resync" "$guid"
+	time_it chunked chunked_push chunked "$src" bench-chunked
+	check_replica "$TB_POOL_B/bench-chunked" "$guid"
+	time_it syncoid syncoid_push "$src" bench-syncoid
+	check_replica "$TB_POOL_B/bench-syncoid" "$guid"
+	table "Plain veth link (RTT $RTT_PLAIN ms), $bytes-byte stream ($MB MiB of random data):" "$bytes" raw \
+		"raw:$L_RAW" "local:$L_LOCAL" "resync:$L_RESYNC" "chunked:$L_CHUNKED" "syncoid:$L_SYNCOID"
+fi
+
+# ---------------------------------------------------------------------------
+# Phase: delayed link
+
+if phase delay; then
+	log "phase delay: +$DELAY_MS ms on packets entering host B, $dbytes bytes"
+	DELAY_ON=1
+	bash scripts/netdelay.sh on "$TB_NS_B" "$DELAY_MS"
+	RTT_DELAY=$(bash scripts/netdelay.sh rtt "$TB_HOST_B" 22 9)
+	log "RTT to host B: $RTT_PLAIN ms plain, $RTT_DELAY ms delayed"
+	time_it d-raw raw "$dsrc"
+	time_it d-resync resync_push d-resync "$dsrc" bench-d-resync
+	check_replica "$TB_POOL_B/bench-d-resync" "$dguid"
+	time_it d-chunked chunked_push d-chunked "$dsrc" bench-d-chunked
+	check_replica "$TB_POOL_B/bench-d-chunked" "$dguid"
+	time_it d-syncoid syncoid_push "$dsrc" bench-d-syncoid
+	check_replica "$TB_POOL_B/bench-d-syncoid" "$dguid"
+	# Still delayed at the end? (The program could have died; bypass would hide it.)
+	RTT_AFTER=$(bash scripts/netdelay.sh rtt "$TB_HOST_B" 22 5)
+	bash scripts/netdelay.sh off "$TB_NS_B"
+	DELAY_ON=0
+	table "$DELAY_MS ms added to packets entering host B (TCP connect RTT measured: $RTT_PLAIN ms plain, $RTT_DELAY ms delayed, $RTT_AFTER ms after the last run), $dbytes-byte stream ($DELAY_MB MiB of random data):" \
+		"$dbytes" d-raw "d-raw:$L_RAW" "d-resync:$L_RESYNC" "d-chunked:$L_CHUNKED" "d-syncoid:$L_SYNCOID"
+	out '\nresync `--chunked` vs syncoid at +%s ms: %sx (target: at least 2x)\n' "$DELAY_MS" \
+		"$(ratio "${SECS[d-syncoid]}" "${SECS[d-chunked]}")"
+fi
+
+# ---------------------------------------------------------------------------
+# Phase: one link cut mid-transfer
+
+# Runs a push in the background, cuts host B's link for CUT_SECS once 40%
+# of the stream crossed, restores it; reruns (foreground) while it fails.
+# Sets CUT_WIRE, CUT_RUNS, CUT_RESENT, CUT_SECS_TOTAL.
+cut_run() { # KEY DST [ARGS...]
+	local key=$1 dst=$2 w0 t0 pid rc=0 i
+	shift 2
+	local log=$WORK/$key.log
+	: >"$log"
+	w0=$(wire_tx)
+	t0=$(now)
+	HOME=$TB_HOME "$BIN" --no-sync-snap --timeout=5m "$@" "${src%@*}" "root@$TB_HOST_B:$TB_POOL_B/$dst" \
+		>>"$log" 2>&1 &
+	pid=$!
+	BG_PIDS+=("$pid")
+	while alive "$pid" && (($(wire_tx) - w0 < bytes * 2 / 5)); do
+		sleep 0.05
+	done
+	if alive "$pid"; then
+		log "$key: cutting $TB_LINK_B for $CUT_SECS s after $(($(wire_tx) - w0)) bytes"
+		LINK_CUT=1
+		ip link set "$TB_LINK_B" down
+		sleep "$CUT_SECS"
+		ip link set "$TB_LINK_B" up
+		LINK_CUT=0
+	else
+		log "WARNING: $key finished before the cut"
+	fi
+	wait "$pid" || rc=$?
+	forget "$pid"
+	CUT_RUNS=1
+	while ((rc != 0)); do
+		((CUT_RUNS < 4)) || die "$key: still failing after $CUT_RUNS runs: $(tail -n 3 "$log")"
+		log "$key: run $CUT_RUNS failed ($rc): $(tail -n 1 "$log"); running it again"
+		echo "--- rerun" >>"$log"
+		CUT_RUNS=$((CUT_RUNS + 1))
+		rc=0
+		HOME=$TB_HOME "$BIN" --no-sync-snap --timeout=5m "$@" "${src%@*}" "root@$TB_HOST_B:$TB_POOL_B/$dst" \
+			>>"$log" 2>&1 || rc=$?
+	done
+	CUT_SECS_TOTAL=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
+	CUT_WIRE=$(($(wire_tx) - w0))
+	CUT_RESENT=$(grep -oE '[0-9.]+( ?[KMGTP]?i?B| bytes)? re-sent' "$log" | tail -n 1 | sed 's/ re-sent$//') || true
+	[[ -n $CUT_RESENT ]] || CUT_RESENT=n/a
+	check_replica "$TB_POOL_B/$dst" "$guid"
+	log "$key: $CUT_RUNS run(s), $CUT_SECS_TOTAL s, $CUT_WIRE bytes to B, resync says re-sent: $CUT_RESENT"
+}
+alive() {
+	local st
+	st=$(awk '/^State:/ {print $2}' "/proc/$1/status" 2>/dev/null) || return 1
+	[[ -n $st && $st != Z && $st != X ]]
+}
+mb() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1e6 }'; }
+
+if phase cut; then
+	log "phase cut: $CUT_SECS s link cut, $bytes bytes"
+	# Bytes to B of an uncut run of each mode: the plain phase's, or one now.
+	if [[ -z ${WIRE[chunked]:-} ]]; then
+		time_it chunked chunked_push chunked "$src" bench-chunked
+		check_replica "$TB_POOL_B/bench-chunked" "$guid"
+	fi
+	if [[ -z ${WIRE[resync]:-} ]]; then
+		time_it resync resync_push resync "$src" bench-resync
+		check_replica "$TB_POOL_B/bench-resync" "$guid"
+	fi
+	out '\nOne %s s cut of host B'"'"'s link (`ip link set ... down`) once 40%% of a %s-byte stream crossed; bytes the link carried to B (tx counter of its veth, so SSH, TCP and resync'"'"'s own traffic count too):\n\n' \
+		"$CUT_SECS" "$bytes"
+	out '| method | runs | seconds | MB to B | minus the stream | minus an uncut run | re-sent (resync'"'"'s summary) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n'
+	for m in chunked resync; do
+		if [[ $m == chunked ]]; then
+			cut_run cut-chunked bench-cut-chunked --chunked --tmpdir="$CHUNK_TMP"
+			label=$L_CHUNKED
+		else
+			cut_run cut-resync bench-cut-resync
+			label=$L_RESYNC
+		fi
+		out '| %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$CUT_RUNS" "$CUT_SECS_TOTAL" "$(mb "$CUT_WIRE")" \
+			"$(mb $((CUT_WIRE - bytes)))" "$(mb $((CUT_WIRE - WIRE[$m])))" "$CUT_RESENT"
+		[[ $m == chunked ]] && RESENT_WIRE=$((CUT_WIRE - WIRE[$m]))
+	done
+	out '\n(Uncut runs carried %s MB (chunked) and %s MB (default mode) for the same stream.)\n' \
+		"$(mb "${WIRE[chunked]}")" "$(mb "${WIRE[resync]}")"
+fi
+
+# Item 11's targets, from the numbers above.
+verdict() { [[ $1 == 1 ]] && echo met || echo "NOT met"; }
+out '\nTargets:\n'
+if phase plain; then
+	r=$(ratio "${SECS[raw]}" "${SECS[chunked]}")
+	out '- `--chunked` at least 0.9x the raw pipe on the plain link: %sx, %s\n' "$r" \
+		"$(verdict "$(awk -v r="$r" 'BEGIN { print (r >= 0.9) }')")"
+fi
+if phase delay; then
+	r=$(ratio "${SECS[d-syncoid]}" "${SECS[d-chunked]}")
+	out '- `--chunked` at least 2x syncoid at +%s ms: %sx, %s\n' "$DELAY_MS" "$r" \
+		"$(verdict "$(awk -v r="$r" 'BEGIN { print (r >= 2) }')")"
+fi
+if phase cut; then
+	# Wire bytes carry SSH and TCP overhead: scale by the uncut run's ratio.
+	resent=$(awk -v x="$RESENT_WIRE" -v b="$bytes" -v w="${WIRE[chunked]}" 'BEGIN { printf "%.0f", x * b / w }')
+	out '- re-sent after the cut at most one chunk (64 MiB = 67.1 MB): about %s MB of stream (%s MB on the wire beyond an uncut run), %s\n' \
+		"$(mb "$resent")" "$(mb "$RESENT_WIRE")" "$(verdict "$((resent <= 64 * 1024 * 1024))")"
+fi
+peak=0 peak_what=""
+for k in "${!RSS[@]}"; do
+	if [[ -n ${RSS[$k]} ]] && ((RSS[$k] > peak)); then
+		peak=${RSS[$k]} peak_what=$k
+		case $k in
+		*/send) peak_what="${k%/*} sender helper" ;;
+		*/recv) peak_what="${k%/*} receiver helper" ;;
+		*) peak_what="$k orchestrator" ;;
+		esac
+	fi
 done
-printf 'peak RSS of the orchestrator: resync %s KiB, resync --chunked %s KiB\n' \
-	"$(cat "$STATE/resync.rss")" "$(cat "$STATE/chunked.rss")"
+if ((peak > 0)); then
+	out '- peak RSS of every resync process at most 64 MiB: largest %s MiB (%s), %s\n' "$(kib2mib "$peak")" \
+		"$peak_what" "$(verdict "$((peak <= 64 * 1024))")"
+fi
+
+out '\nMachine: %s cores (%s), kernel %s, %s; %s.\n' "$(nproc)" \
+	"$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" "$(uname -r)" \
+	"zfs-fuse $(dpkg-query -W -f '${Version}' zfs-fuse 2>/dev/null || echo '?')" "$(date -u +%F)"
+printf '\n'
+cat "$OUT"
+cp "$OUT" "${BENCH_OUT:-/var/tmp/resync-bench.md}"

@@ -100,6 +100,17 @@ pub struct Cli {
     #[arg(long)]
     pub no_rollback: bool,
 
+    /// Hold the snapshots a transfer needs, and afterwards the last replicated snapshot on
+    /// both sides (zfs hold), so other tools' pruning cannot break the next incremental.
+    /// The tag names this job (--identifier and the other side); older holds of the job are released.
+    #[arg(long)]
+    pub use_hold: bool,
+
+    /// Bookmark the last replicated snapshot on the source after success (zfs bookmark,
+    /// same name), so the next run can send incrementally from it after the snapshot is gone.
+    #[arg(long)]
+    pub create_bookmark: bool,
+
     /// Private key file for SSH (tried after ssh-agent).
     #[arg(long, value_name = "FILE")]
     pub sshkey: Option<PathBuf>,
@@ -315,6 +326,8 @@ pub struct Config {
     pub resume: bool,
     pub force_delete: bool,
     pub rollback: bool,
+    pub use_hold: bool,
+    pub create_bookmark: bool,
     pub ssh_key: Option<PathBuf>,
     pub ssh_port: Option<u16>,
     pub accept_new_host_key: bool,
@@ -399,6 +412,8 @@ impl Cli {
             resume: !self.no_resume,
             force_delete: self.force_delete,
             rollback: !self.no_rollback,
+            use_hold: self.use_hold,
+            create_bookmark: self.create_bookmark,
             ssh_key: self.sshkey,
             ssh_port: self.sshport,
             accept_new_host_key: self.accept_new_host_key,
@@ -533,6 +548,14 @@ mod tests {
         ] {
             assert!(cli(&args).is_err(), "{args:?} must be refused");
         }
+    }
+
+    #[test]
+    fn protection_flags_are_off_unless_given() {
+        let c = cli(&["a/b", "c/d"]).unwrap();
+        assert!(!c.use_hold && !c.create_bookmark);
+        let c = cli(&["--use-hold", "--create-bookmark", "a/b", "c/d"]).unwrap();
+        assert!(c.use_hold && c.create_bookmark);
     }
 
     #[test]

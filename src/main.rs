@@ -10,6 +10,7 @@ mod deploy;
 mod host;
 mod plan;
 mod progress;
+mod protect;
 mod replicate;
 mod runlock;
 mod stream;

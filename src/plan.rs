@@ -22,13 +22,20 @@
 //! 4. A target without snapshots: [`Conflict::TargetHasNoSnapshots`]
 //!    (`force_delete`: destroy it and send in full).
 //! 5. The common snapshot is the newest source snapshot whose GUID is on the
-//!    target. None: [`Conflict::GuidMismatch`] when names clash, else
+//!    target. A source bookmark whose GUID is on the target is a base too (a
+//!    bookmark keeps its snapshot's GUID and createtxg after the snapshot is
+//!    destroyed): it is used when it is newer than the common snapshot, or
+//!    when there is none; a snapshot wins over its own bookmark. No base:
+//!    [`Conflict::GuidMismatch`] when names clash, else
 //!    [`Conflict::NoCommonSnapshot`] (`force_delete`: destroy and send in full).
-//! 6. Target snapshots newer than the common one (by the target's createtxg)
+//! 6. Target snapshots newer than the base (by the target's createtxg)
 //!    would make the incremental receive fail: GuidMismatch on a name clash,
-//!    else [`Conflict::Diverged`] (`force_delete`: roll back to the common one).
-//! 7. Common is the newest source snapshot: up to date. Otherwise one
-//!    incremental stream from it to the newest (`-I`, or `-i` with `no_stream`).
+//!    else [`Conflict::Diverged`] (`force_delete`: roll back to the base).
+//! 7. The base is (or is newer than) the newest source snapshot: up to date.
+//!    Otherwise one incremental stream from it to the newest (`-I`, or `-i`
+//!    with `no_stream`). From a bookmark ZFS sends no intermediates, so
+//!    [`Step::FromBookmark`] goes to the next source snapshot first, then `-I`
+//!    to the newest (as syncoid does).
 //!
 //! A plan whose last step is `Resume` or `AbortPartial` changes the target's
 //! state in a way the planner cannot foresee (a resumed or aborted receive
@@ -46,6 +53,9 @@ pub struct SourceState {
     /// The source dataset's name (`pool/ds`): a resume token must name it.
     pub dataset: String,
     pub snapshots: Vec<Snapshot>,
+    /// Its bookmarks (the name after `#`, the snapshot's GUID and
+    /// createtxg), any order; empty where the ZFS has none.
+    pub bookmarks: Vec<Snapshot>,
 }
 
 /// The target dataset as found before the run.
@@ -92,11 +102,16 @@ pub enum Step {
         to: Snapshot,
         intermediates: bool,
     },
+    /// `zfs send -i source#bookmark source@to`: the base snapshot is gone
+    /// from the source but its bookmark is there (no intermediates).
+    FromBookmark { bookmark: Snapshot, to: Snapshot },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Plan {
-    /// The target already holds the source's newest snapshot.
+    /// The target already holds the source's newest snapshot (or, when only
+    /// a bookmark of it is left on the source, a newer one: then `snapshot`
+    /// is the target's entry of the bookmarked snapshot).
     UpToDate {
         snapshot: Snapshot,
     },
@@ -147,8 +162,7 @@ pub fn plan(source: &SourceState, target: &TargetState, opts: &PlanOptions) -> P
     let mut steps = Vec::new();
     if let Some(token) = &target.resume_token {
         if opts.resume {
-            let checked =
-                token::check(token, &source.dataset, &source.snapshots, &target.snapshots);
+            let checked = token::check(token, source, &target.snapshots);
             return Plan::Replicate(vec![match checked {
                 Ok(t) => Step::Resume {
                     token: token.clone(),
@@ -198,9 +212,17 @@ pub fn plan(source: &SourceState, target: &TargetState, opts: &PlanOptions) -> P
     }
 
     let on_target = |s: &Snapshot| tgt.iter().find(|t| t.guid == s.guid);
-    let Some((common, common_on_target)) =
-        src.iter().rev().find_map(|s| on_target(s).map(|t| (s, t)))
-    else {
+    let common = src.iter().rev().find_map(|s| on_target(s).map(|t| (s, t)));
+    let bookmark = sorted(&source.bookmarks)
+        .into_iter()
+        .rev()
+        .find_map(|b| on_target(&b).map(|t| (b, t.clone())));
+    if let Some((bookmark, on_tgt)) = bookmark {
+        if common.is_none_or(|(c, _)| bookmark.createtxg > c.createtxg) {
+            return from_bookmark(steps, &src, &tgt, bookmark, on_tgt, opts);
+        }
+    }
+    let Some((common, common_on_target)) = common else {
         if !opts.force_delete {
             return Plan::Conflict(guid_mismatch(&src, &tgt).unwrap_or_else(|| {
                 Conflict::NoCommonSnapshot {
@@ -214,25 +236,9 @@ pub fn plan(source: &SourceState, target: &TargetState, opts: &PlanOptions) -> P
         return Plan::Replicate(steps);
     };
 
-    let newer_on_target: Vec<Snapshot> = tgt
-        .iter()
-        .filter(|t| t.createtxg > common_on_target.createtxg)
-        .cloned()
-        .collect();
-    if !newer_on_target.is_empty() {
-        if !opts.force_delete {
-            return Plan::Conflict(guid_mismatch(&src, &newer_on_target).unwrap_or_else(|| {
-                Conflict::Diverged {
-                    common: common.clone(),
-                    target_only: newer_on_target,
-                }
-            }));
-        }
-        steps.push(Step::Rollback {
-            to: common_on_target.clone(),
-        });
+    if let Some(conflict) = divergence(&mut steps, &src, &tgt, common, common_on_target, opts) {
+        return Plan::Conflict(conflict);
     }
-
     if common == newest {
         if steps.is_empty() {
             return Plan::UpToDate {
@@ -247,6 +253,79 @@ pub fn plan(source: &SourceState, target: &TargetState, opts: &PlanOptions) -> P
         intermediates: !opts.no_stream,
     });
     Plan::Replicate(steps)
+}
+
+/// Rules 6 and 7 when the base is a source bookmark whose GUID the target
+/// holds as `on_target`.
+fn from_bookmark(
+    mut steps: Vec<Step>,
+    src: &[Snapshot],
+    tgt: &[Snapshot],
+    bookmark: Snapshot,
+    on_target: Snapshot,
+    opts: &PlanOptions,
+) -> Plan {
+    if let Some(conflict) = divergence(&mut steps, src, tgt, &on_target, &on_target, opts) {
+        return Plan::Conflict(conflict);
+    }
+    let newer: Vec<&Snapshot> = src
+        .iter()
+        .filter(|s| s.createtxg > bookmark.createtxg)
+        .collect();
+    let (Some(&next), Some(&newest)) = (newer.first(), newer.last()) else {
+        if steps.is_empty() {
+            return Plan::UpToDate {
+                snapshot: on_target,
+            };
+        }
+        return Plan::Replicate(steps);
+    };
+    let first = if opts.no_stream { newest } else { next };
+    steps.push(Step::FromBookmark {
+        bookmark,
+        to: first.clone(),
+    });
+    if first != newest {
+        steps.push(Step::Incremental {
+            from: first.clone(),
+            to: newest.clone(),
+            intermediates: true,
+        });
+    }
+    Plan::Replicate(steps)
+}
+
+/// Rule 6: target snapshots newer than the base (`on_target`, the target's
+/// entry of it; `shared` names it in the message) are a conflict, or with
+/// `force_delete` a rollback to the base, pushed onto `steps`.
+fn divergence(
+    steps: &mut Vec<Step>,
+    src: &[Snapshot],
+    tgt: &[Snapshot],
+    shared: &Snapshot,
+    on_target: &Snapshot,
+    opts: &PlanOptions,
+) -> Option<Conflict> {
+    let newer_on_target: Vec<Snapshot> = tgt
+        .iter()
+        .filter(|t| t.createtxg > on_target.createtxg)
+        .cloned()
+        .collect();
+    if newer_on_target.is_empty() {
+        return None;
+    }
+    if !opts.force_delete {
+        return Some(
+            guid_mismatch(src, &newer_on_target).unwrap_or_else(|| Conflict::Diverged {
+                common: shared.clone(),
+                target_only: newer_on_target,
+            }),
+        );
+    }
+    steps.push(Step::Rollback {
+        to: on_target.clone(),
+    });
+    None
 }
 
 /// Ascending by createtxg (then name), whatever order the caller gave.
@@ -396,6 +475,16 @@ mod tests {
         SourceState {
             dataset: "ozs/tokfix".into(),
             snapshots: snaps(spec),
+            bookmarks: vec![],
+        }
+    }
+
+    /// A source with snapshots `spec` and bookmarks `bookmarks`.
+    fn source_bm(spec: &str, bookmarks: &str) -> SourceState {
+        SourceState {
+            dataset: "ozs/tokfix".into(),
+            snapshots: snaps(spec),
+            bookmarks: snaps(bookmarks),
         }
     }
 
@@ -691,6 +780,119 @@ mod tests {
                 common: snap("s3:4008992829936022921:32"),
                 target_only: snaps("extra:9535134434245482847:68 s2:4703203791645338451:84"),
             })
+        );
+    }
+
+    fn from_bm(bookmark: &str, to: &str) -> Step {
+        Step::FromBookmark {
+            bookmark: snap(bookmark),
+            to: snap(to),
+        }
+    }
+
+    #[test]
+    fn bookmark_is_the_base_when_the_common_snapshot_is_gone() {
+        // b was replicated, bookmarked, then destroyed on the source.
+        let src = source_bm("c:3:30 d:4:40", "b:2:20");
+        let tgt = target("a:1:5 b:2:6");
+        assert_eq!(
+            plan(&src, &tgt, &DEFAULT),
+            replicate(vec![
+                from_bm("b:2:20", "c:3:30"),
+                incr("c:3:30", "d:4:40", true)
+            ])
+        );
+        // -i from the bookmark straight to the newest with no_stream.
+        assert_eq!(
+            plan(&src, &tgt, &NO_STREAM),
+            replicate(vec![from_bm("b:2:20", "d:4:40")])
+        );
+        // One newer snapshot: one stream. Force-delete destroys nothing.
+        let one = source_bm("c:3:30", "b:2:20");
+        assert_eq!(
+            plan(&one, &tgt, &FORCE),
+            replicate(vec![from_bm("b:2:20", "c:3:30")])
+        );
+    }
+
+    #[test]
+    fn a_newer_bookmark_beats_an_older_common_snapshot() {
+        // a is still on both sides, b only as a bookmark on the source: the
+        // target's b is not divergence, it is the base.
+        let src = source_bm("a:1:10 c:3:30", "a:1:10 b:2:20");
+        assert_eq!(
+            plan(&src, &target("a:1:5 b:2:6"), &DEFAULT),
+            replicate(vec![from_bm("b:2:20", "c:3:30")])
+        );
+    }
+
+    #[test]
+    fn a_snapshot_is_preferred_over_its_bookmark() {
+        let src = source_bm(SRC, "b:2:20");
+        assert_eq!(
+            plan(&src, &target("a:1:5 b:2:6"), &DEFAULT),
+            replicate(vec![incr("b:2:20", "c:3:30", true)])
+        );
+        // Also when the snapshot is newer than the bookmark.
+        let src = source_bm(SRC, "a:1:10");
+        assert_eq!(
+            plan(&src, &target("a:1:5 b:2:6"), &DEFAULT),
+            replicate(vec![incr("b:2:20", "c:3:30", true)])
+        );
+    }
+
+    #[test]
+    fn a_bookmark_named_alike_with_another_guid_is_ignored() {
+        let src = source_bm("c:3:30", "b:99:20");
+        assert_eq!(
+            plan(&src, &target("b:2:6"), &DEFAULT),
+            Plan::Conflict(Conflict::NoCommonSnapshot {
+                source: snaps("c:3:30"),
+                target: snaps("b:2:6"),
+            })
+        );
+    }
+
+    #[test]
+    fn without_a_bookmark_the_lost_base_is_still_a_conflict() {
+        assert_eq!(
+            plan(&source("c:3:30"), &target("a:1:5 b:2:6"), &DEFAULT),
+            Plan::Conflict(Conflict::NoCommonSnapshot {
+                source: snaps("c:3:30"),
+                target: snaps("a:1:5 b:2:6"),
+            })
+        );
+    }
+
+    #[test]
+    fn a_bookmark_base_still_checks_divergence() {
+        let src = source_bm("c:3:30", "b:2:20");
+        let tgt = target("b:2:6 t:50:7");
+        assert_eq!(
+            plan(&src, &tgt, &DEFAULT),
+            Plan::Conflict(Conflict::Diverged {
+                common: snap("b:2:6"),
+                target_only: snaps("t:50:7"),
+            })
+        );
+        assert_eq!(
+            plan(&src, &tgt, &FORCE),
+            replicate(vec![
+                Step::Rollback { to: snap("b:2:6") },
+                from_bm("b:2:20", "c:3:30")
+            ])
+        );
+    }
+
+    #[test]
+    fn a_bookmark_newer_than_every_source_snapshot_is_up_to_date() {
+        // The newest snapshot was replicated, bookmarked and destroyed.
+        let src = source_bm("a:1:10", "b:2:20");
+        assert_eq!(
+            plan(&src, &target("a:1:5 b:2:6"), &DEFAULT),
+            Plan::UpToDate {
+                snapshot: snap("b:2:6")
+            }
         );
     }
 

@@ -21,6 +21,7 @@ use crate::host::ssh::{SshHost, SshOptions, SshSpec};
 use crate::host::{is_connection_lost, CmdOutput, Host};
 use crate::plan::{self, Plan, PlanOptions, SourceState, Step, TargetState};
 use crate::progress::{human_bytes, human_duration, human_rate, Progress, Stopwatch, Transfer};
+use crate::protect::{self, HoldSide};
 use crate::runlock::{self, RemoteProc, RunLock};
 use crate::stream::{self, PumpError};
 use crate::syncsnap;
@@ -108,6 +109,7 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
         lock,
     };
     run.stop_leftovers()?;
+    run.announce_missing_protection();
     run.all()
 }
 
@@ -370,6 +372,7 @@ impl Run<'_> {
                         println!("{label}: up to date at @{}", snapshot.name);
                         return Ok(());
                     }
+                    self.protect(src, dst, &source, &target, &snapshot);
                     self.prune(src, dst, sync_name);
                     let summary = if bytes == 0 {
                         format!("{label}: up to date at @{}", snapshot.name)
@@ -483,16 +486,17 @@ impl Run<'_> {
     }
 
     fn source_state(&self, ds: &Dataset) -> Result<SourceState> {
-        let out = exec_ok(
-            &*self.src.host(),
-            &zfs::list_snapshots_argv(ds, &self.src.caps),
-            "listing snapshots",
-            self.ui,
-        )
-        .with_context(|| format!("source {}", self.src.label(ds)))?;
+        // Bookmarks come in the same listing where the ZFS has them.
+        let argv = match self.src.caps.bookmarks {
+            true => zfs::list_snapshots_and_bookmarks_argv(ds),
+            false => zfs::list_snapshots_argv(ds, &self.src.caps),
+        };
+        let out = exec_ok(&*self.src.host(), &argv, "listing snapshots", self.ui)
+            .with_context(|| format!("source {}", self.src.label(ds)))?;
         Ok(SourceState {
             dataset: ds.to_string(),
             snapshots: zfs::parse_snapshot_list(ds, &out)?,
+            bookmarks: zfs::parse_bookmark_list(ds, &out)?,
         })
     }
 
@@ -608,6 +612,19 @@ impl Run<'_> {
                 to,
                 intermediates,
             } => self.send_step(src, dst, Some(from), to, *intermediates, &recv),
+            Step::FromBookmark { bookmark, to } => {
+                self.hold_for_step(src, dst, &[to]);
+                let send = zfs::send_from_bookmark_argv(
+                    src,
+                    &bookmark.name,
+                    &to.name,
+                    &self.cfg.send_options,
+                );
+                let label = format!("{src}#{}..@{}", bookmark.name, to.name);
+                let n = self.transfer(&send, &zfs::receive_argv(dst, &recv), &label, 0)?;
+                self.verify(dst, to)?;
+                Ok(n)
+            }
         }
     }
 
@@ -622,6 +639,7 @@ impl Run<'_> {
         intermediates: bool,
         recv: &RecvArgs,
     ) -> Result<u64> {
+        self.hold_for_step(src, dst, &from.into_iter().chain([to]).collect::<Vec<_>>());
         let send = zfs::send_argv(
             src,
             &SendArgs {
@@ -696,7 +714,7 @@ impl Run<'_> {
         let Some(token) = &target.resume_token else {
             return Ok(false);
         };
-        match token::check(token, &source.dataset, &source.snapshots, &target.snapshots) {
+        match token::check(token, &source, &target.snapshots) {
             Ok(_) => Ok(false),
             Err(why) => {
                 self.ui.warn(&format!("resuming failed: {err:#}"));
@@ -958,8 +976,12 @@ impl Run<'_> {
         if self.cfg.keep_sync_snap {
             return;
         }
-        for (side, ds) in [(&self.src, src), (&self.dst, dst)] {
-            if let Err(e) = self.prune_side(side, ds, current) {
+        for (on, side, ds) in [
+            (HoldSide::Source, &self.src, src),
+            (HoldSide::Target, &self.dst, dst),
+        ] {
+            let tag = self.hold_tag(on, src, dst);
+            if let Err(e) = self.prune_side(side, ds, current, &tag) {
                 self.ui.warn(&format!(
                     "pruning sync snapshots on {}: {e:#}",
                     side.label(ds)
@@ -968,7 +990,8 @@ impl Run<'_> {
         }
     }
 
-    fn prune_side(&self, side: &Side, ds: &Dataset, current: &str) -> Result<()> {
+    /// `tag`: this job's hold tag there, released from a snapshot we prune.
+    fn prune_side(&self, side: &Side, ds: &Dataset, current: &str, tag: &str) -> Result<()> {
         let out = exec_ok(
             &*side.host(),
             &zfs::list_snapshots_argv(ds, &side.caps),
@@ -986,9 +1009,194 @@ impl Run<'_> {
         {
             self.ui
                 .debug(&format!("pruning {}@{}", side.label(ds), s.name));
-            exec_ok_when_idle(
-                &*side.host(),
-                &zfs::destroy_snapshot_argv(ds, &s.name),
+            let destroy = zfs::destroy_snapshot_argv(ds, &s.name);
+            let out = exec(&*side.host(), &destroy, self.ui)?;
+            if out.success() {
+                continue;
+            }
+            if zfs::is_held_error(&out.stderr) && side.caps.holds {
+                // Our own hold (this job's, from an earlier --use-hold run)
+                // must not keep our own sync snapshot alive.
+                self.release(side, ds, &s.name, tag);
+            }
+            exec_ok_when_idle(&*side.host(), &destroy, "zfs destroy", self.ui)?;
+        }
+        Ok(())
+    }
+}
+
+/// `--use-hold` and `--create-bookmark` (names and policy in `protect`).
+impl Run<'_> {
+    /// One line per run for each protection the ZFS cannot give.
+    fn announce_missing_protection(&self) {
+        if self.cfg.use_hold {
+            for (side, what) in [(&self.src, "source"), (&self.dst, "target")] {
+                if !side.caps.holds {
+                    self.ui.info(&format!(
+                        "--use-hold: the {what}'s ZFS on {} has no holds (zfs hold); going on without them there",
+                        side.host().label()
+                    ));
+                }
+            }
+        }
+        if self.cfg.create_bookmark && !self.src.caps.bookmarks {
+            self.ui.info(&format!(
+                "--create-bookmark: the source's ZFS on {} has no bookmarks; going on without them",
+                self.src.host().label()
+            ));
+        }
+    }
+
+    /// This job's hold tag on one side of the pair `src -> dst`.
+    fn hold_tag(&self, on: HoldSide, src: &Dataset, dst: &Dataset) -> String {
+        let (peer, peer_ds) = match on {
+            HoldSide::Source => (&self.dst, dst),
+            HoldSide::Target => (&self.src, src),
+        };
+        let peer_host = match &peer.endpoint.location {
+            Location::Local => self.hostname.as_str(),
+            Location::Remote { host, .. } => host.as_str(),
+        };
+        protect::hold_tag(self.cfg.identifier.as_deref(), on, peer_host, peer_ds)
+    }
+
+    /// Holds `snap` of `ds` with `tag`; an existing hold with it is fine.
+    fn hold(&self, side: &Side, ds: &Dataset, snap: &str, tag: &str) -> Result<()> {
+        let out = exec(&*side.host(), &zfs::hold_argv(ds, snap, tag), self.ui)?;
+        if out.success() || zfs::is_tag_exists_error(&out.stderr) {
+            return Ok(());
+        }
+        out.check("zfs hold", side.host().label()).map(drop)
+    }
+
+    /// Releases `tag` from `snap` of `ds`; a missing hold is fine, a failure warns.
+    fn release(&self, side: &Side, ds: &Dataset, snap: &str, tag: &str) {
+        let result =
+            exec(&*side.host(), &zfs::release_argv(ds, snap, tag), self.ui).and_then(|out| {
+                if out.success() || zfs::is_no_such_tag_error(&out.stderr) {
+                    Ok(())
+                } else {
+                    out.check("zfs release", side.host().label()).map(drop)
+                }
+            });
+        if let Err(e) = result {
+            self.ui.warn(&format!(
+                "releasing hold {tag} on {}@{snap}: {e:#}",
+                side.label(ds)
+            ));
+        }
+    }
+
+    /// `--use-hold`: holds a step's base and target snapshots on the source
+    /// for the transfer. A failure warns; the transfer says what is wrong.
+    fn hold_for_step(&self, src: &Dataset, dst: &Dataset, snaps: &[&Snapshot]) {
+        if !self.cfg.use_hold || !self.src.caps.holds {
+            return;
+        }
+        let tag = self.hold_tag(HoldSide::Source, src, dst);
+        for s in snaps {
+            if let Err(e) = self.hold(&self.src, src, &s.name, &tag) {
+                self.ui.warn(&format!(
+                    "holding {}@{}: {e:#}",
+                    self.src.label(src),
+                    s.name
+                ));
+            }
+        }
+    }
+
+    /// After success: `--use-hold` keeps this job's hold on `newest` (by
+    /// GUID) on both sides and releases it everywhere else;
+    /// `--create-bookmark` bookmarks it on the source. Failures warn; the
+    /// data is already safe.
+    fn protect(
+        &self,
+        src: &Dataset,
+        dst: &Dataset,
+        source: &SourceState,
+        target: &TargetState,
+        newest: &Snapshot,
+    ) {
+        let on = |snaps: &[Snapshot]| snaps.iter().find(|s| s.guid == newest.guid).cloned();
+        let (on_src, on_dst) = (on(&source.snapshots), on(&target.snapshots));
+        if self.cfg.use_hold {
+            for (on, side, ds, keep) in [
+                (HoldSide::Source, &self.src, src, &on_src),
+                (HoldSide::Target, &self.dst, dst, &on_dst),
+            ] {
+                if !side.caps.holds {
+                    continue;
+                }
+                let tag = self.hold_tag(on, src, dst);
+                if let Err(e) = self.move_hold(side, ds, &tag, keep.as_ref()) {
+                    self.ui
+                        .warn(&format!("--use-hold on {}: {e:#}", side.label(ds)));
+                }
+            }
+        }
+        if let (true, true, Some(snap)) =
+            (self.cfg.create_bookmark, self.src.caps.bookmarks, &on_src)
+        {
+            if let Err(e) = self.bookmark(src, snap, &source.bookmarks) {
+                self.ui.warn(&format!(
+                    "--create-bookmark on {}: {e:#}",
+                    self.src.label(src)
+                ));
+            }
+        }
+    }
+
+    /// Holds `keep` with this job's tag and releases the tag from every
+    /// other held snapshot of `ds`.
+    fn move_hold(
+        &self,
+        side: &Side,
+        ds: &Dataset,
+        tag: &str,
+        keep: Option<&Snapshot>,
+    ) -> Result<()> {
+        if let Some(k) = keep {
+            self.hold(side, ds, &k.name, tag)?;
+        }
+        let out = exec_ok(
+            &*side.host(),
+            &zfs::userrefs_argv(ds, &side.caps),
+            "listing holds",
+            self.ui,
+        )?;
+        let refs = zfs::parse_userrefs(ds, &out)?;
+        for name in protect::stale_holds(&refs, keep.map(|k| k.name.as_str())) {
+            self.release(side, ds, name, tag);
+        }
+        Ok(())
+    }
+
+    /// Bookmarks `snap` on the source and destroys this job's older bookmarks.
+    fn bookmark(&self, src: &Dataset, snap: &Snapshot, bookmarks: &[Snapshot]) -> Result<()> {
+        let plan = protect::bookmark_plan(
+            snap,
+            bookmarks,
+            self.cfg.identifier.as_deref(),
+            &self.hostname,
+        );
+        let host = self.src.host();
+        if let Some(name) = &plan.create {
+            exec_ok(
+                &*host,
+                &zfs::bookmark_argv(src, &snap.name, name),
+                "zfs bookmark",
+                self.ui,
+            )?;
+            self.ui.debug(&format!(
+                "bookmarked {}@{} as #{name}",
+                self.src.label(src),
+                snap.name
+            ));
+        }
+        for name in &plan.destroy {
+            exec_ok(
+                &*host,
+                &zfs::destroy_bookmark_argv(src, name),
                 "zfs destroy",
                 self.ui,
             )?;
@@ -1016,6 +1224,10 @@ fn describe(step: &Step) -> String {
             from.name,
             to.name,
             if *intermediates { "-I" } else { "-i" }
+        ),
+        Step::FromBookmark { bookmark, to } => format!(
+            "send #{}..@{} incrementally from the bookmark (-i)",
+            bookmark.name, to.name
         ),
     }
 }
@@ -1084,6 +1296,13 @@ mod tests {
                 intermediates: true
             }),
             "send @a..@b incrementally (-I)"
+        );
+        assert_eq!(
+            describe(&Step::FromBookmark {
+                bookmark: s("a"),
+                to: s("b")
+            }),
+            "send #a..@b incrementally from the bookmark (-i)"
         );
     }
 }

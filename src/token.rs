@@ -2,8 +2,9 @@
 //! an interrupted `zfs receive -s`, and deciding whether it is safe to hand
 //! to `zfs send -t` on the source.
 //!
-//! Pure: text in, a typed [`ResumeToken`] or a [`TokenError`] out; listings
-//! in, a [`Refusal`] or `Ok` out. Nothing here runs a command.
+//! Pure: text in, a typed [`ResumeToken`] or a [`TokenError`] out; the
+//! planner's listings in, a [`Refusal`] or `Ok` out. Nothing here runs a
+//! command.
 //!
 //! The format (OpenZFS `zfs_send_resume_token_to_nvlist` in libzfs, the
 //! kernel's `get_receive_resume_token`) is
@@ -25,6 +26,7 @@
 
 use std::fmt;
 
+use crate::plan::SourceState;
 use crate::zfs::Snapshot;
 
 /// The only token version OpenZFS has produced (`ZFS_SEND_RESUME_TOKEN_VERSION`).
@@ -488,26 +490,23 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// May `zfs send -t` send this token for `source_ds`? The token must name a
-/// snapshot of `source_ds` that the source still has under the token's GUID
-/// (`zfs send -t` looks it up by GUID, so a rename is fine), and an
-/// incremental's base must be a snapshot of the source that the target
-/// holds too (matched by GUID). A forged or misplaced token could otherwise
-/// make the sender stream another dataset into this target.
-pub fn vet(
-    token: &ResumeToken,
-    source_ds: &str,
-    source: &[Snapshot],
-    target: &[Snapshot],
-) -> Result<(), Refusal> {
-    if token.dataset() != source_ds {
+/// May `zfs send -t` send this token for `source.dataset`? The token must
+/// name a snapshot of that dataset which the source still has under the
+/// token's GUID (`zfs send -t` looks it up by GUID, so a rename is fine),
+/// and an incremental's base must be a snapshot or bookmark of the source
+/// whose snapshot the target holds too (matched by GUID). A forged or
+/// misplaced token could otherwise make the sender stream another dataset
+/// into this target.
+pub fn vet(token: &ResumeToken, source: &SourceState, target: &[Snapshot]) -> Result<(), Refusal> {
+    if token.dataset() != source.dataset {
         return Err(Refusal::OtherDataset {
             toname: token.toname.clone(),
-            source: source_ds.to_string(),
+            source: source.dataset.clone(),
         });
     }
-    if !source.iter().any(|s| s.guid == token.toguid) {
+    if !source.snapshots.iter().any(|s| s.guid == token.toguid) {
         let same_name = source
+            .snapshots
             .iter()
             .find(|s| Some(s.name.as_str()) == token.snapshot());
         return Err(match same_name {
@@ -523,7 +522,8 @@ pub fn vet(
         });
     }
     if let Some(fromguid) = token.fromguid {
-        if !source.iter().any(|s| s.guid == fromguid) {
+        let on_source = source.snapshots.iter().chain(&source.bookmarks);
+        if !on_source.into_iter().any(|s| s.guid == fromguid) {
             return Err(Refusal::BaseNotOnSource { fromguid });
         }
         if !target.iter().any(|s| s.guid == fromguid) {
@@ -536,12 +536,11 @@ pub fn vet(
 /// Decodes and vets in one go (see [`decode`] and [`vet`]).
 pub fn check(
     token: &str,
-    source_ds: &str,
-    source: &[Snapshot],
+    source: &SourceState,
     target: &[Snapshot],
 ) -> Result<ResumeToken, Refusal> {
     let t = decode(token).map_err(Refusal::Corrupt)?;
-    vet(&t, source_ds, source, target)?;
+    vet(&t, source, target)?;
     Ok(t)
 }
 
@@ -949,6 +948,14 @@ pub(crate) mod tests {
         }
     }
 
+    fn source(dataset: &str, snapshots: &[Snapshot]) -> SourceState {
+        SourceState {
+            dataset: dataset.into(),
+            snapshots: snapshots.to_vec(),
+            bookmarks: vec![],
+        }
+    }
+
     fn full_token() -> ResumeToken {
         decode(FULL).unwrap()
     }
@@ -960,12 +967,18 @@ pub(crate) mod tests {
     #[test]
     fn a_token_for_the_planned_snapshot_is_accepted() {
         let src = [snap("s1", S1, 10), snap("s2", S2, 20)];
-        assert_eq!(vet(&full_token(), "ozs/tokfix", &src, &[]), Ok(()));
+        assert_eq!(vet(&full_token(), &source("ozs/tokfix", &src), &[]), Ok(()));
         let tgt = [snap("s1", S1, 5)];
-        assert_eq!(vet(&incr_token(), "ozs/tokfix", &src, &tgt), Ok(()));
+        assert_eq!(
+            vet(&incr_token(), &source("ozs/tokfix", &src), &tgt),
+            Ok(())
+        );
         // Renamed on the source: send -t finds it by GUID.
         let renamed = [snap("s1", S1, 10), snap("renamed", S2, 20)];
-        assert_eq!(vet(&incr_token(), "ozs/tokfix", &renamed, &tgt), Ok(()));
+        assert_eq!(
+            vet(&incr_token(), &source("ozs/tokfix", &renamed), &tgt),
+            Ok(())
+        );
     }
 
     #[test]
@@ -973,14 +986,14 @@ pub(crate) mod tests {
         let src = [snap("s1", S1, 10)];
         for other in ["ozs/other", "ozs/tokfix/child", "ozs/tokfi", "ozs"] {
             assert_eq!(
-                vet(&full_token(), other, &src, &[]),
+                vet(&full_token(), &source(other, &src), &[]),
                 Err(Refusal::OtherDataset {
                     toname: "ozs/tokfix@s1".into(),
                     source: other.into()
                 })
             );
         }
-        let msg = vet(&full_token(), "ozs/other", &src, &[])
+        let msg = vet(&full_token(), &source("ozs/other", &src), &[])
             .unwrap_err()
             .to_string();
         assert_eq!(msg, "names ozs/tokfix@s1, not ozs/other");
@@ -989,7 +1002,7 @@ pub(crate) mod tests {
     #[test]
     fn a_token_whose_snapshot_is_gone_is_stale() {
         let src = [snap("s2", S2, 20)];
-        let got = vet(&full_token(), "ozs/tokfix", &src, &[]);
+        let got = vet(&full_token(), &source("ozs/tokfix", &src), &[]);
         assert_eq!(
             got,
             Err(Refusal::Gone {
@@ -1002,7 +1015,7 @@ pub(crate) mod tests {
             .to_string()
             .contains("no longer exists on the source"));
         assert!(matches!(
-            vet(&full_token(), "ozs/tokfix", &[], &[]),
+            vet(&full_token(), &source("ozs/tokfix", &[]), &[]),
             Err(Refusal::Gone { .. })
         ));
     }
@@ -1010,7 +1023,7 @@ pub(crate) mod tests {
     #[test]
     fn a_token_for_a_re_created_snapshot_is_refused() {
         let src = [snap("s1", 42, 30)];
-        let got = vet(&full_token(), "ozs/tokfix", &src, &[]);
+        let got = vet(&full_token(), &source("ozs/tokfix", &src), &[]);
         assert_eq!(
             got,
             Err(Refusal::Replaced {
@@ -1026,27 +1039,46 @@ pub(crate) mod tests {
     fn an_incremental_token_needs_its_base_on_both_sides() {
         let tgt = [snap("s1", S1, 5)];
         assert_eq!(
-            vet(&incr_token(), "ozs/tokfix", &[snap("s2", S2, 20)], &tgt),
+            vet(
+                &incr_token(),
+                &source("ozs/tokfix", &[snap("s2", S2, 20)]),
+                &tgt
+            ),
             Err(Refusal::BaseNotOnSource { fromguid: S1 })
         );
         let src = [snap("s1", S1, 10), snap("s2", S2, 20)];
         assert_eq!(
-            vet(&incr_token(), "ozs/tokfix", &src, &[snap("s1", 99, 5)]),
+            vet(
+                &incr_token(),
+                &source("ozs/tokfix", &src),
+                &[snap("s1", 99, 5)]
+            ),
             Err(Refusal::BaseNotOnTarget { fromguid: S1 })
         );
     }
 
     #[test]
+    fn an_incremental_token_may_start_from_a_source_bookmark() {
+        // Sent from ozs/tokfix#s1 after @s1 was destroyed (--create-bookmark).
+        let mut src = source("ozs/tokfix", &[snap("s2", S2, 20)]);
+        src.bookmarks = vec![snap("s1", S1, 10)];
+        assert_eq!(vet(&incr_token(), &src, &[snap("s1", S1, 5)]), Ok(()));
+    }
+
+    #[test]
     fn check_refuses_corrupt_tokens() {
         assert!(matches!(
-            check("1-abc-def", "ozs/tokfix", &[], &[]),
+            check("1-abc-def", &source("ozs/tokfix", &[]), &[]),
             Err(Refusal::Corrupt(TokenError::Format(_)))
         ));
-        assert!(check("1-abc-def", "a", &[], &[])
+        assert!(check("1-abc-def", &source("a", &[]), &[])
             .unwrap_err()
             .to_string()
             .starts_with("is corrupt ("));
         let src = [snap("s1", S1, 10)];
-        assert_eq!(check(FULL, "ozs/tokfix", &src, &[]).unwrap().bytes, 0xe1288);
+        assert_eq!(
+            check(FULL, &source("ozs/tokfix", &src), &[]).unwrap().bytes,
+            0xe1288
+        );
     }
 }

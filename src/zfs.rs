@@ -221,20 +221,39 @@ pub fn parse_dataset_list(stdout: &str) -> Result<Vec<Dataset>> {
 /// Without `-t` (zfs-fuse) the output also holds the dataset itself and its
 /// children; [`parse_snapshot_list`] skips those lines.
 pub fn list_snapshots_argv(ds: &Dataset, caps: &Capabilities) -> Vec<String> {
+    snapshot_props_argv(ds, caps, "guid,createtxg")
+}
+
+/// `zfs get -Hp -d 1 [-t snapshot] -o name,property,value PROPS DS`
+fn snapshot_props_argv(ds: &Dataset, caps: &Capabilities, props: &str) -> Vec<String> {
     let mut argv = zfs(&["get", "-Hp", "-d", "1"]);
     if caps.get_type_filter {
         argv.extend(["-t".into(), "snapshot".into()]);
     }
-    argv.extend(["-o", "name,property,value", "guid,createtxg", ds.as_str()].map(String::from));
+    argv.extend(["-o", "name,property,value", props, ds.as_str()].map(String::from));
     argv
 }
 
 /// Parses the output of [`list_snapshots_argv`] into `ds`'s snapshots, sorted
 /// by createtxg (then name). Every line must have three tab-separated
-/// fields; lines about other datasets are skipped; each snapshot of `ds`
-/// needs exactly one `guid` and one `createtxg`.
+/// fields; lines about other datasets (and bookmarks) are skipped; each
+/// snapshot of `ds` needs exactly one `guid` and one `createtxg`.
 pub fn parse_snapshot_list(ds: &Dataset, stdout: &str) -> Result<Vec<Snapshot>> {
-    let prefix = format!("{ds}@");
+    parse_listing(ds, '@', stdout)
+}
+
+/// Parses the bookmarks (`ds#name`) out of the output of
+/// [`list_snapshots_and_bookmarks_argv`], like [`parse_snapshot_list`]: a
+/// bookmark keeps its snapshot's guid and createtxg, so it is returned as a
+/// [`Snapshot`] whose name is the bookmark's (after `#`).
+pub fn parse_bookmark_list(ds: &Dataset, stdout: &str) -> Result<Vec<Snapshot>> {
+    parse_listing(ds, '#', stdout)
+}
+
+/// The entries `ds{sep}name` of a `zfs get -Hp ... guid,createtxg` listing.
+fn parse_listing(ds: &Dataset, sep: char, stdout: &str) -> Result<Vec<Snapshot>> {
+    let kind = if sep == '#' { "bookmark" } else { "snapshot" };
+    let prefix = format!("{ds}{sep}");
     let mut props: BTreeMap<&str, (Option<u64>, Option<u64>)> = BTreeMap::new();
     for (n, line) in stdout.lines().enumerate() {
         if line.is_empty() {
@@ -243,7 +262,7 @@ pub fn parse_snapshot_list(ds: &Dataset, stdout: &str) -> Result<Vec<Snapshot>> 
         let fields: Vec<&str> = line.split('\t').collect();
         let [name, property, value] = fields[..] else {
             bail!(
-                "unexpected line {} in snapshot listing of {ds}: {line:?} (want name, property and value separated by tabs)",
+                "unexpected line {} in {kind} listing of {ds}: {line:?} (want name, property and value separated by tabs)",
                 n + 1
             );
         };
@@ -252,7 +271,7 @@ pub fn parse_snapshot_list(ds: &Dataset, stdout: &str) -> Result<Vec<Snapshot>> 
         };
         let parsed: u64 = value.parse().map_err(|_| {
             anyhow!(
-                "snapshot {name}: {property} is {value:?}, not a number (line {})",
+                "{kind} {name}: {property} is {value:?}, not a number (line {})",
                 n + 1
             )
         })?;
@@ -260,10 +279,10 @@ pub fn parse_snapshot_list(ds: &Dataset, stdout: &str) -> Result<Vec<Snapshot>> 
         let slot = match property {
             "guid" => &mut entry.0,
             "createtxg" => &mut entry.1,
-            other => bail!("snapshot {name}: unexpected property {other:?} in listing"),
+            other => bail!("{kind} {name}: unexpected property {other:?} in listing"),
         };
         if slot.replace(parsed).is_some() {
-            bail!("snapshot {name}: {property} listed twice");
+            bail!("{kind} {name}: {property} listed twice");
         }
     }
     let mut snapshots = props
@@ -275,13 +294,32 @@ pub fn parse_snapshot_list(ds: &Dataset, stdout: &str) -> Result<Vec<Snapshot>> 
                 createtxg,
             }),
             _ => Err(anyhow!(
-                "snapshot {ds}@{name}: listing lacks its {}",
+                "{kind} {ds}{sep}{name}: listing lacks its {}",
                 if guid.is_none() { "guid" } else { "createtxg" }
             )),
         })
         .collect::<Result<Vec<_>>>()?;
     snapshots.sort_by(|a, b| (a.createtxg, &a.name).cmp(&(b.createtxg, &b.name)));
     Ok(snapshots)
+}
+
+/// `zfs get -Hp -d 1 -t snapshot,bookmark -o name,property,value
+/// guid,createtxg DS`: snapshots and bookmarks in one listing, for
+/// [`parse_snapshot_list`] and [`parse_bookmark_list`]. Only where
+/// [`Capabilities::bookmarks`] holds (every such ZFS has `get -t`).
+pub fn list_snapshots_and_bookmarks_argv(ds: &Dataset) -> Vec<String> {
+    zfs(&[
+        "get",
+        "-Hp",
+        "-d",
+        "1",
+        "-t",
+        "snapshot,bookmark",
+        "-o",
+        "name,property,value",
+        "guid,createtxg",
+        ds.as_str(),
+    ])
 }
 
 /// `zfs list -H -o name DS`: exits 0 when DS exists; otherwise check
@@ -369,6 +407,72 @@ pub fn hold_argv(ds: &Dataset, snap: &str, tag: &str) -> Vec<String> {
 /// [`is_no_such_tag_error`].
 pub fn release_argv(ds: &Dataset, snap: &str, tag: &str) -> Vec<String> {
     zfs(&["release", tag, &ds.snapshot(snap)])
+}
+
+/// `zfs bookmark DS@SNAP DS#BOOKMARK` (needs [`Capabilities::bookmarks`]).
+pub fn bookmark_argv(ds: &Dataset, snap: &str, bookmark: &str) -> Vec<String> {
+    zfs(&["bookmark", &ds.snapshot(snap), &format!("{ds}#{bookmark}")])
+}
+
+/// `zfs destroy DS#BOOKMARK`
+pub fn destroy_bookmark_argv(ds: &Dataset, bookmark: &str) -> Vec<String> {
+    zfs(&["destroy", &format!("{ds}#{bookmark}")])
+}
+
+/// `zfs get -Hp -d 1 [-t snapshot] -o name,property,value userrefs DS`: how
+/// many holds each snapshot has (zfs-fuse lists them too, though its `zfs
+/// holds` does not work). Parse with [`parse_userrefs`].
+pub fn userrefs_argv(ds: &Dataset, caps: &Capabilities) -> Vec<String> {
+    snapshot_props_argv(ds, caps, "userrefs")
+}
+
+/// `(snapshot name, hold count)` of `ds`'s snapshots from [`userrefs_argv`]'s
+/// output; the dataset's own line (`-`) and other datasets are skipped.
+pub fn parse_userrefs(ds: &Dataset, stdout: &str) -> Result<Vec<(String, u64)>> {
+    let prefix = format!("{ds}@");
+    let mut out = Vec::new();
+    for line in stdout.lines().filter(|l| !l.is_empty()) {
+        let fields: Vec<&str> = line.split('\t').collect();
+        let [name, "userrefs", value] = fields[..] else {
+            bail!("unexpected line in userrefs listing of {ds}: {line:?}");
+        };
+        let Some(snap) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let n = value
+            .parse()
+            .map_err(|_| anyhow!("snapshot {name}: userrefs is {value:?}, not a number"))?;
+        out.push((snap.to_string(), n));
+    }
+    Ok(out)
+}
+
+/// `zfs destroy` refused because the snapshot is held. OpenZFS: `cannot
+/// destroy snapshot X: it's being held`; zfs-fuse says `dataset is busy`
+/// (see [`is_busy_error`]).
+pub fn is_held_error(stderr: &str) -> bool {
+    stderr.contains("being held") || is_busy_error(stderr)
+}
+
+/// `zfs hold` found the tag already there (`tag already exists on this
+/// dataset`, zfs-fuse and OpenZFS): the snapshot is held as wanted.
+pub fn is_tag_exists_error(stderr: &str) -> bool {
+    stderr.contains("tag already exists")
+}
+
+/// `zfs send OPTS -i DS#BOOKMARK DS@TO`: an incremental stream from a
+/// bookmark. ZFS sends no intermediate snapshots from a bookmark (`-I` is
+/// refused: "multiple snapshots cannot be sent from a bookmark").
+pub fn send_from_bookmark_argv(
+    ds: &Dataset,
+    bookmark: &str,
+    to: &str,
+    options: &[String],
+) -> Vec<String> {
+    let mut argv = zfs(&["send"]);
+    argv.extend(options.iter().cloned());
+    argv.extend(["-i".into(), format!("{ds}#{bookmark}"), ds.snapshot(to)]);
+    argv
 }
 
 /// What to send: a full stream of `to`, or an incremental one from `from`
@@ -1438,5 +1542,104 @@ tank/data@before upgrade\tcreatetxg\t900
             Some(token)
         );
         assert_eq!(parse_resume_token("-\n"), None);
+    }
+
+    // Real OpenZFS 2.3.2 (test guest), after `zfs snapshot ozs/hprobe@a`,
+    // `zfs snapshot ozs/hprobe@b`, `zfs bookmark ozs/hprobe@a ozs/hprobe#a`:
+    //   $ zfs get -Hp -d 1 -t snapshot,bookmark -o name,property,value guid,createtxg ozs/hprobe
+    const OPENZFS_WITH_BOOKMARK: &str = "ozs/hprobe@a\tguid\t10186063056974338826
+ozs/hprobe@a\tcreatetxg\t9
+ozs/hprobe@b\tguid\t14018751822546509993
+ozs/hprobe@b\tcreatetxg\t10
+ozs/hprobe#a\tguid\t10186063056974338826
+ozs/hprobe#a\tcreatetxg\t9
+";
+
+    #[test]
+    fn bookmarks_parse_from_the_same_listing_as_snapshots() {
+        let d = ds("ozs/hprobe");
+        let snap = |name: &str, guid, createtxg| Snapshot {
+            name: name.into(),
+            guid,
+            createtxg,
+        };
+        assert_eq!(
+            parse_snapshot_list(&d, OPENZFS_WITH_BOOKMARK).unwrap(),
+            vec![
+                snap("a", 10186063056974338826, 9),
+                snap("b", 14018751822546509993, 10)
+            ]
+        );
+        assert_eq!(
+            parse_bookmark_list(&d, OPENZFS_WITH_BOOKMARK).unwrap(),
+            vec![snap("a", 10186063056974338826, 9)]
+        );
+        assert_eq!(
+            list_snapshots_and_bookmarks_argv(&d).join(" "),
+            "zfs get -Hp -d 1 -t snapshot,bookmark -o name,property,value guid,createtxg ozs/hprobe"
+        );
+        let got = err(parse_bookmark_list(&d, "ozs/hprobe#a\tguid\t1\n"));
+        assert!(
+            got.contains("bookmark ozs/hprobe#a: listing lacks its createtxg"),
+            "{got}"
+        );
+    }
+
+    #[test]
+    fn hold_and_bookmark_commands() {
+        let d = ds("tank/a b");
+        assert_eq!(
+            bookmark_argv(&d, "s1", "s1"),
+            strings(&["zfs", "bookmark", "tank/a b@s1", "tank/a b#s1"])
+        );
+        assert_eq!(
+            destroy_bookmark_argv(&d, "s1"),
+            strings(&["zfs", "destroy", "tank/a b#s1"])
+        );
+        assert_eq!(
+            send_from_bookmark_argv(&d, "s1", "s3", &strings(&["-c"])),
+            strings(&["zfs", "send", "-c", "-i", "tank/a b#s1", "tank/a b@s3"])
+        );
+        let fuse = Capabilities::default();
+        assert_eq!(
+            userrefs_argv(&d, &fuse).join(" "),
+            "zfs get -Hp -d 1 -o name,property,value userrefs tank/a b"
+        );
+    }
+
+    // zfs-fuse: after `zfs hold t1 rsacf96ab/hprobe@a; zfs hold t2 rsacf96ab/hprobe@a`:
+    //   $ zfs get -Hp -d 1 -o name,property,value userrefs rsacf96ab/hprobe
+    #[test]
+    fn userrefs_parse_real_zfs_fuse_output() {
+        let out = "rsacf96ab/hprobe\tuserrefs\t-\nrsacf96ab/hprobe@a\tuserrefs\t2\nrsacf96ab/hprobe@b\tuserrefs\t0\n";
+        assert_eq!(
+            parse_userrefs(&ds("rsacf96ab/hprobe"), out).unwrap(),
+            vec![("a".to_string(), 2), ("b".to_string(), 0)]
+        );
+        assert!(parse_userrefs(&ds("rsacf96ab/hprobe"), "x\ty\n").is_err());
+        assert!(parse_userrefs(&ds("p/h"), "p/h@a\tuserrefs\tmany\n").is_err());
+    }
+
+    #[test]
+    fn held_snapshot_errors_are_recognised() {
+        // OpenZFS 2.3.2: zfs destroy ozs/hprobe@a (held by t1)
+        assert!(is_held_error(
+            "cannot destroy snapshot ozs/hprobe@a: it's being held. Run 'zfs holds -r ozs/hprobe@a' to see holders.\n"
+        ));
+        // zfs-fuse: the same
+        assert!(is_held_error(
+            "cannot destroy 'rsacf96ab/hprobe@a': dataset is busy\n"
+        ));
+        // zfs-fuse and OpenZFS 2.3.2: zfs hold t1 on a snapshot already held by t1
+        assert!(is_tag_exists_error(
+            "cannot hold 'rsacf96ab/hprobe@a': tag already exists on this dataset\n"
+        ));
+        assert!(is_tag_exists_error(
+            "cannot hold snapshot 'ozs/hprobe@a': tag already exists on this dataset\n"
+        ));
+        // OpenZFS 2.3.2: zfs release t3 ozs/hprobe@a
+        assert!(is_no_such_tag_error(
+            "cannot release hold from snapshot 'ozs/hprobe@a': no such tag on this dataset\n"
+        ));
     }
 }

@@ -7,6 +7,7 @@ mod bed;
 mod bwlimit;
 mod chunk;
 mod chunked;
+mod holds;
 mod openzfs;
 mod replication;
 mod smoke;

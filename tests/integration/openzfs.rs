@@ -554,3 +554,118 @@ fn a_partial_from_a_source_without_resume_tokens_is_discarded_and_sent_again() {
     g.sh(&format!("zfs destroy -r {dst}"));
     destroy(&local);
 }
+
+/// The tags of `zfs holds -H SNAP` (real OpenZFS lists them).
+fn hold_tags(g: &Guest, snap: &str) -> Vec<String> {
+    g.sh(&format!("zfs holds -H {snap}"))
+        .lines()
+        .filter_map(|l| l.split('\t').nth(1).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn create_bookmark_lets_the_next_run_send_from_the_bookmark_after_the_snapshot_is_gone() {
+    let g = Guest::get();
+    let name = unique_name("bookmark");
+    let (src, dst) = (format!("{POOL_S}/{name}"), format!("{POOL_T}/{name}"));
+    g.sh(&format!(
+        "zfs create {src} && head -c 3M /dev/urandom > /{src}/base && zfs snapshot {src}@s1"
+    ));
+    let (s, d) = (g.endpoint(&src), g.endpoint(&dst));
+    let args = ["--no-sync-snap", "--create-bookmark", "--use-hold"];
+    let run = |extra: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(extra);
+        g.resync(&all).run()
+    };
+    run(&[&s, &d]).assert_success();
+    let bookmarks = g.sh(&format!("zfs list -H -t bookmark -o name,guid {src}"));
+    let s1 = g.snaps(&src)[0].clone();
+    assert_eq!(
+        bookmarks.trim(),
+        format!("{src}#s1\t{}", s1.1),
+        "s1 bookmarked with its GUID"
+    );
+    // Held on both sides, each with its job's tag.
+    let src_tag = format!("resync_to_127.0.0.1:{dst}");
+    let dst_tag = format!("resync_from_127.0.0.1:{src}");
+    assert_eq!(hold_tags(g, &format!("{src}@s1")), [src_tag.as_str()]);
+    assert_eq!(hold_tags(g, &format!("{dst}@s1")), [dst_tag.as_str()]);
+    let refused = g.sh(&format!("zfs destroy {src}@s1 2>&1 || echo REFUSED"));
+    assert!(refused.contains("REFUSED"), "held: {refused}");
+
+    // Another tool prunes the common snapshot on the source; new data follows.
+    g.sh(&format!(
+        "zfs release {src_tag} {src}@s1 && zfs destroy {src}@s1 && \
+         head -c 1M /dev/urandom > /{src}/more && zfs snapshot {src}@s2 && \
+         head -c 64K /dev/urandom > /{src}/last && zfs snapshot {src}@s3"
+    ));
+    let target_before = g.snaps(&dst);
+    let out = run(&["--debug", &s, &d]);
+    out.assert_success();
+    assert!(
+        out.stderr.lines().any(|l| l.contains("] zfs send -i")
+            && l.contains(&format!("{src}#s1"))
+            && l.ends_with(&format!("{src}@s2"))),
+        "sent from the bookmark:\n{out}"
+    );
+    assert!(
+        !out.stderr.contains("destroy -r"),
+        "nothing destroyed:\n{out}"
+    );
+    let sent = summary_bytes(&out.stderr);
+    assert!(
+        sent < 2.0 * 1024.0 * 1024.0,
+        "incremental, not a full re-send of 4 MiB: {sent} bytes\n{out}"
+    );
+    let target_after = g.snaps(&dst);
+    assert_eq!(target_after[0], target_before[0], "s1 kept with its GUID");
+    let src_snaps = g.snaps(&src);
+    assert_eq!(
+        &target_after[1..],
+        &src_snaps[..],
+        "s2 and s3 with the source's GUIDs"
+    );
+    assert_eq!(g.md5s(&src), g.md5s(&dst));
+    // The holds moved to s3; s3 is bookmarked too.
+    assert_eq!(hold_tags(g, &format!("{src}@s3")), [src_tag.as_str()]);
+    assert_eq!(hold_tags(g, &format!("{dst}@s3")), [dst_tag.as_str()]);
+    assert!(
+        hold_tags(g, &format!("{dst}@s1")).is_empty(),
+        "old hold released"
+    );
+    assert!(hold_tags(g, &format!("{src}@s2")).is_empty());
+    assert!(g
+        .sh(&format!("zfs list -H -t bookmark -o name {src}"))
+        .contains(&format!("{src}#s3")));
+
+    // With sync snapshots each run bookmarks its own and destroys the job's
+    // previous one; the user's bookmarks stay.
+    for _ in 0..2 {
+        g.resync(&["--create-bookmark", "--use-hold", &s, &d])
+            .run()
+            .assert_success();
+    }
+    let marks: Vec<String> = g
+        .sh(&format!("zfs list -H -t bookmark -o name {src}"))
+        .lines()
+        .filter_map(|l| l.split_once('#').map(|(_, b)| b.to_string()))
+        .collect();
+    let sync: Vec<String> = g
+        .snaps(&src)
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| n.starts_with("resync_"))
+        .collect();
+    assert_eq!(sync.len(), 1, "the older sync snapshot was pruned");
+    assert_eq!(marks.len(), 3, "{marks:?}");
+    assert!(marks.contains(&"s1".to_string()) && marks.contains(&"s3".to_string()));
+    assert!(marks.contains(&sync[0]), "{marks:?} has {}", sync[0]);
+    assert_eq!(g.snaps(&src).last(), g.snaps(&dst).last());
+
+    g.sh(&format!(
+        "for s in $(zfs list -H -o name -t snapshot {src} {dst}); do \
+           zfs release {src_tag} $s 2>/dev/null; zfs release {dst_tag} $s 2>/dev/null; done; \
+         zfs destroy -r {src}; zfs destroy -r {dst}"
+    ));
+}
