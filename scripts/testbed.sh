@@ -40,7 +40,7 @@ ROOT_ADDR=$NET.1
 HOST_A_ADDR=$NET.2
 HOST_B_ADDR=$NET.3
 UNUSED_ADDR=$NET.9
-VDEV_SIZE=${TB_VDEV_SIZE:-512M}
+VDEV_SIZE=${TB_VDEV_SIZE:-2G}
 LOCK_WAIT=${TB_LOCK_WAIT:-1800}
 
 # Names of the scheme, used to find stale leftovers of dead runs.
