@@ -121,6 +121,7 @@
 pub mod orchestrator;
 pub mod receiver;
 pub mod sender;
+pub mod serve;
 
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
@@ -856,6 +857,7 @@ pub const SUBCOMMANDS: &[&str] = &[
     "__chunk-recv",
     "__chunk-start",
     "__chunk-clean",
+    "__chunk-serve",
 ];
 
 /// Options of the helper subcommands, then the program's argv after `--`.
@@ -972,6 +974,7 @@ pub fn helper_main(args: &[OsString]) -> i32 {
         "__chunk-recv" => receiver::Config::from_args(parsed).map(receiver::run),
         "__chunk-start" => start(parsed),
         "__chunk-clean" => clean(parsed),
+        "__chunk-serve" => serve::Config::from_args(parsed).map(serve::run),
         _ => Err(anyhow!("unknown helper subcommand {sub}")),
     };
     match result {
