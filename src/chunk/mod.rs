@@ -14,6 +14,9 @@
 //! - The **orchestrator** (the resync the user started) moves chunk files
 //!   and markers from the sender's folder to the receiver's folder. It may
 //!   die or lose its link at any moment and start again from what it finds.
+//!   It reaches each folder only through **serve** processes
+//!   (`resync __chunk-serve`, `serve.rs`) that it starts on exec channels of
+//!   its SSH session (child processes locally): see "Serve protocol".
 //!
 //! Both helpers are started detached (`spawn_detached`, usually through
 //! `resync __chunk-start`), so they outlive the SSH channel that started them.
@@ -44,7 +47,8 @@
 //! Every file is first written under its name plus `.part` and then renamed
 //! into place, so a reader never sees half a file; a leftover `*.part` is
 //! ignored by readers and overwritten (`O_TRUNC`) by the next writer of that
-//! name. Markers are `key value` lines, then optionally one blank line and a
+//! name, except `chunk-<index>.part` in the receiver's folder: a serve
+//! process resumes it from its size (see "Serve protocol"). Markers are `key value` lines, then optionally one blank line and a
 //! free-text body; parsers reject unknown, duplicate or missing keys,
 //! non-UTF-8 and anything over `MARKER_MAX` bytes, with an error, never a
 //! panic.
@@ -85,6 +89,54 @@
 //! folder and exits 3. `cancel` (or the folder vanishing) does the same at
 //! once, exit 4.
 //!
+//! # Serve protocol
+//! `resync __chunk-serve --dir D --timeout SECS` serves one session folder
+//! over its stdin (requests) and stdout (replies) until stdin ends; it exits
+//! 3 when neither moves for SECS (a client behind a dead link), 2 on a
+//! malformed frame. It never creates the folder. The orchestrator runs one
+//! per side for control and up to `window` per side for data, each for the
+//! life of an SSH connection (a reconnect starts new ones); an idle data
+//! server is reused for the next chunk, one idle for half its timeout is
+//! dropped. Every frame is `kind` (1 byte), `length` (u32 big-endian), then
+//! `length` payload bytes; integers are u64 big-endian; a name is a length
+//! byte and UTF-8. DATA frames carry at most `DATA_MAX` (256 KiB), others
+//! at most `FRAME_MAX` (2 MiB + 64 KiB); an unknown kind, an oversized or
+//! short frame, or leftover payload bytes end the conversation with an
+//! error on either side (a listing of more than 100000 entries too).
+//! - The server first sends `H "resync-chunk-serve 1"`.
+//! - `L ops` (poll): ops are `r name` (remove: a marker in the listed set,
+//!   `cancel`, a chunk file or a chunk `.part`) and `p name u32-len text`
+//!   (write `end`, `abort`, `cancel` or `resend` atomically); anything else
+//!   is refused. Then the reply lists the folder: `G` alone when it does not
+//!   exist; else `D index size` per complete data file, `P index size` per
+//!   data `.part`, `S index text` per `.md5` (its first 256 bytes), `M name
+//!   text` per marker among `end error abort progress resend result` (empty
+//!   when unreadable: its parser says why), then `E`. A failed op or an
+//!   unusable folder replies `X`.
+//! - `R index offset` (read): `B bytes` frames of chunk `index` from
+//!   `offset`, then `Z count`; `X` instead when it cannot be opened or read
+//!   or `offset` is past its end.
+//! - `W index total md5-text` (write): replies `O offset`, the size its
+//!   `chunk-<index>.part` already has (created empty if absent, emptied if
+//!   larger than `total`), or `total` when the data file is complete (then
+//!   only the `.md5` is written if it is missing). The client then sends `B`
+//!   frames from that offset and `Z`; each `B` is written at its own byte
+//!   offset (`pwrite`), so a stale server of a dead connection that still
+//!   writes the same bytes at the same offsets does no harm. On `Z`, if the
+//!   file has exactly `total` bytes and the `.part` name is still the file
+//!   it wrote, it is renamed into place and the `.md5` written last (the
+//!   order of "Chunks"); reply `K total`. A write error (`X` with the "no
+//!   space" class when the disk is full), too many or too few bytes reply
+//!   `X` after `Z` (the data in between is read and dropped). No fsync: a
+//!   lost page shows up as an MD5 mismatch and the chunk is sent again.
+//! - `X class text`: class 1 is "no space left" (ENOSPC/EDQUOT), 0 other.
+//!   After `X` the conversation goes on.
+//!
+//! The orchestrator copies a chunk by sending `W` to the receiver's server,
+//! then `R index offset` to the sender's with the offset it got, and
+//! forwarding each `B` frame as it arrives. Bytes re-sent after a cut are
+//! only those the receiver's `.part` had not yet stored.
+//!
 //! # Command lines (hidden subcommands, exit 0 ok, 1 zfs failed, 2 usage)
 //! - `resync __chunk-send --dir D --chunk-size BYTES --window N --timeout SECS -- zfs send ...`
 //! - `resync __chunk-recv --dir D --timeout SECS -- zfs receive ...`
@@ -92,15 +144,18 @@
 //!   D, starts the helper detached with its log in `D/helper.log`, prints its pid.
 //! - `resync __chunk-clean [--tmpdir DIR] [--min-age SECS]`: removes stale
 //!   session folders (default: the system tmpdir, 60 s), printing each.
+//! - `resync __chunk-serve --dir D --timeout SECS`: see "Serve protocol".
 //!
 //! # Why every step is idempotent
 //! - Helper dies between any two steps: its zfs process dies with its pipe
 //!   (`zfs send` gets EPIPE; `zfs receive` gets a truncated stream and
 //!   discards it), so the transfer restarts from scratch; its lock is free,
 //!   and `remove_stale_sessions` deletes the folder later.
-//! - Orchestrator dies while copying a file: only a `*.part` is left, which
-//!   the next copy overwrites; between the data rename and the `.md5` rename:
-//!   the chunk is incomplete and is copied again (renames replace). A copy of
+//! - Orchestrator (or its link) dies while copying a chunk: only
+//!   `chunk-<index>.part` is left, which the next copy continues from its
+//!   size; between the data rename and the `.md5` rename: the next copy
+//!   finds the data complete and writes only the `.md5`. A marker's `.part`
+//!   is overwritten by its next writer. A copy of
 //!   a chunk the receiver had consumed meanwhile has an index below `next`:
 //!   the receiver deletes such files whenever it polls.
 //! - Orchestrator dies before deleting a consumed chunk at the sender: on its
