@@ -61,7 +61,9 @@
 //! index order: it reads the `.md5`, hashes the data file through one open
 //! descriptor, and only if the digest matches does it seek back and stream
 //! that descriptor into zfs's stdin (never more than one chunk buffered, and
-//! not a byte of a bad chunk). Then it writes `progress` (`next` = N+1) and
+//! not a byte of a bad chunk). While chunk N streams, a thread already
+//! opens and hashes chunk N+1 if it is complete; that descriptor is the one
+//! streamed next, so the check still covers exactly the bytes zfs gets. Then it writes `progress` (`next` = N+1) and
 //! deletes the data, then the `.md5`. A digest mismatch (or an unreadable
 //! `.md5`, or a `.md5` without data) deletes both files and writes `resend`;
 //! after `MAX_ATTEMPTS` failures of one index the receiver gives up
@@ -127,7 +129,11 @@
 //!   it wrote, it is renamed into place and the `.md5` written last (the
 //!   order of "Chunks"); reply `K total`. A write error (`X` with the "no
 //!   space" class when the disk is full), too many or too few bytes reply
-//!   `X` after `Z` (the data in between is read and dropped). No fsync: a
+//!   `X` after `Z` (the data in between is read and dropped). Between `B`
+//!   frames the client may send `Y`; the server replies `A offset` once
+//!   everything before it is written (or `X` if a write failed). The
+//!   orchestrator sends one every `SYNC_EVERY` (1 MiB) and keeps at most
+//!   two unanswered, so a cut loses at most about 2 MiB per channel. No fsync: a
 //!   lost page shows up as an MD5 mismatch and the chunk is sent again.
 //! - `X class text`: class 1 is "no space left" (ENOSPC/EDQUOT), 0 other.
 //!   After `X` the conversation goes on.

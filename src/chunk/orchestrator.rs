@@ -43,6 +43,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(4);
 /// Copies of one chunk that may fail (other than by a lost connection)
 /// before the run gives up.
 const COPY_FAILURES_MAX: u32 = 5;
+/// A copy asks the receiver's server to confirm its writes every this many
+/// bytes, with at most SYNCS_IN_FLIGHT unconfirmed: what a cut can cost per
+/// data channel (and what a channel can move per round trip).
+const SYNC_EVERY: u64 = 1 << 20;
+const SYNCS_IN_FLIGHT: u32 = 2;
 
 /// Settings of a chunked transfer.
 #[derive(Debug, Clone)]
@@ -269,6 +274,7 @@ fn copy_with(job: &Job, s: &mut Client, d: &mut Client) -> Result<()> {
             .fetch_add(before.saturating_sub(offset), Ordering::Relaxed);
     }
     let mut pos = offset;
+    let mut unsynced = 0u64;
     if offset < size {
         s.begin_read(index, offset)
             .with_context(|| format!("reading chunk {index} on {}", job.src.label))?;
@@ -295,6 +301,12 @@ fn copy_with(job: &Job, s: &mut Client, d: &mut Client) -> Result<()> {
             d.send_data(piece)
                 .with_context(|| format!("writing chunk {index} on {}", job.dst.label))?;
             pos += n;
+            unsynced += n;
+            if unsynced >= SYNC_EVERY {
+                unsynced = 0;
+                d.sync(SYNCS_IN_FLIGHT)
+                    .with_context(|| format!("writing chunk {index} on {}", job.dst.label))?;
+            }
             job.counter.fetch_add(n, Ordering::Relaxed);
             {
                 let mut sent = lock(&job.sent);

@@ -42,6 +42,8 @@ pub mod kind {
     pub const WRITE: u8 = b'W';
     pub const DATA: u8 = b'B';
     pub const DONE: u8 = b'Z';
+    pub const SYNC: u8 = b'Y';
+    pub const ACK: u8 = b'A';
     pub const HELLO: u8 = b'H';
     pub const GONE: u8 = b'G';
     pub const CHUNK: u8 = b'D';
@@ -653,6 +655,13 @@ fn write_chunk(
                 }
                 pos += n;
             }
+            Some(kind::SYNC) => {
+                match &failed {
+                    Some(e) => reply_err(w, e)?,
+                    None => write_frame(w, kind::ACK, &pos.to_be_bytes())?,
+                }
+                w.flush()?;
+            }
             Some(kind::DONE) => break,
             Some(other) => bail!("unexpected frame {:?} inside a write", other as char),
             None => bail!("the client went away inside a write of chunk {index}"),
@@ -731,6 +740,8 @@ pub fn is_no_space_error(e: &anyhow::Error) -> bool {
 /// The orchestrator's end of one serve process.
 pub struct Client {
     child: Option<Box<dyn Child>>,
+    /// SYNC frames sent in the current write whose ACK we have not read.
+    acks_due: u32,
     r: BufReader<Box<dyn Read + Send>>,
     w: BufWriter<Box<dyn Write + Send>>,
     buf: Vec<u8>,
@@ -763,6 +774,7 @@ impl Client {
     pub fn from_io(r: Box<dyn Read + Send>, w: Box<dyn Write + Send>) -> Result<Client> {
         let mut c = Client {
             child: None,
+            acks_due: 0,
             r: BufReader::with_capacity(DATA_MAX + 5, r),
             w: BufWriter::with_capacity(64 << 10, w),
             buf: Vec::new(),
@@ -898,10 +910,35 @@ impl Client {
         Ok(())
     }
 
+    /// Asks the server to confirm what it has written so far; with
+    /// `in_flight` SYNCs or more unconfirmed, waits for the oldest ACK.
+    /// This bounds the bytes a cut can lose between us and the disk.
+    pub fn sync(&mut self, in_flight: u32) -> Result<()> {
+        self.send(kind::SYNC, &[])?;
+        self.flush()?;
+        self.acks_due += 1;
+        while self.acks_due > in_flight {
+            self.await_ack()?;
+        }
+        Ok(())
+    }
+
+    fn await_ack(&mut self) -> Result<()> {
+        let k = self.frame(4096 + 1)?;
+        if k != kind::ACK {
+            return Err(self.unexpected(k, "for a sync"));
+        }
+        self.acks_due -= 1;
+        Ok(())
+    }
+
     /// Ends a write; Ok once the chunk (data, then `.md5`) is in place.
     pub fn end_write(&mut self) -> Result<()> {
         self.send(kind::DONE, &[])?;
         self.flush()?;
+        while self.acks_due > 0 {
+            self.await_ack()?;
+        }
         match self.frame(4096 + 1)? {
             kind::OK => Ok(()),
             k => Err(self.unexpected(k, "after a write")),
@@ -1026,6 +1063,7 @@ mod tests {
                     moved += piece.len() as u64;
                     let piece = piece.to_vec();
                     r.send_data(&piece).unwrap();
+                    r.sync(1).unwrap();
                 }
                 Err(n) => {
                     assert_eq!(n, moved);
