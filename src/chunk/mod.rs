@@ -87,7 +87,9 @@
 //! orchestrator while it waits on it: the sender when no staged chunk was
 //! consumed (the clock restarts on every chunk written or consumed; a slow
 //! `zfs send` does not count), the receiver when no chunk arrived; either
-//! when its final marker is not acknowledged. It then kills zfs, removes its
+//! when its final marker is not acknowledged. A chunk file or chunk `.part`
+//! whose modification time moves counts as progress too (a copy of one big
+//! chunk on a slow link). It then kills zfs, removes its
 //! folder and exits 3. `cancel` (or the folder vanishing) does the same at
 //! once, exit 4.
 //!
@@ -319,6 +321,38 @@ pub fn list_chunk_files(dir: &Path) -> Result<Vec<ChunkFile>> {
     }
     out.sort_by_key(|f| (f.index(), matches!(f, ChunkFile::Md5(_))));
     Ok(out)
+}
+
+/// Watches the modification times of the chunk files and chunk `.part`
+/// files in a folder: chunk servers write `.part` files (in the receiver's
+/// folder) and touch the chunks they read (in the sender's) every few MiB,
+/// so a helper counts a long copy of one big chunk as progress.
+#[derive(Debug, Default)]
+pub struct CopyActivity {
+    newest: Option<SystemTime>,
+}
+
+impl CopyActivity {
+    /// True if some chunk file changed since the last call.
+    pub fn moved(&mut self, dir: &Path) -> bool {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return false;
+        };
+        let newest = entries
+            .flatten()
+            .filter(|e| {
+                e.file_name().to_str().is_some_and(|n| {
+                    parse_chunk_file_name(n.strip_suffix(PART).unwrap_or(n)).is_some()
+                })
+            })
+            .filter_map(|e| e.metadata().and_then(|m| m.modified()).ok())
+            .max();
+        if newest > self.newest {
+            self.newest = newest;
+            return true;
+        }
+        false
+    }
 }
 
 /// Indices that have any complete chunk file in `dir` (what the sender
@@ -1441,6 +1475,28 @@ mod tests {
             Some("next 1\nbytes 2\n")
         );
         assert!(!dir.join("progress.part").exists());
+    }
+
+    #[test]
+    fn copy_activity_sees_chunk_files_and_parts_move_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let mut a = CopyActivity::default();
+        assert!(!a.moved(d), "an empty folder");
+        fs::write(d.join("chunk-000000000001.part"), b"x").unwrap();
+        assert!(a.moved(d));
+        assert!(!a.moved(d), "nothing changed since");
+        let later = SystemTime::now() + Duration::from_secs(5);
+        let f = File::options()
+            .append(true)
+            .open(d.join("chunk-000000000001.part"))
+            .unwrap();
+        f.set_modified(later).unwrap();
+        assert!(a.moved(d), "a .part written to");
+        fs::write(d.join(PROGRESS), b"next 1\nbytes 1\n").unwrap();
+        let m = File::options().append(true).open(d.join(PROGRESS)).unwrap();
+        m.set_modified(later + Duration::from_secs(5)).unwrap();
+        assert!(!a.moved(d), "markers do not count");
     }
 
     #[test]

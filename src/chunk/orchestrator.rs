@@ -497,7 +497,17 @@ impl Orchestrator<'_> {
             };
             note(self.bar);
             (self.debug)(&format!("reconnecting to {}", c.label));
-            match (c.reconnect)() {
+            // A connection attempt may take a while: keep the count moving.
+            let attempt = thread::scope(|sc| {
+                let h = sc.spawn(|| (c.reconnect)());
+                while !h.is_finished() {
+                    thread::sleep(Duration::from_millis(250));
+                    note(self.bar);
+                }
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("the reconnecting thread panicked")))
+            });
+            match attempt {
                 Ok(h) => {
                     *c.host.write().unwrap_or_else(|p| p.into_inner()) = h;
                     c.reset_channels();

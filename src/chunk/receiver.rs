@@ -59,6 +59,7 @@ pub fn run(c: Config) -> i32 {
         bytes: 0,
         attempts: HashMap::new(),
         ahead: None,
+        copies: CopyActivity::default(),
     };
     let result = match r.receive() {
         Ok(Ok(result)) => result,
@@ -156,6 +157,7 @@ struct Receiver {
     attempts: HashMap<u64, u32>,
     /// Chunk `next + 1` being hashed while chunk `next` streams.
     ahead: Option<(u64, JoinHandle<Result<Hashed>>)>,
+    copies: CopyActivity,
 }
 
 /// What the folder holds for the receiver right now.
@@ -379,6 +381,9 @@ impl Receiver {
                 }
                 let stderr = format!("zfs receive ended before the stream did\n{stderr}");
                 return Ok(Ok(self.result(Outcome::Failed, status, stderr)));
+            }
+            if self.copies.moved(&dir) {
+                self.last_activity = Instant::now();
             }
             if self.last_activity.elapsed() >= self.c.timeout {
                 zfs.kill();

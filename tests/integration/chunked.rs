@@ -55,11 +55,17 @@ fn cleanup(ds: &str) {
 /// Starts a chunked run in the background and returns once its helpers
 /// have created their session folders in `tmp` (the binary is deployed).
 fn spawn_until_helpers_run(tmp: &Path, args: &[&str]) -> Running {
-    let running = Resync::new(args).timeout(Duration::from_secs(300)).spawn();
-    assert!(
-        wait_until(Duration::from_secs(120), || !sessions(tmp).is_empty()),
-        "the chunk helpers never started"
-    );
+    let mut running = Resync::new(args).timeout(Duration::from_secs(300)).spawn();
+    let started = wait_until(Duration::from_secs(120), || {
+        !sessions(tmp).is_empty() || !running.is_running()
+    });
+    if !started || sessions(tmp).is_empty() {
+        panic!(
+            "the chunk helpers never started:
+{}",
+            running.wait()
+        );
+    }
     running
 }
 
