@@ -38,11 +38,11 @@ t1=$(now)
 raw=$(awk -v b="$bytes" -v a="$t0" -v c="$t1" 'BEGIN { printf "%.1f", b / (c - a) / 1e6 }')
 # Deploy the binary first, so that its upload is not timed.
 HOME=$TB_HOME "$BIN" --quiet --chunked --tmpdir="$tmp" --dry-run "$src" "root@$TB_HOST_B:$dst" >/dev/null 2>&1 || true
-(while sleep 2; do top -b -n 1 -w 200 | sed -n '8,14p'; echo; done) >"$tmp/top.log" 2>&1 &
+(while sleep 1; do top -b -d 0.5 -n 2 -w 200 | awk "/^top -/{n++} n==2" | sed -n "8,16p"; echo; done ) >"$tmp/top.log" 2>&1 &
 topper=$!
 t0=$(now)
 HOME=$TB_HOME /usr/bin/time -f '%M' -o "$tmp/rss" \
-	"$BIN" --no-sync-snap --chunked --tmpdir="$tmp" "$@" "$src" "root@$TB_HOST_B:$dst" 2>&1 | tail -n 3
+	"$BIN" --no-sync-snap --chunked --tmpdir="$tmp" "$@" "$src" "root@$TB_HOST_B:$dst" 2>&1 | grep -E "MiB in|^chunked:" || true
 t1=$(now)
 kill "$topper" 2>/dev/null || true
 chunked=$(awk -v b="$bytes" -v a="$t0" -v c="$t1" 'BEGIN { printf "%.1f", b / (c - a) / 1e6 }')
