@@ -40,13 +40,28 @@ raw=$(awk -v b="$bytes" -v a="$t0" -v c="$t1" 'BEGIN { printf "%.1f", b / (c - a
 HOME=$TB_HOME "$BIN" --quiet --chunked --tmpdir="$tmp" --dry-run "$src" "root@$TB_HOST_B:$dst" >/dev/null 2>&1 || true
 (while sleep 1; do top -b -d 0.5 -n 2 -w 200 | awk "/^top -/{n++} n==2" | sed -n "8,16p"; echo; done ) >"$tmp/top.log" 2>&1 &
 topper=$!
+# Peak RSS of the helpers and chunk servers (their command lines name $tmp).
+(while [[ ! -e $tmp/stop ]] && sleep 0.3; do
+	for p in /proc/[0-9]*; do
+		c=$( (tr "\0" " " <"$p/cmdline") 2>/dev/null) || continue
+		[[ $c == *__chunk-* && $c == *"$tmp"* ]] || continue
+		h=$(awk '/^VmHWM/ { print $2 }' "$p/status" 2>/dev/null) || continue
+		k=${c#*__chunk-}
+		echo "${k%% *} $h"
+	done
+done | awk '{ if ($2 > m[$1]) m[$1] = $2 } END { for (k in m) print "__chunk-" k, m[k], "KiB" }' >"$tmp/helpers.rss") &
+rsser=$!
 t0=$(now)
 HOME=$TB_HOME /usr/bin/time -f '%M' -o "$tmp/rss" \
 	"$BIN" --no-sync-snap --chunked --tmpdir="$tmp" "$@" "$src" "root@$TB_HOST_B:$dst" 2>&1 | grep -E "MiB in|^chunked:" || true
 t1=$(now)
 kill "$topper" 2>/dev/null || true
+touch "$tmp/stop"
+wait "$rsser" 2>/dev/null || true
 chunked=$(awk -v b="$bytes" -v a="$t0" -v c="$t1" 'BEGIN { printf "%.1f", b / (c - a) / 1e6 }')
 ratio=$(awk -v a="$chunked" -v b="$raw" 'BEGIN { printf "%.2f", a / b }')
 echo "stream $bytes bytes: raw ssh $raw MB/s, resync --chunked $chunked MB/s (${ratio}x raw), peak RSS $(cat "$tmp/rss") KiB"
-echo "busiest processes during the run (top, every 2 s):"
+echo "peak RSS of the helpers and chunk servers, by kind:"
+cat "$tmp/helpers.rss"
+echo "busiest processes during the run (top, every second):"
 cat "$tmp/top.log"
