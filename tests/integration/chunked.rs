@@ -477,3 +477,57 @@ fn bad_chunked_values_exit_2_with_one_line_and_change_nothing() {
     assert!(snapshots(&src).is_empty(), "nor snapshot the source");
     destroy(&src);
 }
+
+/// A chunk damaged in the receiver's folder while it arrives: the receiver
+/// rejects it, resync sends it again in full (the summary counts it as
+/// re-sent), and the target is correct.
+#[test]
+fn chunked_chunk_damaged_on_arrival_is_sent_again_and_the_target_is_right() {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 2 << 20;
+    let bed = Bed::get();
+    let tmp = tmpdir();
+    let src = bed.ds_a("cdamage");
+    let dst = bed.ds_b("cdamage");
+    create_dataset_with_data(&src, &[("a.bin", 12 << 20)]);
+    let tmp_arg = format!("--tmpdir={}", tmp.path().display());
+    let running = spawn_until_helpers_run(
+        tmp.path(),
+        &[
+            "--chunked",
+            "--chunk-size=2M",
+            "--target-bwlimit=4M",
+            "--timeout=60s",
+            &tmp_arg,
+            &src,
+            &remote(&bed.host_b, &dst),
+        ],
+    );
+    // The receiver's folder is the one with `progress`; damage the first
+    // chunk that is half-way there, in bytes that have already arrived.
+    let damaged = wait_until(Duration::from_secs(60), || {
+        sessions(tmp.path())
+            .iter()
+            .filter(|d| d.join("progress").exists())
+            .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+            .filter(|e| e.file_name().to_string_lossy().starts_with("chunk-"))
+            .any(|e| {
+                let big = e.metadata().is_ok_and(|m| m.len() > CHUNK / 2);
+                big && std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(e.path())
+                    .and_then(|f| f.write_all_at(&[0x5a; 4096], 1000))
+                    .is_ok()
+            })
+    });
+    assert!(damaged, "no chunk was caught arriving");
+    let out = running.wait();
+    out.assert_success();
+    let (_, _, _, resent) = summary(&out.stderr);
+    assert!(
+        resent >= CHUNK,
+        "the damaged chunk was sent again in full: re-sent {resent}"
+    );
+    replica_then_cleanup(tmp.path(), &src, &dst);
+}
