@@ -47,6 +47,10 @@ const COPY_FAILURES_MAX: u32 = 5;
 /// bytes, with at most SYNCS_IN_FLIGHT unconfirmed: what a cut can cost per
 /// data channel (and what a channel can move per round trip).
 const SYNC_EVERY: u64 = 1 << 20;
+/// Most data channels per SSH connection (sshd's MaxSessions is 10 by
+/// default, and the control channel needs one): more chunks may be staged,
+/// but no more are copied at once.
+const DATA_CHANNELS_MAX: usize = 8;
 const SYNCS_IN_FLIGHT: u32 = 2;
 
 /// Settings of a chunked transfer.
@@ -544,7 +548,15 @@ impl Orchestrator<'_> {
 
     fn run(&mut self) -> Result<()> {
         let (s, r) = (self.s, self.r);
-        let window = self.opts.window as usize;
+        // Each parallel copy holds a data channel per side, beside one
+        // control channel: stay within sshd's MaxSessions (10 by default per
+        // connection), also when both sides share one connection.
+        let shared = Arc::ptr_eq(&s.get(), &r.get());
+        let window = (self.opts.window as usize).min(if shared {
+            DATA_CHANNELS_MAX / 2
+        } else {
+            DATA_CHANNELS_MAX
+        });
         let (tx, rx) = mpsc::channel::<Copied>();
         let mut s_ops: Vec<Op> = Vec::new();
         let mut r_ops: Vec<Op> = Vec::new();

@@ -531,3 +531,22 @@ fn chunked_chunk_damaged_on_arrival_is_sent_again_and_the_target_is_right() {
     );
     replica_then_cleanup(tmp.path(), &src, &dst);
 }
+
+/// Source and target on one remote host share one SSH connection; a wide
+/// window must not ask for more channels than sshd allows (MaxSessions).
+#[test]
+fn chunked_within_one_remote_host_with_a_wide_window() {
+    let bed = Bed::get();
+    let tmp = tmpdir();
+    let src = bed.ds_a("csame");
+    let dst = bed.ds_a("csame");
+    create_dataset_with_data(&src, &[("a.bin", 6 << 20)]);
+    chunked(
+        tmp.path(),
+        &remote(&bed.host_a, &src),
+        &remote(&bed.host_a, &dst),
+        &["--chunk-window=12"],
+    )
+    .assert_success();
+    replica_then_cleanup(tmp.path(), &src, &dst);
+}
