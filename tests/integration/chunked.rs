@@ -540,12 +540,14 @@ fn chunked_within_one_remote_host_with_a_wide_window() {
     let tmp = tmpdir();
     let src = bed.ds_a("csame");
     let dst = bed.ds_a("csame");
-    create_dataset_with_data(&src, &[("a.bin", 6 << 20)]);
+    create_dataset_with_data(&src, &[("a.bin", 12 << 20)]);
+    // Slow copies, so that many chunks are staged and copied at once (26
+    // channels without the cap: the run hung).
     chunked(
         tmp.path(),
         &remote(&bed.host_a, &src),
         &remote(&bed.host_a, &dst),
-        &["--chunk-window=12"],
+        &["--chunk-window=12", "--target-bwlimit=2M"],
     )
     .assert_success();
     replica_then_cleanup(tmp.path(), &src, &dst);
