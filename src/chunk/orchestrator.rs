@@ -958,6 +958,26 @@ mod tests {
         assert!(clean, "session folders removed");
     }
 
+    /// A chunk server that cannot start says why (its exit and stderr).
+    #[test]
+    #[ignore]
+    fn a_failing_chunk_server_reports_its_error() {
+        let host = crate::host::LocalHost::new();
+        let err = Client::start(
+            &host,
+            &helper_exe(),
+            "/tmp/not-a-session",
+            Duration::from_secs(5),
+        )
+        .err()
+        .expect("a bad folder name is refused");
+        let e = format!("{err:#}");
+        assert!(
+            e.contains("(exit 2)") && e.contains("not named resync-"),
+            "{e}"
+        );
+    }
+
     #[test]
     #[ignore]
     fn local_sender_failure_is_reported() {

@@ -771,15 +771,21 @@ impl Client {
             child.kill();
             bail!("internal error: chunk server pipes are missing");
         };
-        let mut c = Client::from_io(out, inp)?;
-        c.child = Some(child);
-        Ok(c)
+        Client::greet(Some(child), out, inp)
     }
 
     /// A client over any pipe pair (tests); reads the HELLO.
     pub fn from_io(r: Box<dyn Read + Send>, w: Box<dyn Write + Send>) -> Result<Client> {
+        Client::greet(None, r, w)
+    }
+
+    fn greet(
+        child: Option<Box<dyn Child>>,
+        r: Box<dyn Read + Send>,
+        w: Box<dyn Write + Send>,
+    ) -> Result<Client> {
         let mut c = Client {
-            child: None,
+            child,
             acks_due: 0,
             r: BufReader::with_capacity(DATA_MAX + 5, r),
             w: BufWriter::with_capacity(64 << 10, w),
@@ -794,7 +800,32 @@ impl Client {
     fn frame(&mut self, max: usize) -> Result<u8> {
         match read_frame(&mut self.r, &mut self.buf, max)? {
             Some(k) => Ok(k),
-            None => bail!("the chunk server closed its output"),
+            None => bail!("the chunk server closed its output{}", self.exit_reason()),
+        }
+    }
+
+    /// How the server process ended, with its last stderr line, if it
+    /// tells within a moment (": exit 2: error: ...").
+    fn exit_reason(&mut self) -> String {
+        let Some(child) = self.child.take() else {
+            return String::new();
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(Ok(exit)) => {
+                let last = exit
+                    .stderr
+                    .trim_end()
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .to_string();
+                format!(" (exit {}): {last}", exit.status)
+            }
+            _ => String::new(),
         }
     }
 
