@@ -223,7 +223,7 @@ pub const MAX_ATTEMPTS: u32 = 5;
 /// How long the receiver waits for `zfs receive` to exit after an abort.
 pub const ABORT_GRACE: Duration = Duration::from_secs(30);
 /// How often helpers look at their folder.
-pub const POLL: Duration = Duration::from_millis(50);
+pub const POLL: Duration = Duration::from_millis(10);
 
 /// Exit codes of the helpers.
 pub const EXIT_OK: i32 = 0;
