@@ -849,6 +849,7 @@ impl Run<'_> {
         };
         let bar = self.bar(label, send, already);
         let debug = |line: &str| self.ui.debug(line);
+        let watch = Stopwatch::start();
         let result = orchestrator::transfer(
             orchestrator::Side {
                 host: &self.src.host,
@@ -868,13 +869,17 @@ impl Run<'_> {
         );
         bar.finish();
         let stats = result?;
-        self.ui.debug(&format!(
-            "chunked: {} chunks, {} to zfs receive, {} copied ({} re-sent), {} reconnects",
-            stats.chunks,
+        let took = watch.elapsed();
+        self.ui.info(&format!(
+            "chunked: {} ({} bytes) in {} chunks, {} reconnects, {} re-sent ({} bytes), {} ({})",
             human_bytes(stats.bytes),
-            human_bytes(stats.copied),
-            human_bytes(stats.copied.saturating_sub(stats.bytes)),
-            stats.reconnects
+            stats.bytes,
+            stats.chunks,
+            stats.reconnects,
+            human_bytes(stats.resent),
+            stats.resent,
+            human_duration(took),
+            human_rate(stats.bytes, took)
         ));
         Ok(stats.bytes)
     }

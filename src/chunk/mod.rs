@@ -14,6 +14,9 @@
 //! - The **orchestrator** (the resync the user started) moves chunk files
 //!   and markers from the sender's folder to the receiver's folder. It may
 //!   die or lose its link at any moment and start again from what it finds.
+//!   It reaches each folder only through **serve** processes
+//!   (`resync __chunk-serve`, `serve.rs`) that it starts on exec channels of
+//!   its SSH session (child processes locally): see "Serve protocol".
 //!
 //! Both helpers are started detached (`spawn_detached`, usually through
 //! `resync __chunk-start`), so they outlive the SSH channel that started them.
@@ -44,7 +47,8 @@
 //! Every file is first written under its name plus `.part` and then renamed
 //! into place, so a reader never sees half a file; a leftover `*.part` is
 //! ignored by readers and overwritten (`O_TRUNC`) by the next writer of that
-//! name. Markers are `key value` lines, then optionally one blank line and a
+//! name, except `chunk-<index>.part` in the receiver's folder: a serve
+//! process resumes it from its size (see "Serve protocol"). Markers are `key value` lines, then optionally one blank line and a
 //! free-text body; parsers reject unknown, duplicate or missing keys,
 //! non-UTF-8 and anything over `MARKER_MAX` bytes, with an error, never a
 //! panic.
@@ -57,7 +61,9 @@
 //! index order: it reads the `.md5`, hashes the data file through one open
 //! descriptor, and only if the digest matches does it seek back and stream
 //! that descriptor into zfs's stdin (never more than one chunk buffered, and
-//! not a byte of a bad chunk). Then it writes `progress` (`next` = N+1) and
+//! not a byte of a bad chunk). While chunk N streams, a thread already
+//! opens and hashes chunk N+1 if it is complete; that descriptor is the one
+//! streamed next, so the check still covers exactly the bytes zfs gets. Then it writes `progress` (`next` = N+1) and
 //! deletes the data, then the `.md5`. A digest mismatch (or an unreadable
 //! `.md5`, or a `.md5` without data) deletes both files and writes `resend`;
 //! after `MAX_ATTEMPTS` failures of one index the receiver gives up
@@ -81,9 +87,64 @@
 //! orchestrator while it waits on it: the sender when no staged chunk was
 //! consumed (the clock restarts on every chunk written or consumed; a slow
 //! `zfs send` does not count), the receiver when no chunk arrived; either
-//! when its final marker is not acknowledged. It then kills zfs, removes its
+//! when its final marker is not acknowledged. A chunk file or chunk `.part`
+//! whose modification time moves counts as progress too (a copy of one big
+//! chunk on a slow link). It then kills zfs, removes its
 //! folder and exits 3. `cancel` (or the folder vanishing) does the same at
 //! once, exit 4.
+//!
+//! # Serve protocol
+//! `resync __chunk-serve --dir D --timeout SECS` serves one session folder
+//! over its stdin (requests) and stdout (replies) until stdin ends; it exits
+//! 3 when neither moves for SECS (a client behind a dead link), 2 on a
+//! malformed frame. It never creates the folder. The orchestrator runs one
+//! per side for control and up to `window` per side for data (at most 8, or
+//! 4 when both sides share one SSH connection: sshd's MaxSessions), each for the
+//! life of an SSH connection (a reconnect starts new ones); an idle data
+//! server is reused for the next chunk, one idle for half its timeout is
+//! dropped. Every frame is `kind` (1 byte), `length` (u32 big-endian), then
+//! `length` payload bytes; integers are u64 big-endian; a name is a length
+//! byte and UTF-8. DATA frames carry at most `DATA_MAX` (256 KiB), others
+//! at most `FRAME_MAX` (2 MiB + 64 KiB); an unknown kind, an oversized or
+//! short frame, or leftover payload bytes end the conversation with an
+//! error on either side (a listing of more than 100000 entries too).
+//! - The server first sends `H "resync-chunk-serve 1"`.
+//! - `L ops` (poll): ops are `r name` (remove: a marker in the listed set,
+//!   `cancel`, a chunk file or a chunk `.part`) and `p name u32-len text`
+//!   (write `end`, `abort`, `cancel` or `resend` atomically); anything else
+//!   is refused. Then the reply lists the folder: `G` alone when it does not
+//!   exist; else `D index size` per complete data file, `P index size` per
+//!   data `.part`, `S index text` per `.md5` (its first 256 bytes), `M name
+//!   text` per marker among `end error abort progress resend result` (empty
+//!   when unreadable: its parser says why), then `E`. A failed op or an
+//!   unusable folder replies `X`.
+//! - `R index offset` (read): `B bytes` frames of chunk `index` from
+//!   `offset`, then `Z count`; `X` instead when it cannot be opened or read
+//!   or `offset` is past its end.
+//! - `W index total md5-text` (write): replies `O offset`, the size its
+//!   `chunk-<index>.part` already has (created empty if absent, emptied if
+//!   larger than `total`), or `total` when the data file is complete (then
+//!   only the `.md5` is written if it is missing). The client then sends `B`
+//!   frames from that offset and `Z`; each `B` is written at its own byte
+//!   offset (`pwrite`), so a stale server of a dead connection that still
+//!   writes the same bytes at the same offsets does no harm. On `Z`, if the
+//!   file has exactly `total` bytes and the `.part` name is still the file
+//!   it wrote, it is renamed into place and the `.md5` written last (the
+//!   order of "Chunks"); reply `K total`. A write error (`X` with the "no
+//!   space" class when the disk is full), too many or too few bytes reply
+//!   `X` after `Z` (the data in between is read and dropped). Between `B`
+//!   frames the client may send `Y`; the server replies `A offset` once
+//!   everything before it is written (or `X` if a write failed). The
+//!   orchestrator sends one every `SYNC_EVERY` (1 MiB) and keeps at most
+//!   two unanswered, so a cut loses at most about 2 MiB per channel. No fsync: a
+//!   lost page shows up as an MD5 mismatch and the chunk is sent again.
+//! - `X class text`: class 1 is "no space left" (ENOSPC/EDQUOT), 0 other.
+//!   After `X` the conversation goes on.
+//!
+//! The orchestrator copies a chunk by sending `W` to the receiver's server,
+//! then `R index offset` to the sender's with the offset it got, and
+//! forwarding each `B` frame as it arrives. Bytes re-sent after a cut are
+//! only those the receiver's `.part` had not yet stored.
 //!
 //! # Command lines (hidden subcommands, exit 0 ok, 1 zfs failed, 2 usage)
 //! - `resync __chunk-send --dir D --chunk-size BYTES --window N --timeout SECS -- zfs send ...`
@@ -92,15 +153,18 @@
 //!   D, starts the helper detached with its log in `D/helper.log`, prints its pid.
 //! - `resync __chunk-clean [--tmpdir DIR] [--min-age SECS]`: removes stale
 //!   session folders (default: the system tmpdir, 60 s), printing each.
+//! - `resync __chunk-serve --dir D --timeout SECS`: see "Serve protocol".
 //!
 //! # Why every step is idempotent
 //! - Helper dies between any two steps: its zfs process dies with its pipe
 //!   (`zfs send` gets EPIPE; `zfs receive` gets a truncated stream and
 //!   discards it), so the transfer restarts from scratch; its lock is free,
 //!   and `remove_stale_sessions` deletes the folder later.
-//! - Orchestrator dies while copying a file: only a `*.part` is left, which
-//!   the next copy overwrites; between the data rename and the `.md5` rename:
-//!   the chunk is incomplete and is copied again (renames replace). A copy of
+//! - Orchestrator (or its link) dies while copying a chunk: only
+//!   `chunk-<index>.part` is left, which the next copy continues from its
+//!   size; between the data rename and the `.md5` rename: the next copy
+//!   finds the data complete and writes only the `.md5`. A marker's `.part`
+//!   is overwritten by its next writer. A copy of
 //!   a chunk the receiver had consumed meanwhile has an index below `next`:
 //!   the receiver deletes such files whenever it polls.
 //! - Orchestrator dies before deleting a consumed chunk at the sender: on its
@@ -121,6 +185,7 @@
 pub mod orchestrator;
 pub mod receiver;
 pub mod sender;
+pub mod serve;
 
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
@@ -158,7 +223,7 @@ pub const MAX_ATTEMPTS: u32 = 5;
 /// How long the receiver waits for `zfs receive` to exit after an abort.
 pub const ABORT_GRACE: Duration = Duration::from_secs(30);
 /// How often helpers look at their folder.
-pub const POLL: Duration = Duration::from_millis(50);
+pub const POLL: Duration = Duration::from_millis(10);
 
 /// Exit codes of the helpers.
 pub const EXIT_OK: i32 = 0;
@@ -257,6 +322,38 @@ pub fn list_chunk_files(dir: &Path) -> Result<Vec<ChunkFile>> {
     }
     out.sort_by_key(|f| (f.index(), matches!(f, ChunkFile::Md5(_))));
     Ok(out)
+}
+
+/// Watches the modification times of the chunk files and chunk `.part`
+/// files in a folder: chunk servers write `.part` files (in the receiver's
+/// folder) and touch the chunks they read (in the sender's) every few MiB,
+/// so a helper counts a long copy of one big chunk as progress.
+#[derive(Debug, Default)]
+pub struct CopyActivity {
+    newest: Option<SystemTime>,
+}
+
+impl CopyActivity {
+    /// True if some chunk file changed since the last call.
+    pub fn moved(&mut self, dir: &Path) -> bool {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return false;
+        };
+        let newest = entries
+            .flatten()
+            .filter(|e| {
+                e.file_name().to_str().is_some_and(|n| {
+                    parse_chunk_file_name(n.strip_suffix(PART).unwrap_or(n)).is_some()
+                })
+            })
+            .filter_map(|e| e.metadata().and_then(|m| m.modified()).ok())
+            .max();
+        if newest > self.newest {
+            self.newest = newest;
+            return true;
+        }
+        false
+    }
 }
 
 /// Indices that have any complete chunk file in `dir` (what the sender
@@ -856,6 +953,7 @@ pub const SUBCOMMANDS: &[&str] = &[
     "__chunk-recv",
     "__chunk-start",
     "__chunk-clean",
+    "__chunk-serve",
 ];
 
 /// Options of the helper subcommands, then the program's argv after `--`.
@@ -972,6 +1070,7 @@ pub fn helper_main(args: &[OsString]) -> i32 {
         "__chunk-recv" => receiver::Config::from_args(parsed).map(receiver::run),
         "__chunk-start" => start(parsed),
         "__chunk-clean" => clean(parsed),
+        "__chunk-serve" => serve::Config::from_args(parsed).map(serve::run),
         _ => Err(anyhow!("unknown helper subcommand {sub}")),
     };
     match result {
@@ -1377,6 +1476,28 @@ mod tests {
             Some("next 1\nbytes 2\n")
         );
         assert!(!dir.join("progress.part").exists());
+    }
+
+    #[test]
+    fn copy_activity_sees_chunk_files_and_parts_move_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let mut a = CopyActivity::default();
+        assert!(!a.moved(d), "an empty folder");
+        fs::write(d.join("chunk-000000000001.part"), b"x").unwrap();
+        assert!(a.moved(d));
+        assert!(!a.moved(d), "nothing changed since");
+        let later = SystemTime::now() + Duration::from_secs(5);
+        let f = File::options()
+            .append(true)
+            .open(d.join("chunk-000000000001.part"))
+            .unwrap();
+        f.set_modified(later).unwrap();
+        assert!(a.moved(d), "a .part written to");
+        fs::write(d.join(PROGRESS), b"next 1\nbytes 1\n").unwrap();
+        let m = File::options().append(true).open(d.join(PROGRESS)).unwrap();
+        m.set_modified(later + Duration::from_secs(5)).unwrap();
+        assert!(!a.moved(d), "markers do not count");
     }
 
     #[test]

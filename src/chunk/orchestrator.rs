@@ -1,14 +1,17 @@
 //! The orchestrator of `--chunked` mode: moves one `zfs send` stream from the
 //! source host to the target host as chunk files, following the protocol in
 //! `mod.rs`. It starts the sender helper beside `zfs send` and the receiver
-//! helper beside `zfs receive` (detached, through `__chunk-start`), then polls
-//! both session folders with one shell command per side per round (which
-//! also applies the deletions and marker writes decided in the last round),
-//! copies complete chunks over parallel exec channels (`cat` on the source
-//! piped into a size-checking writer on the target, never a whole chunk in
-//! memory), relays `end`/`error`, and acknowledges `result`. A lost SSH
-//! connection is reconnected with backoff and the folders are simply read
-//! again: a chunk cut mid-copy is copied again from its start.
+//! helper beside `zfs receive` (detached, through `__chunk-start`), then
+//! talks to each session folder through long-lived `__chunk-serve`
+//! processes on exec channels of the one SSH session per host (child
+//! processes locally): one control channel per side polls the folder (and
+//! applies the deletions and marker writes decided in the last round), and
+//! up to `window` data channels per side stream complete chunks from the
+//! sender's folder into the receiver's, frame by frame, never a whole chunk
+//! in memory. A copy resumes from the byte offset the receiver's `.part`
+//! file has reached. A lost SSH connection is reconnected with backoff, the
+//! channels are started again on the new connection, and the folders are
+//! simply read again.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
@@ -20,13 +23,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use super::serve::{is_no_space_error, Client, Folder, Op, ServeError};
 use super::{
-    chunk_name, md5_name, parse_chunk_file_name, parse_md5, render_md5, ChunkFile, End, Failure,
-    Outcome, Progress, RecvResult, ABORT, CANCEL, END, ERROR, PROGRESS, RESEND, RESULT,
+    chunk_name, md5_name, End, Failure, Outcome, Progress, RecvResult, ABORT, CANCEL, END, ERROR,
+    PART, PROGRESS, RESEND, RESULT,
 };
 use crate::bwlimit::Limiter;
-use crate::host::{is_connection_lost, stderr_tail, Host};
-use crate::progress::Transfer;
+use crate::host::{is_connection_lost, stderr_tail, ConnectionLost, Host};
+use crate::progress::{human_bytes, Transfer};
 
 /// Pause between polls right after something happened; it doubles while
 /// nothing does, up to POLL_IDLE.
@@ -39,46 +43,15 @@ const BACKOFF_MAX: Duration = Duration::from_secs(4);
 /// Copies of one chunk that may fail (other than by a lost connection)
 /// before the run gives up.
 const COPY_FAILURES_MAX: u32 = 5;
-
-/// Reads a session folder, after applying `rm NAME` / `put NAME CONTENT`
-/// operations. Prints `gone` when the folder does not exist, else `ok`,
-/// then `D name size` per complete data file, `S name md5-line` per `.md5`,
-/// and `M name length` followed by that many bytes and a newline per marker.
-const POLL_SCRIPT: &str = r#"export LC_ALL=C
-d=$1; shift
-cd "$d" 2>/dev/null || { echo gone; exit 0; }
-while [ $# -ge 2 ]; do
-  case $1 in
-    rm) rm -f -- "$2"; shift 2;;
-    put) printf '%s' "$3" > "$2.part" && mv -f -- "$2.part" "$2" || exit 1; shift 3;;
-    *) echo "bad op $1" >&2; exit 2;;
-  esac
-done
-echo ok
-for f in chunk-*; do
-  case $f in
-    *.part) ;;
-    *.md5) v=$(head -n 1 -- "$f" 2>/dev/null) && printf 'S %s %s\n' "$f" "$v";;
-    *) s=$(wc -c < "$f" 2>/dev/null) && printf 'D %s %d\n' "$f" "$((s))";;
-  esac
-done
-for m in end error abort progress resend result; do
-  [ -f "$m" ] || continue
-  v=$(cat -- "$m" 2>/dev/null && echo x) || continue
-  v=${v%x}
-  printf 'M %s %d\n' "$m" "${#v}"
-  printf '%s\n' "$v"
-done
-"#;
-
-/// Writes stdin to `$1/$2.part`, checks it has `$3` bytes, renames it to
-/// `$2`, then writes `$4` as `$2.md5` the same way: data first, `.md5` last.
-const WRITE_SCRIPT: &str = r#"cd "$1" || exit 1
-cat > "$2.part" || exit 1
-n=$(wc -c < "$2.part") || exit 1
-if [ "$((n))" -ne "$3" ]; then rm -f -- "$2.part"; echo "short copy of $2: $((n)) of $3 bytes" >&2; exit 3; fi
-mv -f -- "$2.part" "$2" && printf '%s' "$4" > "$2.md5.part" && mv -f -- "$2.md5.part" "$2.md5"
-"#;
+/// A copy asks the receiver's server to confirm its writes every this many
+/// bytes, with at most SYNCS_IN_FLIGHT unconfirmed: what a cut can cost per
+/// data channel (and what a channel can move per round trip).
+const SYNC_EVERY: u64 = 1 << 20;
+/// Most data channels per SSH connection (sshd's MaxSessions is 10 by
+/// default, and the control channel needs one): more chunks may be staged,
+/// but no more are copied at once.
+const DATA_CHANNELS_MAX: usize = 8;
+const SYNCS_IN_FLIGHT: u32 = 2;
 
 /// Settings of a chunked transfer.
 #[derive(Debug, Clone)]
@@ -112,11 +85,24 @@ pub struct Side<'a> {
 pub struct Stats {
     /// Bytes the receiver gave to zfs receive.
     pub bytes: u64,
-    /// Chunk bytes moved, including chunks copied again and copies cut
-    /// short; `copied - bytes` is what outages and rejections cost.
+    /// Chunk bytes moved, including bytes sent again.
     pub copied: u64,
+    /// Bytes sent again: after a cut, those between the receiver's `.part`
+    /// size and what we had sent of that chunk; a rejected chunk in full.
+    pub resent: u64,
     pub chunks: u64,
     pub reconnects: u32,
+}
+
+/// The serve processes of one side on its current connection: the control
+/// channel and idle data channels. A reconnect bumps `gen` and drops them
+/// all; a client of an older generation is never reused.
+#[derive(Default)]
+struct Pool {
+    gen: u64,
+    control: Option<Client>,
+    /// Idle data channels and when they were last used.
+    idle: Vec<(Client, Instant)>,
 }
 
 /// A side with its current connection and session folder.
@@ -126,94 +112,84 @@ struct Conn<'a> {
     exe: String,
     dir: String,
     label: String,
+    timeout: Duration,
+    pool: Arc<Mutex<Pool>>,
 }
 
 impl Conn<'_> {
     fn get(&self) -> Arc<dyn Host> {
-        self.host.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-/// A session folder as one poll saw it.
-#[derive(Debug, Default)]
-struct Folder {
-    gone: bool,
-    /// Complete chunks: index -> (data size, md5 line), when both are there.
-    chunks: HashMap<u64, (Option<u64>, Option<String>)>,
-    markers: HashMap<String, String>,
-}
-
-impl Folder {
-    fn complete(&self) -> impl Iterator<Item = (u64, u64, &str)> + '_ {
-        self.chunks
-            .iter()
-            .filter_map(|(i, (size, md5))| match (size, md5) {
-                (Some(s), Some(m)) => Some((*i, *s, m.as_str())),
-                _ => None,
-            })
+        read(self.host)
     }
 
-    fn has_md5(&self, index: u64) -> bool {
-        self.chunks.get(&index).is_some_and(|(_, m)| m.is_some())
-    }
-}
-
-/// Parses the output of [`POLL_SCRIPT`].
-fn parse_poll(out: &[u8]) -> Result<Folder> {
-    let mut f = Folder::default();
-    let mut rest = out;
-    let line = |rest: &mut &[u8]| -> Option<String> {
-        let end = rest.iter().position(|b| *b == b'\n')?;
-        let l = String::from_utf8_lossy(&rest[..end]).into_owned();
-        *rest = &rest[end + 1..];
-        Some(l)
-    };
-    match line(&mut rest).as_deref() {
-        Some("gone") => {
-            f.gone = true;
-            return Ok(f);
-        }
-        Some("ok") => {}
-        other => bail!("unexpected session folder listing {other:?}"),
-    }
-    while let Some(l) = line(&mut rest) {
-        let mut it = l.splitn(3, ' ');
-        let (kind, name, value) = (it.next(), it.next(), it.next());
-        match (kind, name, value) {
-            (Some("D"), Some(name), Some(size)) => {
-                if let Some(ChunkFile::Data(i)) = parse_chunk_file_name(name) {
-                    let size = size.parse().context("chunk size in listing")?;
-                    f.chunks.entry(i).or_default().0 = Some(size);
-                }
-            }
-            (Some("S"), Some(name), Some(md5)) => {
-                if let Some(ChunkFile::Md5(i)) = parse_chunk_file_name(name) {
-                    // A malformed .md5 is still copied verbatim-ish: the
-                    // receiver rejects it and asks again.
-                    let text = match parse_md5(&format!("{md5}\n"), i) {
-                        Ok(d) => render_md5(i, &d),
-                        Err(_) => format!("{md5}\n"),
-                    };
-                    f.chunks.entry(i).or_default().1 = Some(text);
-                }
-            }
-            (Some("M"), Some(name), Some(len)) => {
-                let len: usize = len.parse().context("marker length in listing")?;
-                if rest.len() < len + 1 {
-                    bail!("truncated marker {name} in listing");
-                }
-                let text = String::from_utf8_lossy(&rest[..len]).into_owned();
-                rest = &rest[len + 1..];
-                f.markers.insert(name.to_string(), text);
-            }
-            _ => bail!("unexpected line {l:?} in session folder listing"),
+    /// What a copy thread needs to use this side's data channels.
+    fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            host: self.get(),
+            pool: self.pool.clone(),
+            gen: lock(&self.pool).gen,
+            exe: self.exe.clone(),
+            dir: self.dir.clone(),
+            label: self.label.clone(),
+            timeout: self.timeout,
         }
     }
-    Ok(f)
+
+    /// Drops every channel of the old connection.
+    fn reset_channels(&self) {
+        let mut p = lock(&self.pool);
+        p.gen += 1;
+        p.control = None;
+        p.idle.clear();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn read(cell: &HostCell) -> Arc<dyn Host> {
     cell.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// One side's data channels as a copy thread sees them.
+#[derive(Clone)]
+struct Endpoint {
+    host: Arc<dyn Host>,
+    pool: Arc<Mutex<Pool>>,
+    gen: u64,
+    exe: String,
+    dir: String,
+    label: String,
+    timeout: Duration,
+}
+
+impl Endpoint {
+    /// An idle data channel of this connection, or a new one.
+    fn take(&self) -> Result<Client> {
+        {
+            let mut p = lock(&self.pool);
+            if p.gen != self.gen {
+                return Err(anyhow::Error::new(ConnectionLost {
+                    host: self.label.clone(),
+                    reason: "replaced by a new connection".into(),
+                }));
+            }
+            // A server that idled for half its timeout may be about to quit.
+            let fresh = self.timeout / 2;
+            p.idle.retain(|(_, used)| used.elapsed() < fresh);
+            if let Some((c, _)) = p.idle.pop() {
+                return Ok(c);
+            }
+        }
+        Client::start(&*self.host, &self.exe, &self.dir, self.timeout)
+    }
+
+    fn give(&self, c: Client) {
+        let mut p = lock(&self.pool);
+        if p.gen == self.gen {
+            p.idle.push((c, Instant::now()));
+        }
+    }
 }
 
 /// A random session id of 32 lowercase hex digits.
@@ -225,112 +201,135 @@ pub fn new_session_id() -> Result<String> {
     Ok(super::hex(&bytes))
 }
 
-fn poll_argv(dir: &str, ops: &[String]) -> Vec<String> {
-    let mut argv = vec![
-        "sh".to_string(),
-        "-c".to_string(),
-        POLL_SCRIPT.to_string(),
-        "sh".to_string(),
-        dir.to_string(),
-    ];
-    argv.extend(ops.iter().cloned());
-    argv
-}
-
-fn poll(conn: &Conn, ops: &[String]) -> Result<Folder> {
-    let host = conn.get();
-    let out = host.run(&poll_argv(&conn.dir, ops))?;
-    if !out.success() {
-        bail!(
-            "reading session folder {} on {} failed (exit {}): {}",
-            conn.dir,
-            conn.label,
-            out.status,
-            out.stderr.trim()
-        );
+/// Applies `ops` in a side's folder and lists it, over its control channel
+/// (started on first use and after a reconnect). A reused channel that
+/// broke for another reason than the connection is replaced once.
+fn poll(conn: &Conn, ops: &[Op]) -> Result<Folder> {
+    let context = || format!("reading session folder {} on {}", conn.dir, conn.label);
+    for attempt in 0..2 {
+        let (gen, idle) = {
+            let mut p = lock(&conn.pool);
+            (p.gen, p.control.take())
+        };
+        let reused = idle.is_some();
+        let mut client = match idle {
+            Some(c) => c,
+            None => Client::start(&*conn.get(), &conn.exe, &conn.dir, conn.timeout)
+                .with_context(context)?,
+        };
+        match client.poll(ops) {
+            Ok(f) => {
+                let mut p = lock(&conn.pool);
+                if p.gen == gen {
+                    p.control = Some(client);
+                }
+                return Ok(f);
+            }
+            Err(e) => {
+                let retry = reused
+                    && attempt == 0
+                    && !is_connection_lost(&e)
+                    && e.downcast_ref::<ServeError>().is_none();
+                if !retry {
+                    return Err(e.context(context()));
+                }
+            }
+        }
     }
-    parse_poll(out.stdout.as_bytes())
+    bail!("{}: the chunk server failed twice", context())
 }
 
 /// One chunk to copy.
 struct Job {
-    src: Arc<dyn Host>,
-    dst: Arc<dyn Host>,
-    sdir: String,
-    rdir: String,
+    src: Endpoint,
+    dst: Endpoint,
     index: u64,
     size: u64,
     md5: String,
     limit: Option<Arc<Mutex<Limiter>>>,
+    /// Bytes forwarded, over all copies.
+    counter: Arc<AtomicU64>,
+    /// Per chunk, the furthest byte offset we forwarded (for re-sent bytes).
+    sent: Arc<Mutex<HashMap<u64, u64>>>,
+    resent: Arc<AtomicU64>,
 }
 
-/// Copies chunk `index` (data, then its `.md5`) from the sender's folder to
-/// the receiver's; returns the data bytes moved.
-fn copy_chunk(job: Job, counter: &AtomicU64) -> Result<u64> {
-    let Job {
-        src,
-        dst,
-        sdir,
-        rdir,
-        index,
-        size,
-        md5,
-        limit,
-    } = job;
-    let name = chunk_name(index);
-    let mut reader = src
-        .spawn(&["cat".into(), "--".into(), format!("{sdir}/{name}")])
-        .with_context(|| format!("reading {name} on {}", src.label()))?;
-    let write = vec![
-        "sh".to_string(),
-        "-c".to_string(),
-        WRITE_SCRIPT.to_string(),
-        "sh".to_string(),
-        rdir,
-        name.clone(),
-        size.to_string(),
-        md5,
-    ];
-    let mut writer = match dst.spawn(&write) {
-        Ok(w) => w,
-        Err(e) => {
-            reader.kill();
-            return Err(e.context(format!("writing {name} on {}", dst.label())));
-        }
-    };
-    let (Some(out), Some(inp)) = (reader.take_stdout(), writer.take_stdin()) else {
-        reader.kill();
-        writer.kill();
-        bail!("internal error: copy pipes are missing");
-    };
-    // One limiter for all copies: each waits for its bytes under the lock,
-    // so together they average the rate.
-    let pumped = crate::stream::pump(out, inp, None, &|n| {
-        counter.fetch_add(n, Ordering::Relaxed);
-        if let Some(l) = &limit {
-            l.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .wait_for(n as usize);
-        }
-    });
-    if pumped.is_err() {
-        reader.kill();
-        writer.kill();
+/// Copies chunk `index` from the sender's folder to the receiver's over a
+/// data channel of each side, from the offset the receiver's `.part` has;
+/// the receiver's server renames it into place and writes the `.md5` last.
+fn copy_chunk(job: &Job) -> Result<()> {
+    let mut d = job.dst.take()?;
+    let mut s = job.src.take()?;
+    copy_with(job, &mut s, &mut d)?;
+    job.src.give(s);
+    job.dst.give(d);
+    Ok(())
+}
+
+fn copy_with(job: &Job, s: &mut Client, d: &mut Client) -> Result<()> {
+    let (index, size) = (job.index, job.size);
+    let offset = d
+        .begin_write(index, size, &job.md5)
+        .with_context(|| format!("writing chunk {index} on {}", job.dst.label))?;
+    {
+        let sent = lock(&job.sent);
+        let before = sent.get(&index).copied().unwrap_or(0);
+        job.resent
+            .fetch_add(before.saturating_sub(offset), Ordering::Relaxed);
     }
-    let w = writer.wait();
-    let r = reader.wait();
-    let n = match pumped {
-        Ok(n) => n,
-        Err(crate::stream::PumpError::Read(e)) => {
-            return Err(anyhow::Error::new(e).context(format!("reading {name}")))
+    let mut pos = offset;
+    let mut unsynced = 0u64;
+    if offset < size {
+        s.begin_read(index, offset)
+            .with_context(|| format!("reading chunk {index} on {}", job.src.label))?;
+        loop {
+            let piece = s
+                .next_data()
+                .with_context(|| format!("reading chunk {index} on {}", job.src.label))?;
+            let piece = match piece {
+                Ok(p) => p,
+                Err(n) if n == pos - offset => break,
+                Err(n) => bail!(
+                    "the chunk server on {} says it sent {n} bytes of chunk {index}; {} arrived",
+                    job.src.label,
+                    pos - offset
+                ),
+            };
+            let n = piece.len() as u64;
+            if pos + n > size {
+                bail!(
+                    "chunk {index} on {} is larger than its {size} bytes",
+                    job.src.label
+                );
+            }
+            d.send_data(piece)
+                .with_context(|| format!("writing chunk {index} on {}", job.dst.label))?;
+            pos += n;
+            unsynced += n;
+            if unsynced >= SYNC_EVERY {
+                unsynced = 0;
+                d.sync(SYNCS_IN_FLIGHT)
+                    .with_context(|| format!("writing chunk {index} on {}", job.dst.label))?;
+            }
+            job.counter.fetch_add(n, Ordering::Relaxed);
+            {
+                let mut sent = lock(&job.sent);
+                let e = sent.entry(index).or_insert(0);
+                *e = (*e).max(pos);
+            }
+            if let Some(l) = &job.limit {
+                lock(l).wait_for(n as usize);
+            }
         }
-        Err(crate::stream::PumpError::Write(e)) => {
-            return Err(anyhow::Error::new(e).context(format!("writing {name}")))
+        if pos != size {
+            bail!(
+                "chunk {index} on {} has {pos} of its {size} bytes",
+                job.src.label
+            );
         }
-    };
-    r?.check(&format!("reading {name}"), src.label())?;
-    w?.check(&format!("writing {name}"), dst.label())?;
-    Ok(n)
+    }
+    d.end_write()
+        .with_context(|| format!("writing chunk {index} on {}", job.dst.label))
 }
 
 /// Moves the stream of `send` (argv on the source) into `recv` (argv on the
@@ -351,6 +350,8 @@ pub fn transfer(
         reconnect: src.reconnect,
         exe: src.exe,
         dir: format!("{tmp}/{}{}", super::SESSION_PREFIX, new_session_id()?),
+        timeout: opts.timeout,
+        pool: Arc::default(),
     };
     let r = Conn {
         label: read(dst.host).label().to_string(),
@@ -358,6 +359,8 @@ pub fn transfer(
         reconnect: dst.reconnect,
         exe: dst.exe,
         dir: format!("{tmp}/{}{}", super::SESSION_PREFIX, new_session_id()?),
+        timeout: opts.timeout,
+        pool: Arc::default(),
     };
     let secs = opts.timeout.as_secs().max(1).to_string();
     let mut recv_start = vec![
@@ -420,6 +423,8 @@ pub fn transfer(
         counter: Arc::new(AtomicU64::new(0)),
         shown: 0,
         limit: opts.bwlimit.map(|r| Arc::new(Mutex::new(Limiter::new(r)))),
+        sent: Arc::default(),
+        resent: Arc::new(AtomicU64::new(0)),
     };
     match o.run() {
         Ok(()) => Ok(o.stats),
@@ -432,8 +437,18 @@ pub fn transfer(
 }
 
 /// Best effort: asks a helper to stop (it kills zfs and removes its folder).
+/// Partial chunks go first, so that a full disk has room for the marker.
 fn cancel(c: &Conn) {
-    let _ = poll(c, &["put".into(), CANCEL.into(), "cancel\n".into()]);
+    let mut ops: Vec<Op> = match poll(c, &[]) {
+        Ok(f) => f
+            .parts
+            .keys()
+            .map(|i| Op::Rm(format!("{}{PART}", chunk_name(*i))))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    ops.push(Op::Put(CANCEL.into(), "cancel\n".into()));
+    let _ = poll(c, &ops);
 }
 
 struct Orchestrator<'a> {
@@ -446,39 +461,72 @@ struct Orchestrator<'a> {
     counter: Arc<AtomicU64>,
     shown: u64,
     limit: Option<Arc<Mutex<Limiter>>>,
+    sent: Arc<Mutex<HashMap<u64, u64>>>,
+    resent: Arc<AtomicU64>,
 }
 
 /// What a copy thread reports.
 struct Copied {
     index: u64,
-    result: Result<u64>,
+    result: Result<()>,
 }
 
 impl Orchestrator<'_> {
-    fn show_bytes(&mut self) {
+    /// Shows the bytes moved since the last call; true if there were any.
+    fn show_bytes(&mut self) -> bool {
         let now = self.counter.load(Ordering::Relaxed);
         self.stats.copied = now;
+        self.stats.resent = self.resent.load(Ordering::Relaxed);
         if now > self.shown {
             self.bar.add(now - self.shown);
             self.shown = now;
+            return true;
         }
+        false
     }
 
-    /// Replaces a broken connection, retrying with backoff until `deadline`.
+    /// Replaces a broken connection, retrying with backoff until `deadline`;
+    /// the bar says for how long it has been trying.
     fn reconnect(&mut self, c: &Conn, deadline: Instant) -> Result<()> {
-        self.bar.status("reconnecting");
+        let since = Instant::now();
         let mut pause = Duration::from_millis(250);
+        c.reset_channels();
         loop {
+            let note = |bar: &dyn Transfer| {
+                bar.status(&format!(
+                    "reconnecting to {} ({}s)",
+                    c.label,
+                    since.elapsed().as_secs()
+                ))
+            };
+            note(self.bar);
             (self.debug)(&format!("reconnecting to {}", c.label));
-            match (c.reconnect)() {
+            // A connection attempt may take a while: keep the count moving.
+            let attempt = thread::scope(|sc| {
+                let h = sc.spawn(|| (c.reconnect)());
+                while !h.is_finished() {
+                    thread::sleep(Duration::from_millis(250));
+                    note(self.bar);
+                }
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("the reconnecting thread panicked")))
+            });
+            match attempt {
                 Ok(h) => {
                     *c.host.write().unwrap_or_else(|p| p.into_inner()) = h;
+                    c.reset_channels();
                     self.stats.reconnects += 1;
                     self.bar.status("");
+                    (self.debug)(&format!(
+                        "reconnected to {} after {}s",
+                        c.label,
+                        since.elapsed().as_secs()
+                    ));
                     return Ok(());
                 }
                 Err(e) => {
                     if Instant::now() >= deadline {
+                        self.bar.status("");
                         return Err(e.context(format!(
                             "giving up after {} without progress: cannot reconnect to {}",
                             humantime::format_duration(self.opts.timeout),
@@ -488,17 +536,30 @@ impl Orchestrator<'_> {
                     (self.debug)(&format!("reconnecting to {} failed: {e:#}", c.label));
                 }
             }
-            thread::sleep(pause);
+            // Sleep in steps of a second so the bar's count moves.
+            let wake = Instant::now() + pause;
+            while Instant::now() < wake {
+                thread::sleep((wake - Instant::now()).min(Duration::from_secs(1)));
+                note(self.bar);
+            }
             pause = (pause * 2).min(BACKOFF_MAX);
         }
     }
 
     fn run(&mut self) -> Result<()> {
         let (s, r) = (self.s, self.r);
-        let window = self.opts.window as usize;
+        // Each parallel copy holds a data channel per side, beside one
+        // control channel: stay within sshd's MaxSessions (10 by default per
+        // connection), also when both sides share one connection.
+        let shared = Arc::ptr_eq(&s.get(), &r.get());
+        let window = (self.opts.window as usize).min(if shared {
+            DATA_CHANNELS_MAX / 2
+        } else {
+            DATA_CHANNELS_MAX
+        });
         let (tx, rx) = mpsc::channel::<Copied>();
-        let mut s_ops: Vec<String> = Vec::new();
-        let mut r_ops: Vec<String> = Vec::new();
+        let mut s_ops: Vec<Op> = Vec::new();
+        let mut r_ops: Vec<Op> = Vec::new();
         // Chunks copied and when; in flight; failures per chunk.
         let mut copied: HashMap<u64, Instant> = HashMap::new();
         let mut in_flight: HashSet<u64> = HashSet::new();
@@ -560,6 +621,7 @@ impl Orchestrator<'_> {
                 if p != progress {
                     last_progress = Instant::now();
                     progress = p;
+                    lock(&self.sent).retain(|i, _| *i >= progress.next);
                 }
             }
             if let Some(text) = rf.markers.get(RESULT) {
@@ -572,7 +634,7 @@ impl Orchestrator<'_> {
                     "receiver asks for a chunk again: {}",
                     text.replace('\n', " ")
                 ));
-                r_ops.extend(["rm".into(), RESEND.into()]);
+                r_ops.push(Op::Rm(RESEND.into()));
             }
             // Copies that finished before this poll started and whose chunk
             // is absent and not consumed were rejected: copy them again.
@@ -591,10 +653,10 @@ impl Orchestrator<'_> {
                 for (i, (size, md5)) in &sf.chunks {
                     if *i < progress.next {
                         if size.is_some() {
-                            s_ops.extend(["rm".into(), chunk_name(*i)]);
+                            s_ops.push(Op::Rm(chunk_name(*i)));
                         }
                         if md5.is_some() {
-                            s_ops.extend(["rm".into(), md5_name(*i)]);
+                            s_ops.push(Op::Rm(md5_name(*i)));
                         }
                     }
                 }
@@ -602,10 +664,10 @@ impl Orchestrator<'_> {
                     let end =
                         End::parse(text).with_context(|| format!("on {} in {}", s.label, s.dir))?;
                     if rf.markers.get(END) != Some(text) {
-                        r_ops.extend(["put".into(), END.into(), text.clone()]);
+                        r_ops.push(Op::Put(END.into(), text.clone()));
                     }
                     if progress.next >= end.chunks {
-                        s_ops.extend(["rm".into(), END.into()]);
+                        s_ops.push(Op::Rm(END.into()));
                         end_acked = true;
                     }
                 }
@@ -619,10 +681,10 @@ impl Orchestrator<'_> {
                         stderr_tail(&f.stderr)
                     ));
                     if rf.markers.get(ABORT) == Some(text) {
-                        s_ops.extend(["rm".into(), ERROR.into()]);
+                        s_ops.push(Op::Rm(ERROR.into()));
                         end_acked = true;
                     } else {
-                        r_ops.extend(["put".into(), ABORT.into(), text.clone()]);
+                        r_ops.push(Op::Put(ABORT.into(), text.clone()));
                     }
                 }
                 let newest = sf.chunks.keys().max().copied();
@@ -650,19 +712,19 @@ impl Orchestrator<'_> {
                     }
                     in_flight.insert(index);
                     let job = Job {
-                        src: s.get(),
-                        dst: r.get(),
-                        sdir: s.dir.clone(),
-                        rdir: r.dir.clone(),
+                        src: s.endpoint(),
+                        dst: r.endpoint(),
                         index,
                         size,
                         md5,
                         limit: self.limit.clone(),
+                        counter: self.counter.clone(),
+                        sent: self.sent.clone(),
+                        resent: self.resent.clone(),
                     };
-                    let counter = self.counter.clone();
                     let tx = tx.clone();
                     thread::spawn(move || {
-                        let result = copy_chunk(job, &counter);
+                        let result = copy_chunk(&job);
                         let _ = tx.send(Copied { index, result });
                     });
                 }
@@ -689,6 +751,17 @@ impl Orchestrator<'_> {
                     Err(e) if is_connection_lost(&e) => {
                         (self.debug)(&format!("copy of chunk {} cut: {e:#}", c.index));
                     }
+                    Err(e) if is_no_space_error(&e) => {
+                        let size = sf.chunks.get(&c.index).and_then(|(n, _)| *n).unwrap_or(0);
+                        bail!(
+                            "no space left on {} in {} for chunk {} ({}): free space there, or use a smaller --chunk-size or another --tmpdir ({})",
+                            r.label,
+                            r.dir,
+                            c.index,
+                            human_bytes(size),
+                            e.root_cause()
+                        );
+                    }
                     Err(e) => {
                         let n = failures.entry(c.index).or_insert(0);
                         *n += 1;
@@ -701,7 +774,10 @@ impl Orchestrator<'_> {
                     }
                 }
             }
-            self.show_bytes();
+            if self.show_bytes() {
+                // Bytes flowing into a big chunk are progress too.
+                last_progress = Instant::now();
+            }
         }
     }
 
@@ -718,29 +794,29 @@ impl Orchestrator<'_> {
         self.show_bytes();
         self.stats.bytes = res.bytes;
         self.stats.chunks = res.chunks;
-        let mut s_ops: Vec<String> = Vec::new();
+        let mut s_ops: Vec<Op> = Vec::new();
         if !sf.gone {
             for name in [END, ERROR] {
                 if sf.markers.contains_key(name) {
-                    s_ops.extend(["rm".into(), name.into()]);
+                    s_ops.push(Op::Rm(name.into()));
                 }
             }
             for (i, (size, md5)) in &sf.chunks {
                 if size.is_some() {
-                    s_ops.extend(["rm".into(), chunk_name(*i)]);
+                    s_ops.push(Op::Rm(chunk_name(*i)));
                 }
                 if md5.is_some() {
-                    s_ops.extend(["rm".into(), md5_name(*i)]);
+                    s_ops.push(Op::Rm(md5_name(*i)));
                 }
             }
             let ended = sf.markers.contains_key(END) || sf.markers.contains_key(ERROR);
             if res.outcome != Outcome::Ok && !ended && !end_acked {
                 // Still sending into a receiver that is gone: stop it.
-                s_ops.extend(["put".into(), CANCEL.into(), "cancel\n".into()]);
+                s_ops.push(Op::Put(CANCEL.into(), "cancel\n".into()));
             }
         }
         let deadline = Instant::now() + self.opts.timeout;
-        for (c, ops) in [(r, vec!["rm".to_string(), RESULT.to_string()]), (s, s_ops)] {
+        for (c, ops) in [(r, vec![Op::Rm(RESULT.into())]), (s, s_ops)] {
             if ops.is_empty() {
                 continue;
             }
@@ -785,100 +861,6 @@ impl Orchestrator<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn poll_output_parses_chunks_and_markers() {
-        let md5 = format!("{}  chunk-000000000001", "ab".repeat(16));
-        let out = format!(
-            "ok\nD chunk-000000000001 1048576\nS chunk-000000000001.md5 {md5}\nD chunk-000000000002 5\nM progress 16\nnext 1\nbytes 99\n\nM result 5\na\n\nb\n\n"
-        );
-        let f = parse_poll(out.as_bytes()).unwrap();
-        assert!(!f.gone);
-        let complete: Vec<_> = f.complete().collect();
-        assert_eq!(complete, vec![(1, 1 << 20, &*format!("{md5}\n"))]);
-        assert!(f.has_md5(1) && !f.has_md5(2));
-        assert_eq!(f.markers[PROGRESS], "next 1\nbytes 99\n");
-        assert_eq!(f.markers[RESULT], "a\n\nb\n");
-        assert!(parse_poll(b"gone\n").unwrap().gone);
-        assert!(parse_poll(b"").is_err());
-        assert!(parse_poll(b"ok\nM end 100\nshort\n").is_err());
-        assert!(parse_poll(b"ok\nX y z\n").is_err());
-    }
-
-    #[test]
-    fn poll_script_runs_ops_and_lists_a_folder() {
-        let tmp = tempfile::tempdir().unwrap();
-        let d = tmp.path().to_str().unwrap();
-        std::fs::write(tmp.path().join("chunk-000000000000"), b"hello").unwrap();
-        std::fs::write(tmp.path().join("chunk-000000000000.part"), b"x").unwrap();
-        std::fs::write(tmp.path().join("resend"), b"index 0\nattempt 1\n").unwrap();
-        let ops: Vec<String> = [
-            "rm",
-            "resend",
-            "put",
-            "end",
-            "chunks 1\nbytes 5\nstatus exit 0\n",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let out = std::process::Command::new("sh")
-            .args(&poll_argv(d, &ops)[1..])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let f = parse_poll(&out.stdout).unwrap();
-        assert_eq!(f.chunks.get(&0).unwrap().0, Some(5));
-        assert!(!f.has_md5(0));
-        assert!(!f.markers.contains_key(RESEND));
-        assert_eq!(f.markers[END], "chunks 1\nbytes 5\nstatus exit 0\n");
-        let gone = std::process::Command::new("sh")
-            .args(&poll_argv(&format!("{d}/nope"), &[])[1..])
-            .output()
-            .unwrap();
-        assert!(parse_poll(&gone.stdout).unwrap().gone);
-    }
-
-    #[test]
-    fn write_script_refuses_short_copies() {
-        let tmp = tempfile::tempdir().unwrap();
-        let d = tmp.path().to_str().unwrap();
-        let run = |data: &[u8], size: &str| {
-            use std::io::Write;
-            let mut child = std::process::Command::new("sh")
-                .args([
-                    "-c",
-                    WRITE_SCRIPT,
-                    "sh",
-                    d,
-                    "chunk-000000000003",
-                    size,
-                    "md5 line\n",
-                ])
-                .stdin(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            child.stdin.take().unwrap().write_all(data).unwrap();
-            child.wait().unwrap().success()
-        };
-        assert!(!run(b"abc", "4"));
-        assert!(!tmp.path().join("chunk-000000000003").exists());
-        assert!(!tmp.path().join("chunk-000000000003.part").exists());
-        assert!(run(b"abcd", "4"));
-        assert_eq!(
-            std::fs::read(tmp.path().join("chunk-000000000003")).unwrap(),
-            b"abcd"
-        );
-        assert_eq!(
-            std::fs::read_to_string(tmp.path().join("chunk-000000000003.md5")).unwrap(),
-            "md5 line\n"
-        );
-    }
 
     #[test]
     fn session_ids_are_valid() {
@@ -974,6 +956,26 @@ mod tests {
             std::fs::read(p("dst")).unwrap()
         );
         assert!(clean, "session folders removed");
+    }
+
+    /// A chunk server that cannot start says why (its exit and stderr).
+    #[test]
+    #[ignore]
+    fn a_failing_chunk_server_reports_its_error() {
+        let host = crate::host::LocalHost::new();
+        let err = Client::start(
+            &host,
+            &helper_exe(),
+            "/tmp/not-a-session",
+            Duration::from_secs(5),
+        )
+        .err()
+        .expect("a bad folder name is refused");
+        let e = format!("{err:#}");
+        assert!(
+            e.contains("(exit 2)") && e.contains("not named resync-"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -58,6 +58,8 @@ pub fn run(c: Config) -> i32 {
         next: 0,
         bytes: 0,
         attempts: HashMap::new(),
+        ahead: None,
+        copies: CopyActivity::default(),
     };
     let result = match r.receive() {
         Ok(Ok(result)) => result,
@@ -153,6 +155,9 @@ struct Receiver {
     next: u64,
     bytes: u64,
     attempts: HashMap<u64, u32>,
+    /// Chunk `next + 1` being hashed while chunk `next` streams.
+    ahead: Option<(u64, JoinHandle<Result<Hashed>>)>,
+    copies: CopyActivity,
 }
 
 /// What the folder holds for the receiver right now.
@@ -281,6 +286,7 @@ impl Receiver {
                 if !scan.data {
                     self.reject("its .md5 arrived without its data")?;
                 } else if let Some(file) = self.verify()? {
+                    self.hash_ahead();
                     let stdin = zfs
                         .stdin
                         .as_mut()
@@ -376,6 +382,9 @@ impl Receiver {
                 let stderr = format!("zfs receive ended before the stream did\n{stderr}");
                 return Ok(Ok(self.result(Outcome::Failed, status, stderr)));
             }
+            if self.copies.moved(&dir) {
+                self.last_activity = Instant::now();
+            }
             if self.last_activity.elapsed() >= self.c.timeout {
                 zfs.kill();
                 return Ok(Err(Stop::Timeout));
@@ -424,19 +433,14 @@ impl Receiver {
             }
         };
         let path = dir.join(chunk_name(self.next));
-        let mut file =
-            open_nofollow(&path).with_context(|| format!("opening {}", path.display()))?;
-        let mut h = Md5::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            match file.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => h.update(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-            }
-        }
-        let actual: [u8; 16] = h.finalize().into();
+        // Hashed ahead while the previous chunk streamed, or now.
+        let hashed = match self.ahead.take() {
+            Some((i, h)) if i == self.next => h
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("the hashing thread panicked"))),
+            _ => hash_file(&path),
+        };
+        let (mut file, actual) = hashed?;
         if actual != expected {
             self.reject(&format!(
                 "MD5 mismatch: expected {}, got {}",
@@ -448,6 +452,23 @@ impl Receiver {
         file.seek(SeekFrom::Start(0))
             .with_context(|| format!("rewinding {}", path.display()))?;
         Ok(Some(file))
+    }
+
+    /// Starts hashing chunk `next + 1` on its own thread if it is complete,
+    /// so that its check overlaps chunk `next` streaming into zfs. The
+    /// descriptor it hashed is the one streamed later: what reaches zfs is
+    /// what was verified.
+    fn hash_ahead(&mut self) {
+        let i = self.next + 1;
+        let dir = &self.c.dir;
+        if self.ahead.is_some()
+            || !exists_nofollow(&dir.join(md5_name(i)))
+            || !exists_nofollow(&dir.join(chunk_name(i)))
+        {
+            return;
+        }
+        let path = dir.join(chunk_name(i));
+        self.ahead = Some((i, thread::spawn(move || hash_file(&path))));
     }
 
     /// Deletes chunk `next` and writes `resend`.
@@ -523,6 +544,26 @@ impl Receiver {
         );
         code
     }
+}
+
+/// A chunk file's descriptor (at its end) and the MD5 of what it read.
+type Hashed = (File, [u8; 16]);
+
+/// Opens `path` and hashes it through that descriptor, which is returned
+/// (its position at the end) with the digest.
+fn hash_file(path: &Path) -> Result<Hashed> {
+    let mut file = open_nofollow(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = Md5::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+    Ok((file, h.finalize().into()))
 }
 
 /// Copies a verified chunk into zfs's stdin; returns its length.

@@ -66,6 +66,7 @@ pub fn run(c: Config) -> i32 {
     let mut s = Sender {
         c,
         last_activity: Instant::now(),
+        copies: CopyActivity::default(),
     };
     let (marker, success) = match s.transfer() {
         Ok(Done::End(end)) => (write_atomic(&dir, END, end.render().as_bytes()), true),
@@ -124,6 +125,7 @@ enum HashJob {
 struct Sender {
     c: Config,
     last_activity: Instant,
+    copies: CopyActivity,
 }
 
 impl Sender {
@@ -327,6 +329,9 @@ impl Sender {
             if count < self.c.window {
                 return Ok(());
             }
+            if self.copies.moved(&self.c.dir) {
+                self.last_activity = Instant::now();
+            }
             if self.last_activity.elapsed() >= self.c.timeout {
                 return Err(Stop::Timeout);
             }
@@ -349,6 +354,9 @@ impl Sender {
                 self.last_activity = Instant::now();
             }
             last_count = Some(count);
+            if self.copies.moved(&self.c.dir) {
+                self.last_activity = Instant::now();
+            }
             if self.last_activity.elapsed() >= self.c.timeout {
                 return Err(Stop::Timeout);
             }
