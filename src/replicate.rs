@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::bwlimit::Limiter;
-use crate::chunk::orchestrator;
+use crate::chunk::{orchestrator, session};
 use crate::cli::{Config, Endpoint, Location};
 use crate::deploy;
 use crate::host::local::LocalHost;
@@ -29,6 +29,8 @@ use crate::zfs::{self, Capabilities, Dataset, ProbeResult, RecvArgs, SendArgs, S
 /// How many gather-plan-execute rounds one dataset may take before we call it
 /// a bug instead of looping (resume, then the rest, then "up to date").
 const MAX_ROUNDS: usize = 4;
+
+mod reattach;
 
 /// What a finished run reports back to `main`.
 pub struct Outcome {
@@ -67,6 +69,8 @@ struct Run<'a> {
     hostname: String,
     /// Held for the whole run (not in a dry run, which changes nothing).
     lock: Option<RunLock>,
+    /// The step being executed, for `--chunked` session manifests.
+    chunk_step: Mutex<Option<session::Identity>>,
 }
 
 /// Replicates according to `cfg`. An `Err` is a failure of the whole run
@@ -105,6 +109,7 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
         },
         hostname: local_hostname(),
         lock,
+        chunk_step: Mutex::new(None),
     };
     run.stop_leftovers()?;
     run.all()
@@ -339,6 +344,12 @@ impl Run<'_> {
         let label = format!("{} -> {}", self.src.label(src), self.dst.label(dst));
         let watch = Stopwatch::start();
         self.check_target_parent(dst)?;
+        // A session an interrupted chunked run left on the target: finish
+        // its step first (or refuse, if someone is driving it).
+        let attached = match self.cfg.chunked && !self.cfg.dry_run {
+            true => self.reattach(src, dst)?,
+            false => 0,
+        };
         let sync_name = match self.cfg.sync_snap {
             true => Some(self.take_sync_snapshot(src)?),
             false => None,
@@ -349,7 +360,7 @@ impl Run<'_> {
             force_delete: self.cfg.force_delete,
             resume: self.cfg.resume && self.src.caps.resume_tokens && self.dst.caps.resume_tokens,
         };
-        let mut bytes = 0u64;
+        let mut bytes = attached;
         let mut last_round_steps: Vec<Step> = Vec::new();
         for round in 1..=MAX_ROUNDS {
             let mut source = self.source_state(src)?;
@@ -571,6 +582,7 @@ impl Run<'_> {
                     self.dst.label(dst)
                 ));
                 let send = zfs::send_resume_argv(token, &self.cfg.send_options);
+                self.note_step(src, dst, None, None, Some(token));
                 let recv = RecvArgs {
                     resumable: true,
                     ..recv
@@ -615,6 +627,7 @@ impl Run<'_> {
             Some(f) => format!("{src}@{}..@{}", f.name, to.name),
             None => format!("{src}@{}", to.name),
         };
+        self.note_step(src, dst, from, Some(to), None);
         let n = self.transfer(&send, &zfs::receive_argv(dst, recv), &label)?;
         self.verify(dst, to)?;
         Ok(n)
@@ -705,8 +718,6 @@ impl Run<'_> {
     /// on both hosts (see `chunk::orchestrator`); both helpers must report
     /// success, like both zfs commands in [`Run::transfer`].
     fn transfer_chunked(&self, send: &[String], recv: &[String], label: &str) -> Result<u64> {
-        let src_exe = self.helper_exe(&self.src)?;
-        let dst_exe = self.helper_exe(&self.dst)?;
         self.ui.debug(&format!(
             "[{}] {} (chunked)",
             self.src.host().label(),
@@ -717,6 +728,21 @@ impl Run<'_> {
             self.dst.host().label(),
             sh_join(recv)
         ));
+        let estimate = self.estimate(send);
+        let stats = self.chunked(orchestrator::Start::New { send, recv }, label, estimate)?;
+        Ok(stats.bytes)
+    }
+
+    /// Runs the chunk orchestrator for the step noted by [`Run::note_step`],
+    /// with new helpers or re-attached to live ones.
+    fn chunked(
+        &self,
+        start: orchestrator::Start,
+        label: &str,
+        estimate: Option<u64>,
+    ) -> Result<orchestrator::Stats> {
+        let src_exe = self.helper_exe(&self.src)?;
+        let dst_exe = self.helper_exe(&self.dst)?;
         let reconnect_src = || connect(&self.cfg.source.location, self.cfg);
         let reconnect_dst = || connect(&self.cfg.target.location, self.cfg);
         let opts = orchestrator::Options {
@@ -726,9 +752,32 @@ impl Run<'_> {
             tmpdir: self.cfg.tmpdir.clone(),
             bwlimit: self.cfg.bwlimit(),
         };
-        let bar = self.ui.transfer(label, self.estimate(send));
+        let identity = self
+            .chunk_step
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let announce = |m: &session::Manifest| {
+            let text = format!("{} on {}", m.session_id(), m.receiver_host);
+            self.ui.debug(&format!("chunk session {text}"));
+            if let Some(lock) = &self.lock {
+                if let Err(e) = lock.note_session(&text) {
+                    self.ui
+                        .debug(&format!("recording the session in the run lock: {e:#}"));
+                }
+            }
+        };
+        let sess = identity.map(|identity| orchestrator::Session {
+            target_label: match Dataset::parse(&identity.target) {
+                Ok(ds) => self.dst.label(&ds),
+                Err(_) => identity.target.clone(),
+            },
+            identity,
+            announce: &announce,
+        });
+        let bar = self.ui.transfer(label, estimate);
         let debug = |line: &str| self.ui.debug(line);
-        let result = orchestrator::transfer(
+        let result = orchestrator::run_session(
             orchestrator::Side {
                 host: &self.src.host,
                 reconnect: &reconnect_src,
@@ -739,8 +788,8 @@ impl Run<'_> {
                 reconnect: &reconnect_dst,
                 exe: dst_exe,
             },
-            send,
-            recv,
+            start,
+            sess,
             &opts,
             &*bar,
             &debug,
@@ -755,7 +804,31 @@ impl Run<'_> {
             human_bytes(stats.copied.saturating_sub(stats.bytes)),
             stats.reconnects
         ));
-        Ok(stats.bytes)
+        Ok(stats)
+    }
+
+    /// Notes the step about to be sent, for a chunked session's manifest.
+    fn note_step(
+        &self,
+        src: &Dataset,
+        dst: &Dataset,
+        from: Option<&Snapshot>,
+        to: Option<&Snapshot>,
+        token: Option<&str>,
+    ) {
+        let snap = |s: &Snapshot| session::Snap {
+            name: s.name.clone(),
+            guid: s.guid,
+        };
+        *self.chunk_step.lock().unwrap_or_else(|p| p.into_inner()) = Some(session::Identity {
+            source: src.to_string(),
+            target: dst.to_string(),
+            step: session::Step {
+                from: from.map(snap),
+                to: to.map(snap),
+                token: token.map(str::to_string),
+            },
+        });
     }
 
     /// Our binary on a side's host: this very file locally, else a copy

@@ -121,6 +121,7 @@
 pub mod orchestrator;
 pub mod receiver;
 pub mod sender;
+pub mod session;
 
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
@@ -157,6 +158,9 @@ pub const STDERR_MAX: usize = 64 * 1024;
 pub const MAX_ATTEMPTS: u32 = 5;
 /// How long the receiver waits for `zfs receive` to exit after an abort.
 pub const ABORT_GRACE: Duration = Duration::from_secs(30);
+/// Session folders younger than this are never removed as stale (one being
+/// created is not locked yet).
+pub const STALE_MIN_AGE: Duration = Duration::from_secs(60);
 /// How often helpers look at their folder.
 pub const POLL: Duration = Duration::from_millis(50);
 
@@ -748,10 +752,14 @@ fn try_flock(file: &File) -> io::Result<bool> {
 
 /// Takes the session's lock; an error if another process holds it.
 pub fn lock_session(dir: &Path) -> Result<SessionLock> {
-    let file = open_lock(dir)?;
+    let mut file = open_lock(dir)?;
     if !try_flock(&file).with_context(|| format!("locking {}/{LOCK}", dir.display()))? {
         bail!("{} is in use by another helper", dir.display());
     }
+    // Our pid, for people and `__chunk-sessions` (the lock is what counts).
+    let _ = file
+        .set_len(0)
+        .and_then(|()| writeln!(file, "{}", std::process::id()));
     Ok(SessionLock { _file: file })
 }
 
@@ -795,7 +803,7 @@ pub fn remove_stale_sessions(tmpdir: &Path, min_age: Duration) -> Result<Vec<Pat
             Ok(f) => f,
             Err(_) => continue,
         };
-        if !try_flock(&lock).unwrap_or(false) {
+        if !try_flock(&lock).unwrap_or(false) || session::is_owned(&path) {
             continue;
         }
         fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
@@ -856,6 +864,9 @@ pub const SUBCOMMANDS: &[&str] = &[
     "__chunk-recv",
     "__chunk-start",
     "__chunk-clean",
+    "__chunk-own",
+    "__chunk-sessions",
+    "__chunk-manifest",
 ];
 
 /// Options of the helper subcommands, then the program's argv after `--`.
@@ -960,6 +971,12 @@ pub fn helper_main(args: &[OsString]) -> i32 {
         eprintln!("resync: error: missing helper subcommand");
         return EXIT_USAGE;
     };
+    if matches!(sub, "__chunk-own" | "__chunk-sessions" | "__chunk-manifest") {
+        return session::main(sub, &args[1..]).unwrap_or_else(|e| {
+            eprintln!("resync {sub}: error: {e:#}");
+            EXIT_USAGE
+        });
+    }
     let parsed = match parse_helper_args(&args[1..]) {
         Ok(p) => p,
         Err(e) => {
@@ -1002,7 +1019,7 @@ fn start(a: HelperArgs) -> Result<i32> {
 /// folders, printing each.
 fn clean(a: HelperArgs) -> Result<i32> {
     let tmpdir = a.tmpdir.unwrap_or_else(std::env::temp_dir);
-    let min_age = a.min_age.unwrap_or(Duration::from_secs(60));
+    let min_age = a.min_age.unwrap_or(STALE_MIN_AGE);
     for p in remove_stale_sessions(&tmpdir, min_age)? {
         println!("{}", p.display());
     }
@@ -1019,12 +1036,29 @@ pub(crate) enum Stop {
 /// A helper's first step: create (or check) its session folder and take its
 /// lock. On failure it logs why and returns the usage exit code.
 pub(crate) fn enter_session(who: &str, dir: &Path) -> std::result::Result<SessionLock, i32> {
-    prepare_session_dir(dir)
+    let lock = prepare_session_dir(dir)
         .and_then(|()| lock_session(dir))
         .map_err(|e| {
             log(who, dir, &format!("error: {e:#}"));
             EXIT_USAGE
-        })
+        })?;
+    // Folders of helpers that died before cleaning up: ours is locked now,
+    // and a folder being created is younger than STALE_MIN_AGE.
+    if let Some(tmpdir) = dir.parent() {
+        match remove_stale_sessions(tmpdir, STALE_MIN_AGE) {
+            Ok(removed) => {
+                for p in removed {
+                    log(
+                        who,
+                        dir,
+                        &format!("removed stale session folder {}", p.display()),
+                    );
+                }
+            }
+            Err(e) => log(who, dir, &format!("cleaning stale session folders: {e:#}")),
+        }
+    }
+    Ok(lock)
 }
 
 pub(crate) fn log(who: &str, dir: &Path, msg: &str) {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use super::session;
 use super::{
     chunk_name, md5_name, parse_chunk_file_name, parse_md5, render_md5, ChunkFile, End, Failure,
     Outcome, Progress, RecvResult, ABORT, CANCEL, END, ERROR, PROGRESS, RESEND, RESULT,
@@ -344,21 +345,160 @@ pub fn transfer(
     bar: &dyn Transfer,
     debug: &dyn Fn(&str),
 ) -> Result<Stats> {
+    run_session(src, dst, Start::New { send, recv }, None, opts, bar, debug)
+}
+
+/// How a chunked transfer gets its helpers.
+pub enum Start<'a> {
+    /// Start new helpers for this stream.
+    New {
+        send: &'a [String],
+        recv: &'a [String],
+    },
+    /// Re-attach to the live helpers of a session an earlier orchestrator
+    /// left (see `session.rs`).
+    Attach {
+        sender_dir: String,
+        receiver_dir: String,
+    },
+}
+
+/// What a run tells the orchestrator to make its session findable and
+/// owned (see `session.rs`): the stream's identity, written into both
+/// folders' manifests, and a callback that learns the manifest once the
+/// session exists.
+pub struct Session<'a> {
+    pub identity: session::Identity,
+    /// Where the session replicates into, for messages (`host:dataset`).
+    pub target_label: String,
+    pub announce: &'a dyn Fn(&session::Manifest),
+}
+
+/// [`transfer`], with helpers started anew or re-attached to, and with a
+/// manifest and an owner lock when `sess` is given.
+pub fn run_session(
+    src: Side,
+    dst: Side,
+    start: Start,
+    sess: Option<Session>,
+    opts: &Options,
+    bar: &dyn Transfer,
+    debug: &dyn Fn(&str),
+) -> Result<Stats> {
     let tmp = opts.tmpdir.trim_end_matches('/');
+    let (sdir, rdir) = match &start {
+        Start::New { .. } => (
+            format!("{tmp}/{}{}", super::SESSION_PREFIX, new_session_id()?),
+            format!("{tmp}/{}{}", super::SESSION_PREFIX, new_session_id()?),
+        ),
+        Start::Attach {
+            sender_dir,
+            receiver_dir,
+        } => (sender_dir.clone(), receiver_dir.clone()),
+    };
     let s = Conn {
         label: read(src.host).label().to_string(),
         host: src.host,
         reconnect: src.reconnect,
         exe: src.exe,
-        dir: format!("{tmp}/{}{}", super::SESSION_PREFIX, new_session_id()?),
+        dir: sdir,
     };
     let r = Conn {
         label: read(dst.host).label().to_string(),
         host: dst.host,
         reconnect: dst.reconnect,
         exe: dst.exe,
-        dir: format!("{tmp}/{}{}", super::SESSION_PREFIX, new_session_id()?),
+        dir: rdir,
     };
+    // The manifest, and the owner lock (taken before anything else exists,
+    // so that a folder nobody owns and no helper locks is known dead).
+    let manifest = sess.as_ref().map(|ss| session::Manifest {
+        role: session::Role::Receiver,
+        identity: ss.identity.clone(),
+        sender_host: s.label.clone(),
+        sender_dir: s.dir.clone(),
+        receiver_host: r.label.clone(),
+        receiver_dir: r.dir.clone(),
+        host: session::hostname(),
+        pid: std::process::id(),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    });
+    let owner = match (&sess, &manifest) {
+        (Some(ss), Some(m)) => {
+            let me = session::Owner::ours(&m.session_id(), &new_session_id()?);
+            let new = matches!(start, Start::New { .. });
+            let own = session::Ownership::take(
+                &*r.get(),
+                &r.exe,
+                &r.dir,
+                &ss.target_label,
+                me,
+                new.then_some(m),
+            )?;
+            debug(&format!(
+                "[{}] owner of session {}",
+                r.label,
+                m.session_id()
+            ));
+            Some(own)
+        }
+        _ => None,
+    };
+    if let Start::New { send, recv } = start {
+        let started = start_helpers(&s, &r, send, recv, manifest.as_ref(), opts, debug);
+        if let Err(e) = started {
+            cancel(&r);
+            return Err(e);
+        }
+    }
+    if let (Some(ss), Some(m)) = (&sess, &manifest) {
+        (ss.announce)(m);
+    }
+    let mut o = Orchestrator {
+        s: &s,
+        r: &r,
+        opts,
+        bar,
+        debug,
+        stats: Stats::default(),
+        counter: Arc::new(AtomicU64::new(0)),
+        shown: 0,
+        limit: opts.bwlimit.map(|r| Arc::new(Mutex::new(Limiter::new(r)))),
+        owner: owner.as_ref(),
+    };
+    match o.run() {
+        Ok(()) => Ok(o.stats),
+        // Another orchestrator drives these helpers now: leave them be.
+        Err(e) if session::is_held(&e) => Err(e),
+        Err(e) => {
+            cancel(&s);
+            cancel(&r);
+            // A sender helper that died does not read `cancel`: remove its
+            // folder now if nothing holds it (the receiver's is owned by us
+            // until we return; the next run's discovery removes it).
+            if let Ok(l) = session::probe(&*s.get(), &s.exe, &s.dir, true, false) {
+                for d in l.removed {
+                    debug(&format!("[{}] removed {d} (its helper is gone)", s.label));
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Starts the receiver helper, then the sender helper (after writing the
+/// sender's manifest, when there is one).
+fn start_helpers(
+    s: &Conn,
+    r: &Conn,
+    send: &[String],
+    recv: &[String],
+    manifest: Option<&session::Manifest>,
+    opts: &Options,
+    debug: &dyn Fn(&str),
+) -> Result<()> {
     let secs = opts.timeout.as_secs().max(1).to_string();
     let mut recv_start = vec![
         r.exe.clone(),
@@ -399,36 +539,19 @@ pub fn transfer(
         .check("starting the chunk receiver", &r.label)?;
     debug(&format!("[{}] receiver helper pid {}", r.label, pid.trim()));
     debug(&format!("[{}] chunk sender in {}", s.label, s.dir));
-    match s
+    if let Some(m) = manifest {
+        let m = session::Manifest {
+            role: session::Role::Sender,
+            ..m.clone()
+        };
+        session::write_manifest(&*s.get(), &s.exe, &s.dir, &m)?;
+    }
+    let pid = s
         .get()
         .run(&send_start)
-        .and_then(|o| o.check("starting the chunk sender", &s.label))
-    {
-        Ok(pid) => debug(&format!("[{}] sender helper pid {}", s.label, pid.trim())),
-        Err(e) => {
-            cancel(&r);
-            return Err(e);
-        }
-    }
-    let mut o = Orchestrator {
-        s: &s,
-        r: &r,
-        opts,
-        bar,
-        debug,
-        stats: Stats::default(),
-        counter: Arc::new(AtomicU64::new(0)),
-        shown: 0,
-        limit: opts.bwlimit.map(|r| Arc::new(Mutex::new(Limiter::new(r)))),
-    };
-    match o.run() {
-        Ok(()) => Ok(o.stats),
-        Err(e) => {
-            cancel(&s);
-            cancel(&r);
-            Err(e)
-        }
-    }
+        .and_then(|o| o.check("starting the chunk sender", &s.label))?;
+    debug(&format!("[{}] sender helper pid {}", s.label, pid.trim()));
+    Ok(())
 }
 
 /// Best effort: asks a helper to stop (it kills zfs and removes its folder).
@@ -446,6 +569,8 @@ struct Orchestrator<'a> {
     counter: Arc<AtomicU64>,
     shown: u64,
     limit: Option<Arc<Mutex<Limiter>>>,
+    /// Our hold on the session's owner lock, renewed after a reconnect.
+    owner: Option<&'a session::Ownership>,
 }
 
 /// What a copy thread reports.
@@ -473,9 +598,17 @@ impl Orchestrator<'_> {
             match (c.reconnect)() {
                 Ok(h) => {
                     *c.host.write().unwrap_or_else(|p| p.into_inner()) = h;
-                    self.stats.reconnects += 1;
-                    self.bar.status("");
-                    return Ok(());
+                    match self.after_reconnect(c) {
+                        Ok(()) => {
+                            self.stats.reconnects += 1;
+                            self.bar.status("");
+                            return Ok(());
+                        }
+                        Err(e) if is_connection_lost(&e) && Instant::now() < deadline => {
+                            (self.debug)(&format!("{}: {e:#}", c.label));
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 Err(e) => {
                     if Instant::now() >= deadline {
@@ -490,6 +623,15 @@ impl Orchestrator<'_> {
             }
             thread::sleep(pause);
             pause = (pause * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// A new connection to the target: take the session's owner lock again
+    /// (an error if another orchestrator took the session over meanwhile).
+    fn after_reconnect(&self, c: &Conn) -> Result<()> {
+        match self.owner {
+            Some(own) if std::ptr::eq(c, self.r) => own.renew(&*c.get()),
+            _ => Ok(()),
         }
     }
 
