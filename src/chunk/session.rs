@@ -815,7 +815,8 @@ fn run_ok(host: &dyn Host, argv: &[String], what: &str) -> Result<Vec<u8>> {
 }
 
 /// Session folders in `tmpdir` on `host` whose manifest names `target`;
-/// with `remove_dead`, dead ones are removed (and listed as removed).
+/// with `remove_dead`, dead receiver folders are removed (and listed as
+/// removed).
 pub fn list(
     host: &dyn Host,
     exe: &str,
@@ -823,18 +824,8 @@ pub fn list(
     target: &str,
     remove_dead: bool,
 ) -> Result<Listing> {
-    let mut argv = vec![
-        exe.to_string(),
-        "__chunk-sessions".into(),
-        "--tmpdir".into(),
-        tmpdir.to_string(),
-        "--target".into(),
-        target.to_string(),
-    ];
-    if remove_dead {
-        argv.push("--remove-dead".into());
-    }
-    parse_listing(&run_ok(host, &argv, "listing chunk sessions")?)
+    let args = ["--tmpdir", tmpdir, "--target", target];
+    sessions_cmd(host, exe, &args, remove_dead, false)
 }
 
 /// One session folder on `host` (absent: an empty listing); `remove_dead`
@@ -846,19 +837,26 @@ pub fn probe(
     remove_dead: bool,
     cancel: bool,
 ) -> Result<Listing> {
-    let mut argv = vec![
-        exe.to_string(),
-        "__chunk-sessions".into(),
-        "--dir".into(),
-        dir.to_string(),
-    ];
+    sessions_cmd(host, exe, &["--dir", dir], remove_dead, cancel)
+}
+
+/// Runs `__chunk-sessions ARGS [--remove-dead] [--cancel]` on `host`.
+fn sessions_cmd(
+    host: &dyn Host,
+    exe: &str,
+    args: &[&str],
+    remove_dead: bool,
+    cancel: bool,
+) -> Result<Listing> {
+    let mut argv = vec![exe.to_string(), "__chunk-sessions".into()];
+    argv.extend(args.iter().map(|a| a.to_string()));
     if remove_dead {
         argv.push("--remove-dead".into());
     }
     if cancel {
         argv.push("--cancel".into());
     }
-    parse_listing(&run_ok(host, &argv, "probing a chunk session")?)
+    parse_listing(&run_ok(host, &argv, "listing chunk sessions")?)
 }
 
 /// Creates `dir` on `host` and writes its manifest.
@@ -1223,5 +1221,89 @@ mod tests {
         assert!(is_owned(&dir));
         drop(f);
         assert!(!is_owned(&dir));
+    }
+
+    /// Our binary, built next to the test binary's folder.
+    fn built_exe() -> String {
+        let exe = std::env::current_exe().unwrap();
+        let exe = exe.parent().unwrap().parent().unwrap().join("resync");
+        assert!(exe.exists(), "build the binary first: {}", exe.display());
+        exe.to_str().unwrap().to_string()
+    }
+
+    /// The orchestrator side of ownership against real `__chunk-own`
+    /// processes on this machine: exclusive, renewable by its own nonce,
+    /// lost to another owner once it lapsed, released on drop. Needs the
+    /// resync binary (`cargo build` first), hence ignored.
+    #[test]
+    #[ignore]
+    fn ownership_is_exclusive_renewable_and_lost_to_a_takeover() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("resync-0123456789abcdef");
+        let dir = path.to_str().unwrap();
+        let host = crate::host::LocalHost::new();
+        let exe = built_exe();
+        let m = Manifest {
+            receiver_dir: dir.to_string(),
+            ..manifest()
+        };
+        let take = |nonce: &str, m: Option<&Manifest>| {
+            Ownership::take(
+                &host,
+                &exe,
+                dir,
+                "root@b:tank/vm",
+                Owner::ours("s1", nonce),
+                m,
+            )
+        };
+        let a = take("nonce-a", Some(&m)).unwrap();
+        assert!(is_owned(&path));
+        assert_eq!(
+            Manifest::parse(&read_marker(&path, MANIFEST).unwrap().unwrap()).unwrap(),
+            m
+        );
+        let refused = take("nonce-b", None).err().unwrap();
+        let held = refused.downcast_ref::<Held>().unwrap();
+        assert!(!held.taken_over);
+        assert_eq!(held.owner.nonce, "nonce-a");
+        assert_eq!(held.owner.pid, std::process::id());
+        assert!(refused.to_string().starts_with("refused: root@b:tank/vm"));
+        // Our own older holder is replaced (as after a reconnect).
+        let first = Owner::parse(&fs::read_to_string(path.join(OWNER)).unwrap()).unwrap();
+        a.renew(&host).unwrap();
+        let second = Owner::parse(&fs::read_to_string(path.join(OWNER)).unwrap()).unwrap();
+        assert_ne!(first.holder, second.holder);
+        assert!(is_owned(&path));
+        // Our holder lapses (a cut link); someone else takes the session.
+        // SAFETY: kill(2) on the `__chunk-own` we started.
+        unsafe { libc::kill(second.holder as i32, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while is_owned(&path) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let b = take("nonce-b", None).unwrap();
+        let lost = a.renew(&host).err().unwrap();
+        assert!(lost.downcast_ref::<Held>().unwrap().taken_over, "{lost:#}");
+        assert!(lost.to_string().contains("taken over"), "{lost}");
+        // Dropping the owner releases the lock within a heartbeat.
+        drop(b);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while is_owned(&path) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!is_owned(&path), "the owner lock outlived its Ownership");
+        // Without a manifest, a folder that has none is `gone`.
+        let empty = tmp.path().join("resync-fedcba9876543210");
+        prepare_session_dir(&empty).unwrap();
+        let gone = Ownership::take(
+            &host,
+            &exe,
+            empty.to_str().unwrap(),
+            "t",
+            Owner::ours("s2", "n"),
+            None,
+        );
+        assert!(gone.err().unwrap().to_string().contains("is gone"));
     }
 }

@@ -9,4 +9,5 @@ mod chunk;
 mod chunked;
 mod openzfs;
 mod replication;
+mod restart;
 mod smoke;
