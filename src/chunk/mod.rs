@@ -3,8 +3,10 @@
 //! folders. This module owns the protocol (folder layout, file names, marker
 //! formats and their parsers, the session lock, stale-folder cleanup,
 //! detached start) and dispatches the hidden helper subcommands; the sender
-//! helper is in `sender.rs`, the receiver helper in `receiver.rs`. It depends
-//! on nothing else in the crate.
+//! helper is in `sender.rs`, the receiver helper in `receiver.rs`, and what
+//! lets a session outlive its orchestrator (manifest, owner lock, discovery,
+//! re-attach) in `session.rs`. It depends on nothing else in the crate but
+//! the `Host` trait (in `session.rs` and `orchestrator.rs`).
 //!
 //! # Parties
 //! - The **sender helper** (`resync __chunk-send`) runs beside `zfs send` and
@@ -29,7 +31,9 @@
 //! # Files
 //! | name | written by | deleted by |
 //! |---|---|---|
-//! | `lock` | each helper creates it and holds `flock(LOCK_EX)` on it while alive | with the folder |
+//! | `lock` | each helper creates it and holds `flock(LOCK_EX)` on it while alive; it writes its pid into it | with the folder |
+//! | `session` | orchestrator, when it creates the folder: the manifest (what is sent where, by whom; see `session.rs`) | with the folder |
+//! | `owner` | receiver's folder only: `__chunk-own`, which holds `flock` on it while the orchestrator lives and is connected (see `session.rs`) | with the folder |
 //! | `helper.log` | the helper's stdout/stderr (`spawn_detached`) | with the folder |
 //! | `chunk-<index:012>` | data: sender (own folder), orchestrator (receiver's folder) | orchestrator (sender's folder, once the receiver's `progress` is past it); receiver (own folder, once consumed) |
 //! | `chunk-<index:012>.md5` | `<32 hex>  chunk-<index:012>\n` (md5sum format), same writers | same deleters |
@@ -92,12 +96,28 @@
 //!   D, starts the helper detached with its log in `D/helper.log`, prints its pid.
 //! - `resync __chunk-clean [--tmpdir DIR] [--min-age SECS]`: removes stale
 //!   session folders (default: the system tmpdir, 60 s), printing each.
+//! - `resync __chunk-own`, `__chunk-sessions`, `__chunk-manifest`: the
+//!   owner lock, listing/cancelling/clearing sessions, writing a manifest
+//!   (see `session.rs`).
+//!
+//! # Stale folders
+//! Every helper, once it holds its own lock, removes the session folders in
+//! its tmpdir that are stale: ours (uid, mode), unchanged for
+//! `STALE_MIN_AGE` (a folder being created is not locked yet), and neither
+//! locked by a helper nor owned by an orchestrator. An active one never is.
 //!
 //! # Why every step is idempotent
 //! - Helper dies between any two steps: its zfs process dies with its pipe
 //!   (`zfs send` gets EPIPE; `zfs receive` gets a truncated stream and
-//!   discards it), so the transfer restarts from scratch; its lock is free,
-//!   and `remove_stale_sessions` deletes the folder later.
+//!   discards it, or keeps a resume token with `-s`), so the step restarts
+//!   from scratch (or from the token); its lock is free, and the next run's
+//!   discovery (or `remove_stale_sessions`) deletes the folder; staged
+//!   chunks of a dead session are never taken for progress.
+//! - Orchestrator dies (kill -9, reboot): the helpers wait up to
+//!   `--timeout`; its owner lock goes at once (EOF) or after `OWNER_GRACE`
+//!   (cut link). The same command run again finds the receiver's folder by
+//!   its manifest, takes the owner lock and re-attaches: the loop reads both
+//!   folders from scratch anyway, so no delivered chunk is sent again.
 //! - Orchestrator dies while copying a file: only a `*.part` is left, which
 //!   the next copy overwrites; between the data rename and the `.md5` rename:
 //!   the chunk is incomplete and is copied again (renames replace). A copy of
