@@ -905,7 +905,8 @@ impl Ownership {
         Ok(o)
     }
 
-    /// Takes the lock again on a new connection (after a reconnect).
+    /// Takes the lock again on a new connection (after a reconnect); a
+    /// folder that is gone meanwhile is no error here.
     pub fn renew(&self, host: &dyn Host) -> Result<()> {
         self.start(host, None, true)
     }
@@ -971,6 +972,11 @@ impl Ownership {
             }
             b"gone" => {
                 let _ = child.wait();
+                // After a reconnect: the receiver finished and removed its
+                // folder (or gave up); the transfer loop sees which.
+                if again {
+                    return Ok(());
+                }
                 bail!("chunk session {} on {} is gone", self.dir, host.label());
             }
             _ => {
@@ -1293,9 +1299,19 @@ mod tests {
             thread::sleep(Duration::from_millis(20));
         }
         assert!(!is_owned(&path), "the owner lock outlived its Ownership");
-        // Without a manifest, a folder that has none is `gone`.
+        // Without a manifest, a folder that has none is `gone`: an error
+        // when attaching, not after a reconnect (the receiver finished).
         let empty = tmp.path().join("resync-fedcba9876543210");
         prepare_session_dir(&empty).unwrap();
+        let own = Owner::ours("s2", "n");
+        let late = Ownership {
+            exe: exe.clone(),
+            dir: empty.to_str().unwrap().to_string(),
+            target: "t".into(),
+            owner: own,
+            beat: Mutex::new(None),
+        };
+        late.renew(&host).unwrap();
         let gone = Ownership::take(
             &host,
             &exe,

@@ -403,3 +403,81 @@ fn stale_session_folders_are_removed_by_the_next_helper_but_not_active_or_young_
     }
     p.finish();
 }
+
+/// OpenZFS keeps a resume token when the receiver helper dies: the next
+/// chunked run removes the dead session and resumes from the token
+/// (`zfs send -t` into `zfs receive -s`, through new helpers) instead of
+/// sending the increment again.
+#[test]
+fn openzfs_helpers_killed_the_next_chunked_run_resumes_from_the_token() {
+    use crate::openzfs::{summary_bytes, Guest, POOL_S, POOL_T};
+    let g = Guest::get();
+    let name = unique_name("ctoken");
+    let (src, dst) = (format!("{POOL_S}/{name}"), format!("{POOL_T}/{name}"));
+    g.sh(&format!(
+        "zfs create {src} && head -c 2M /dev/urandom > /{src}/base && zfs snapshot {src}@s1"
+    ));
+    let (s, d) = (g.endpoint(&src), g.endpoint(&dst));
+    let chunked = ["--chunked", "--chunk-size=1M", "--no-sync-snap", "--debug"];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        let mut v: Vec<String> = chunked.iter().map(|a| a.to_string()).collect();
+        v.extend(extra.iter().map(|a| a.to_string()));
+        v.extend([s.clone(), d.clone()]);
+        v
+    };
+    let run = |v: Vec<String>| {
+        let a: Vec<&str> = v.iter().map(String::as_str).collect();
+        g.resync(&a)
+    };
+    run(with(&[])).run().assert_success();
+    g.sh(&format!(
+        "head -c 16M /dev/urandom > /{src}/more && zfs snapshot {src}@s2"
+    ));
+    let first = run(with(&["--target-bwlimit=2M", "--timeout=120s"])).spawn();
+    let helper = format!("[_]_chunk-recv .*{dst}");
+    assert!(
+        wait_until(Duration::from_secs(180), || g
+            .sh(&format!(
+                "pgrep -f '{helper}' >/dev/null && echo yes || true"
+            ))
+            .contains("yes")),
+        "the receiver helper never started"
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    first.signal(libc::SIGKILL);
+    first.wait();
+    g.sh(&format!(
+        "pkill -9 -f '[_]_chunk-(send|recv) .*{name}' ; true"
+    ));
+    assert!(
+        wait_until(Duration::from_secs(60), || !g
+            .sh(&format!(
+                "pgrep -f '[z]fs receive.*{dst}' >/dev/null && echo yes || true"
+            ))
+            .contains("yes")),
+        "zfs receive outlived its helper"
+    );
+    let token = g.sh(&format!("zfs get -H -o value receive_resume_token {dst}"));
+    assert!(
+        token.trim().starts_with("1-"),
+        "a resume token was kept: {token:?}"
+    );
+    assert_eq!(g.snaps(&dst).len(), 1, "s2 is not on the target yet");
+
+    let out = run(with(&[])).run();
+    out.assert_success();
+    assert!(
+        out.stderr.contains("removed chunk session")
+            && out.stderr.contains("resuming an interrupted receive"),
+        "{out}"
+    );
+    let sent = summary_bytes(&out.stderr);
+    let increment = 16.0 * 1024.0 * 1024.0;
+    assert!(
+        sent > 0.0 && sent < 0.9 * increment,
+        "resumed, not re-sent: {sent} bytes of a {increment}-byte increment\n{out}"
+    );
+    assert_eq!(g.snaps(&src), g.snaps(&dst));
+    assert_eq!(g.md5s(&src), g.md5s(&dst));
+    g.sh(&format!("zfs destroy -r {src}; zfs destroy -r {dst}"));
+}
