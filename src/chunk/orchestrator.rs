@@ -40,6 +40,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(4);
 /// Copies of one chunk that may fail (other than by a lost connection)
 /// before the run gives up.
 const COPY_FAILURES_MAX: u32 = 5;
+/// Time without progress after which the helpers' locks are checked.
+const HELPER_CHECK: Duration = Duration::from_secs(5);
 
 /// Reads a session folder, after applying `rm NAME` / `put NAME CONTENT`
 /// operations. Prints `gone` when the folder does not exist, else `ok`,
@@ -467,6 +469,7 @@ pub fn run_session(
         shown: 0,
         limit: opts.bwlimit.map(|r| Arc::new(Mutex::new(Limiter::new(r)))),
         owner: owner.as_ref(),
+        checked: Instant::now(),
     };
     match o.run() {
         Ok(()) => Ok(o.stats),
@@ -571,6 +574,8 @@ struct Orchestrator<'a> {
     limit: Option<Arc<Mutex<Limiter>>>,
     /// Our hold on the session's owner lock, renewed after a reconnect.
     owner: Option<&'a session::Ownership>,
+    /// When [`Orchestrator::check_helpers`] last looked.
+    checked: Instant,
 }
 
 /// What a copy thread reports.
@@ -626,6 +631,31 @@ impl Orchestrator<'_> {
         }
     }
 
+    /// After `HELPER_CHECK` without progress (and then every so often),
+    /// makes sure both helpers live: a folder whose lock is free belongs to
+    /// a helper that died (killed, its machine rebooted), and waiting for
+    /// `--timeout` would only delay the next run, which starts the step
+    /// over. A lost connection is no verdict here; the poll handles it.
+    fn check_helpers(&mut self, last_progress: Instant) -> Result<()> {
+        if last_progress.elapsed() < HELPER_CHECK || self.checked.elapsed() < HELPER_CHECK {
+            return Ok(());
+        }
+        self.checked = Instant::now();
+        for (c, who) in [(self.s, "sender"), (self.r, "receiver")] {
+            let Ok(l) = session::probe(&*c.get(), &c.exe, &c.dir, false, false) else {
+                continue;
+            };
+            if l.found.iter().any(|f| !f.helper_alive) {
+                bail!(
+                    "the chunk {who} on {} died (its folder {} is not locked by a live helper); the next run starts this step over",
+                    c.label,
+                    c.dir
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// A new connection to the target: take the session's owner lock again
     /// (an error if another orchestrator took the session over meanwhile).
     fn after_reconnect(&self, c: &Conn) -> Result<()> {
@@ -661,6 +691,7 @@ impl Orchestrator<'_> {
                     progress.bytes
                 );
             }
+            self.check_helpers(last_progress)?;
             let started = Instant::now();
             let (sp, rp) = thread::scope(|sc| {
                 let a = sc.spawn(|| poll(s, &s_ops));
