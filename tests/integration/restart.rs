@@ -315,6 +315,9 @@ fn a_second_run_to_an_active_target_is_refused_naming_session_host_and_age() {
         &["--timeout=60s", "--target-bwlimit=2M"],
     );
     let target = remote(&Bed::get().host_b, &p.dst);
+    // Three runs overlap: hold the network so that a link cut elsewhere
+    // cannot hold the later ones back until the first is done.
+    let net = exclusive_network();
     let first = p.resync().spawn();
     let rdir = wait_for_chunks(p.dir(), 1);
     let id = session_id(&rdir);
@@ -360,6 +363,7 @@ fn a_second_run_to_an_active_target_is_refused_naming_session_host_and_age() {
         "a refused run takes no sync snapshot"
     );
     first.wait().assert_success();
+    drop(net);
     p.finish();
 }
 
