@@ -414,18 +414,8 @@ pub fn run_session(
     };
     // The manifest, and the owner lock (taken before anything else exists,
     // so that a folder nobody owns and no helper locks is known dead).
-    let manifest = sess.as_ref().map(|ss| session::Manifest {
-        role: session::Role::Receiver,
-        identity: ss.identity.clone(),
-        sender_host: s.label.clone(),
-        sender_dir: s.dir.clone(),
-        receiver_host: r.label.clone(),
-        receiver_dir: r.dir.clone(),
-        host: session::hostname(),
-        pid: std::process::id(),
-        started: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+    let manifest = sess.as_ref().map(|ss| {
+        session::Manifest::ours(ss.identity.clone(), (&s.label, &s.dir), (&r.label, &r.dir))
     });
     let owner = match (&sess, &manifest) {
         (Some(ss), Some(m)) => {
@@ -641,11 +631,18 @@ impl Orchestrator<'_> {
             return Ok(());
         }
         self.checked = Instant::now();
+        let dead = |c: &Conn| {
+            session::probe(&*c.get(), &c.exe, &c.dir, false, false)
+                .is_ok_and(|l| l.found.iter().any(|f| !f.helper_alive))
+        };
         for (c, who) in [(self.s, "sender"), (self.r, "receiver")] {
-            let Ok(l) = session::probe(&*c.get(), &c.exe, &c.dir, false, false) else {
+            if !dead(c) {
                 continue;
-            };
-            if l.found.iter().any(|f| !f.helper_alive) {
+            }
+            // Again a moment later: a helper that is removing its folder
+            // has already deleted its lock file.
+            thread::sleep(Duration::from_secs(1));
+            if dead(c) {
                 bail!(
                     "the chunk {who} on {} died (its folder {} is not locked by a live helper); the next run starts this step over",
                     c.label,

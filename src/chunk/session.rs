@@ -187,6 +187,22 @@ fn one_line(v: &str) -> String {
 }
 
 impl Manifest {
+    /// The receiver's manifest of a session this process starts now
+    /// between `sender` and `receiver` (host label, folder).
+    pub fn ours(identity: Identity, sender: (&str, &str), receiver: (&str, &str)) -> Manifest {
+        Manifest {
+            role: Role::Receiver,
+            identity,
+            sender_host: sender.0.to_string(),
+            sender_dir: sender.1.to_string(),
+            receiver_host: receiver.0.to_string(),
+            receiver_dir: receiver.1.to_string(),
+            host: hostname(),
+            pid: std::process::id(),
+            started: now_secs(),
+        }
+    }
+
     pub fn render(&self) -> String {
         let id = &self.identity;
         format!(

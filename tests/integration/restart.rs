@@ -174,7 +174,11 @@ fn reattached(stderr: &str, key: &str) -> u64 {
 
 #[test]
 fn orchestrator_killed_mid_transfer_the_rerun_reattaches_and_does_not_start_over() {
-    let p = Push::new("rkill", 12 << 20, &["--timeout=60s", "--target-bwlimit=3M"]);
+    let p = Push::new(
+        "rkill",
+        12 << 20,
+        &["--timeout=120s", "--target-bwlimit=3M"],
+    );
     let first = p.resync().spawn();
     let rdir = wait_for_chunks(p.dir(), 3);
     let id = session_id(&rdir);
