@@ -220,6 +220,43 @@ fn orchestrator_killed_mid_transfer_the_rerun_reattaches_and_does_not_start_over
     p.finish();
 }
 
+/// The rerun names another source for the same target: the live session
+/// no longer fits, so it is cancelled with a line saying why, and the run
+/// plans from scratch.
+#[test]
+fn a_session_that_no_longer_fits_is_cancelled_and_the_run_plans_from_scratch() {
+    let p = Push::new("rfit", 10 << 20, &["--timeout=120s", "--target-bwlimit=2M"]);
+    let first = p.resync().spawn();
+    let rdir = wait_for_chunks(p.dir(), 1);
+    let id = session_id(&rdir);
+    let receiver = helper_pid(&rdir);
+    first.signal(libc::SIGKILL);
+    first.wait();
+    assert_owner_released(&rdir);
+
+    let other = Bed::get().ds_a("rfit-other");
+    create_dataset_with_data(&other, &[("b.bin", 1 << 20)]);
+    let mut args: Vec<&str> = p.args.iter().map(String::as_str).collect();
+    let n = args.len();
+    args[n - 2] = &other;
+    let out = Resync::new(&args).run();
+    out.assert_success();
+    assert!(
+        out.stderr.contains(&format!(
+            "cancelling chunk session {id}: it sends local:{}",
+            p.src
+        )),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("re-attaching"), "{out}");
+    assert!(!alive(receiver), "the cancelled receiver helper is gone");
+    assert_replica(&other, &p.dst);
+    assert_no_sessions_left(p.dir());
+    cleanup(&other);
+    cleanup(&p.src);
+    cleanup(&p.dst);
+}
+
 #[test]
 fn sender_helper_killed_the_run_stops_at_once_and_the_next_run_completes() {
     let p = Push::new(
