@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::bwlimit::Limiter;
-use crate::chunk::orchestrator;
+use crate::chunk::{orchestrator, session};
 use crate::cli::{Config, Endpoint, Location};
 use crate::deploy;
 use crate::host::local::LocalHost;
@@ -31,6 +31,8 @@ use crate::zfs::{self, Capabilities, Dataset, ProbeResult, RecvArgs, SendArgs, S
 /// How many gather-plan-execute rounds one dataset may take before we call it
 /// a bug instead of looping (resume, then the rest, then "up to date").
 const MAX_ROUNDS: usize = 4;
+
+mod reattach;
 
 /// What a finished run reports back to `main`.
 pub struct Outcome {
@@ -69,6 +71,8 @@ struct Run<'a> {
     hostname: String,
     /// Held for the whole run (not in a dry run, which changes nothing).
     lock: Option<RunLock>,
+    /// The step being executed, for `--chunked` session manifests.
+    chunk_step: Mutex<Option<session::Identity>>,
 }
 
 /// Replicates according to `cfg`. An `Err` is a failure of the whole run
@@ -107,6 +111,7 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
         },
         hostname: local_hostname(),
         lock,
+        chunk_step: Mutex::new(None),
     };
     run.stop_leftovers()?;
     run.announce_missing_protection();
@@ -342,6 +347,12 @@ impl Run<'_> {
         let label = format!("{} -> {}", self.src.label(src), self.dst.label(dst));
         let watch = Stopwatch::start();
         self.check_target_parent(dst)?;
+        // A session an interrupted chunked run left on the target: finish
+        // its step first (or refuse, if someone is driving it).
+        let attached = match self.cfg.chunked && !self.cfg.dry_run {
+            true => self.reattach(src, dst)?,
+            false => 0,
+        };
         let sync_name = match self.cfg.sync_snap {
             true => Some(self.take_sync_snapshot(src)?),
             false => None,
@@ -352,7 +363,7 @@ impl Run<'_> {
             force_delete: self.cfg.force_delete,
             resume: self.cfg.resume && self.src.caps.resume_tokens && self.dst.caps.resume_tokens,
         };
-        let mut bytes = 0u64;
+        let mut bytes = attached;
         let mut last_round_steps: Vec<Step> = Vec::new();
         for round in 1..=MAX_ROUNDS {
             let mut source = self.source_state(src)?;
@@ -594,6 +605,7 @@ impl Run<'_> {
                     human_bytes(*received)
                 ));
                 let send = zfs::send_resume_argv(token, &self.cfg.send_options);
+                self.note_step(src, dst, None, None, Some(token));
                 let recv = RecvArgs {
                     resumable: true,
                     ..recv
@@ -653,6 +665,7 @@ impl Run<'_> {
             Some(f) => format!("{src}@{}..@{}", f.name, to.name),
             None => format!("{src}@{}", to.name),
         };
+        self.note_step(src, dst, from, Some(to), None);
         let n = self.transfer(&send, &zfs::receive_argv(dst, recv), &label, 0)?;
         self.verify(dst, to)?;
         Ok(n)
@@ -826,8 +839,6 @@ impl Run<'_> {
         label: &str,
         already: u64,
     ) -> Result<u64> {
-        let src_exe = self.helper_exe(&self.src)?;
-        let dst_exe = self.helper_exe(&self.dst)?;
         self.ui.debug(&format!(
             "[{}] {} (chunked)",
             self.src.host().label(),
@@ -838,6 +849,20 @@ impl Run<'_> {
             self.dst.host().label(),
             sh_join(recv)
         ));
+        let bar = self.bar(label, send, already);
+        let stats = self.chunked(orchestrator::Start::New { send, recv }, bar)?;
+        Ok(stats.bytes)
+    }
+
+    /// Runs the chunk orchestrator for the step noted by [`Run::note_step`],
+    /// with new helpers or re-attached to live ones.
+    fn chunked(
+        &self,
+        start: orchestrator::Start,
+        bar: Box<dyn Transfer>,
+    ) -> Result<orchestrator::Stats> {
+        let src_exe = self.helper_exe(&self.src)?;
+        let dst_exe = self.helper_exe(&self.dst)?;
         let reconnect_src = || connect(&self.cfg.source.location, self.cfg);
         let reconnect_dst = || connect(&self.cfg.target.location, self.cfg);
         let opts = orchestrator::Options {
@@ -847,10 +872,32 @@ impl Run<'_> {
             tmpdir: self.cfg.tmpdir.clone(),
             bwlimit: self.cfg.bwlimit(),
         };
-        let bar = self.bar(label, send, already);
+        let identity = self
+            .chunk_step
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let announce = |m: &session::Manifest| {
+            let text = format!("{} on {}", m.session_id(), m.receiver_host);
+            self.ui.debug(&format!("chunk session {text}"));
+            if let Some(lock) = &self.lock {
+                if let Err(e) = lock.note_session(&text) {
+                    self.ui
+                        .debug(&format!("recording the session in the run lock: {e:#}"));
+                }
+            }
+        };
+        let sess = identity.map(|identity| orchestrator::Session {
+            target_label: match Dataset::parse(&identity.target) {
+                Ok(ds) => self.dst.label(&ds),
+                Err(_) => identity.target.clone(),
+            },
+            identity,
+            announce: &announce,
+        });
         let debug = |line: &str| self.ui.debug(line);
         let watch = Stopwatch::start();
-        let result = orchestrator::transfer(
+        let result = orchestrator::run_session(
             orchestrator::Side {
                 host: &self.src.host,
                 reconnect: &reconnect_src,
@@ -861,8 +908,8 @@ impl Run<'_> {
                 reconnect: &reconnect_dst,
                 exe: dst_exe,
             },
-            send,
-            recv,
+            start,
+            sess,
             &opts,
             &*bar,
             &debug,
@@ -881,7 +928,31 @@ impl Run<'_> {
             human_duration(took),
             human_rate(stats.bytes, took)
         ));
-        Ok(stats.bytes)
+        Ok(stats)
+    }
+
+    /// Notes the step about to be sent, for a chunked session's manifest.
+    fn note_step(
+        &self,
+        src: &Dataset,
+        dst: &Dataset,
+        from: Option<&Snapshot>,
+        to: Option<&Snapshot>,
+        token: Option<&str>,
+    ) {
+        let snap = |s: &Snapshot| session::Snap {
+            name: s.name.clone(),
+            guid: s.guid,
+        };
+        *self.chunk_step.lock().unwrap_or_else(|p| p.into_inner()) = Some(session::Identity {
+            source: src.to_string(),
+            target: dst.to_string(),
+            step: session::Step {
+                from: from.map(snap),
+                to: to.map(snap),
+                token: token.map(str::to_string),
+            },
+        });
     }
 
     /// Our binary on a side's host: this very file locally, else a copy

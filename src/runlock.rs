@@ -15,7 +15,8 @@
 //! refused, naming the run that holds it.
 //!
 //! File format (text, one record per line, rewritten whole each time):
-//! `run PID UNIX_TIME TARGET` then `proc HOST_LABEL PID PPID` lines.
+//! `run PID UNIX_TIME TARGET` then `proc HOST_LABEL PID PPID` lines, and
+//! in `--chunked` mode a `session ID on HOST` line.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -43,6 +44,8 @@ struct Record {
     started: Option<u64>,
     target: String,
     procs: Vec<RemoteProc>,
+    /// The `--chunked` session the run drives, e.g. `ID on HOST`.
+    session: Option<String>,
 }
 
 fn parse(text: &str) -> Record {
@@ -70,6 +73,10 @@ fn parse(text: &str) -> Record {
                     }
                 }
             }
+            Some("session") => {
+                let rest = f.collect::<Vec<_>>().join(" ");
+                rec.session = (!rest.is_empty()).then_some(rest);
+            }
             _ => {}
         }
     }
@@ -85,6 +92,9 @@ fn render(rec: &Record) -> String {
     );
     for p in &rec.procs {
         s.push_str(&format!("proc {} {} {}\n", p.host, p.pid, p.ppid));
+    }
+    if let Some(sess) = &rec.session {
+        s.push_str(&format!("session {}\n", sess.replace('\n', " ")));
     }
     s
 }
@@ -149,9 +159,14 @@ impl RunLock {
                 })
                 .map(|s| humantime::format_duration(Duration::from_secs(s)).to_string())
                 .unwrap_or_else(|| "unknown time".into());
+            let pid = old.run_pid.map_or("?".to_string(), |p| p.to_string());
+            if let Some(sess) = &old.session {
+                bail!(
+                    "refused: {target} is being replicated by session {sess} (started {age} ago by resync pid {pid} on this host); wait for it or stop it"
+                );
+            }
             bail!(
-                "another resync run (pid {}, started {age} ago) is replicating into {target}; wait for it to finish or stop it",
-                old.run_pid.map_or("?".to_string(), |p| p.to_string()),
+                "another resync run (pid {pid}, started {age} ago) is replicating into {target}; wait for it to finish or stop it",
             );
         }
         let record = Record {
@@ -162,6 +177,7 @@ impl RunLock {
                 .map(|d| d.as_secs()),
             target: target.to_string(),
             procs: old.procs.clone(),
+            session: None,
         };
         let lock = RunLock {
             file: Mutex::new(file),
@@ -184,6 +200,16 @@ impl RunLock {
             .unwrap_or_else(|p| p.into_inner())
             .procs
             .push(proc_);
+        self.write()
+    }
+
+    /// Records the `--chunked` session this run drives now (`ID on HOST`),
+    /// for the message that refuses a second run.
+    pub fn note_session(&self, session: &str) -> Result<()> {
+        self.record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .session = Some(session.to_string());
         self.write()
     }
 
@@ -282,6 +308,7 @@ mod tests {
                 pid: 100,
                 ppid: 99,
             }],
+            session: Some("0123456789abcdef on root@b".into()),
         };
         assert_eq!(parse(&render(&rec)), rec);
         let junk = parse("proc x y z\nproc h 1 2\nproc h 5\nwhat\nproc h 7 8\n");
@@ -310,6 +337,15 @@ mod tests {
             .to_string();
         assert!(err.contains(&std::process::id().to_string()), "{err}");
         assert!(err.contains("root@b:pool/test-lock"), "{err}");
+        first.note_session("0123456789abcdef on root@b").unwrap();
+        let err = RunLock::acquire("root@b:pool/test-lock")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.starts_with("refused: root@b:pool/test-lock is being replicated by session 0123456789abcdef on root@b (started "),
+            "a chunked run's session is named: {err}"
+        );
         first
             .record(RemoteProc {
                 host: "root@b".into(),

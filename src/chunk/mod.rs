@@ -3,8 +3,10 @@
 //! folders. This module owns the protocol (folder layout, file names, marker
 //! formats and their parsers, the session lock, stale-folder cleanup,
 //! detached start) and dispatches the hidden helper subcommands; the sender
-//! helper is in `sender.rs`, the receiver helper in `receiver.rs`. It depends
-//! on nothing else in the crate.
+//! helper is in `sender.rs`, the receiver helper in `receiver.rs`, and what
+//! lets a session outlive its orchestrator (manifest, owner lock, discovery,
+//! re-attach) in `session.rs`. It depends on nothing else in the crate but
+//! the `Host` trait (in `session.rs` and `orchestrator.rs`).
 //!
 //! # Parties
 //! - The **sender helper** (`resync __chunk-send`) runs beside `zfs send` and
@@ -32,7 +34,9 @@
 //! # Files
 //! | name | written by | deleted by |
 //! |---|---|---|
-//! | `lock` | each helper creates it and holds `flock(LOCK_EX)` on it while alive | with the folder |
+//! | `lock` | each helper creates it and holds `flock(LOCK_EX)` on it while alive; it writes its pid into it | with the folder |
+//! | `session` | orchestrator, when it creates the folder: the manifest (what is sent where, by whom; see `session.rs`) | with the folder |
+//! | `owner` | receiver's folder only: `__chunk-own`, which holds `flock` on it while the orchestrator lives and is connected (see `session.rs`) | with the folder |
 //! | `helper.log` | the helper's stdout/stderr (`spawn_detached`) | with the folder |
 //! | `chunk-<index:012>` | data: sender (own folder), orchestrator (receiver's folder) | orchestrator (sender's folder, once the receiver's `progress` is past it); receiver (own folder, once consumed) |
 //! | `chunk-<index:012>.md5` | `<32 hex>  chunk-<index:012>\n` (md5sum format), same writers | same deleters |
@@ -154,12 +158,28 @@
 //! - `resync __chunk-clean [--tmpdir DIR] [--min-age SECS]`: removes stale
 //!   session folders (default: the system tmpdir, 60 s), printing each.
 //! - `resync __chunk-serve --dir D --timeout SECS`: see "Serve protocol".
+//! - `resync __chunk-own`, `__chunk-sessions`, `__chunk-manifest`: the
+//!   owner lock, listing/cancelling/clearing sessions, writing a manifest
+//!   (see `session.rs`).
+//!
+//! # Stale folders
+//! Every helper, once it holds its own lock, removes the session folders in
+//! its tmpdir that are stale: ours (uid, mode), unchanged for
+//! `STALE_MIN_AGE` (a folder being created is not locked yet), and neither
+//! locked by a helper nor owned by an orchestrator. An active one never is.
 //!
 //! # Why every step is idempotent
 //! - Helper dies between any two steps: its zfs process dies with its pipe
 //!   (`zfs send` gets EPIPE; `zfs receive` gets a truncated stream and
-//!   discards it), so the transfer restarts from scratch; its lock is free,
-//!   and `remove_stale_sessions` deletes the folder later.
+//!   discards it, or keeps a resume token with `-s`), so the step restarts
+//!   from scratch (or from the token); its lock is free, and the next run's
+//!   discovery (or `remove_stale_sessions`) deletes the folder; staged
+//!   chunks of a dead session are never taken for progress.
+//! - Orchestrator dies (kill -9, reboot): the helpers wait up to
+//!   `--timeout`; its owner lock goes at once (EOF) or after `OWNER_GRACE`
+//!   (cut link). The same command run again finds the receiver's folder by
+//!   its manifest, takes the owner lock and re-attaches: the loop reads both
+//!   folders from scratch anyway, so no delivered chunk is sent again.
 //! - Orchestrator (or its link) dies while copying a chunk: only
 //!   `chunk-<index>.part` is left, which the next copy continues from its
 //!   size; between the data rename and the `.md5` rename: the next copy
@@ -186,6 +206,7 @@ pub mod orchestrator;
 pub mod receiver;
 pub mod sender;
 pub mod serve;
+pub mod session;
 
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
@@ -222,6 +243,9 @@ pub const STDERR_MAX: usize = 64 * 1024;
 pub const MAX_ATTEMPTS: u32 = 5;
 /// How long the receiver waits for `zfs receive` to exit after an abort.
 pub const ABORT_GRACE: Duration = Duration::from_secs(30);
+/// Session folders younger than this are never removed as stale (one being
+/// created is not locked yet).
+pub const STALE_MIN_AGE: Duration = Duration::from_secs(60);
 /// How often helpers look at their folder.
 pub const POLL: Duration = Duration::from_millis(10);
 
@@ -845,10 +869,14 @@ fn try_flock(file: &File) -> io::Result<bool> {
 
 /// Takes the session's lock; an error if another process holds it.
 pub fn lock_session(dir: &Path) -> Result<SessionLock> {
-    let file = open_lock(dir)?;
+    let mut file = open_lock(dir)?;
     if !try_flock(&file).with_context(|| format!("locking {}/{LOCK}", dir.display()))? {
         bail!("{} is in use by another helper", dir.display());
     }
+    // Our pid, for people and `__chunk-sessions` (the lock is what counts).
+    let _ = file
+        .set_len(0)
+        .and_then(|()| writeln!(file, "{}", std::process::id()));
     Ok(SessionLock { _file: file })
 }
 
@@ -892,7 +920,7 @@ pub fn remove_stale_sessions(tmpdir: &Path, min_age: Duration) -> Result<Vec<Pat
             Ok(f) => f,
             Err(_) => continue,
         };
-        if !try_flock(&lock).unwrap_or(false) {
+        if !try_flock(&lock).unwrap_or(false) || session::is_owned(&path) {
             continue;
         }
         fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
@@ -954,6 +982,9 @@ pub const SUBCOMMANDS: &[&str] = &[
     "__chunk-start",
     "__chunk-clean",
     "__chunk-serve",
+    "__chunk-own",
+    "__chunk-sessions",
+    "__chunk-manifest",
 ];
 
 /// Options of the helper subcommands, then the program's argv after `--`.
@@ -1058,6 +1089,12 @@ pub fn helper_main(args: &[OsString]) -> i32 {
         eprintln!("resync: error: missing helper subcommand");
         return EXIT_USAGE;
     };
+    if matches!(sub, "__chunk-own" | "__chunk-sessions" | "__chunk-manifest") {
+        return session::main(sub, &args[1..]).unwrap_or_else(|e| {
+            eprintln!("resync {sub}: error: {e:#}");
+            EXIT_USAGE
+        });
+    }
     let parsed = match parse_helper_args(&args[1..]) {
         Ok(p) => p,
         Err(e) => {
@@ -1101,7 +1138,7 @@ fn start(a: HelperArgs) -> Result<i32> {
 /// folders, printing each.
 fn clean(a: HelperArgs) -> Result<i32> {
     let tmpdir = a.tmpdir.unwrap_or_else(std::env::temp_dir);
-    let min_age = a.min_age.unwrap_or(Duration::from_secs(60));
+    let min_age = a.min_age.unwrap_or(STALE_MIN_AGE);
     for p in remove_stale_sessions(&tmpdir, min_age)? {
         println!("{}", p.display());
     }
@@ -1118,12 +1155,29 @@ pub(crate) enum Stop {
 /// A helper's first step: create (or check) its session folder and take its
 /// lock. On failure it logs why and returns the usage exit code.
 pub(crate) fn enter_session(who: &str, dir: &Path) -> std::result::Result<SessionLock, i32> {
-    prepare_session_dir(dir)
+    let lock = prepare_session_dir(dir)
         .and_then(|()| lock_session(dir))
         .map_err(|e| {
             log(who, dir, &format!("error: {e:#}"));
             EXIT_USAGE
-        })
+        })?;
+    // Folders of helpers that died before cleaning up: ours is locked now,
+    // and a folder being created is younger than STALE_MIN_AGE.
+    if let Some(tmpdir) = dir.parent() {
+        match remove_stale_sessions(tmpdir, STALE_MIN_AGE) {
+            Ok(removed) => {
+                for p in removed {
+                    log(
+                        who,
+                        dir,
+                        &format!("removed stale session folder {}", p.display()),
+                    );
+                }
+            }
+            Err(e) => log(who, dir, &format!("cleaning stale session folders: {e:#}")),
+        }
+    }
+    Ok(lock)
 }
 
 pub(crate) fn log(who: &str, dir: &Path, msg: &str) {

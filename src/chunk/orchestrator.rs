@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::serve::{is_no_space_error, Client, Folder, Op, ServeError};
+use super::session;
 use super::{
     chunk_name, md5_name, End, Failure, Outcome, Progress, RecvResult, ABORT, CANCEL, END, ERROR,
     PART, PROGRESS, RESEND, RESULT,
@@ -47,11 +48,15 @@ const COPY_FAILURES_MAX: u32 = 5;
 /// bytes, with at most SYNCS_IN_FLIGHT unconfirmed: what a cut can cost per
 /// data channel (and what a channel can move per round trip).
 const SYNC_EVERY: u64 = 1 << 20;
-/// Most data channels per SSH connection (sshd's MaxSessions is 10 by
-/// default, and the control channel needs one): more chunks may be staged,
-/// but no more are copied at once.
-const DATA_CHANNELS_MAX: usize = 8;
+/// Most data channels per SSH connection. sshd's MaxSessions is 10 by
+/// default; beside the data channels a connection carries a control channel
+/// per side, the owner lock's channel (target) and a helper check per side:
+/// 6 + 1 + 1 + 1 = 9 alone, and 2 * 2 + 2 + 1 + 2 = 9 when both sides share
+/// one connection. More chunks may be staged, but no more are copied at once.
+const DATA_CHANNELS_MAX: usize = 6;
 const SYNCS_IN_FLIGHT: u32 = 2;
+/// Time without progress after which the helpers' locks are checked.
+const HELPER_CHECK: Duration = Duration::from_secs(5);
 
 /// Settings of a chunked transfer.
 #[derive(Debug, Clone)]
@@ -343,13 +348,63 @@ pub fn transfer(
     bar: &dyn Transfer,
     debug: &dyn Fn(&str),
 ) -> Result<Stats> {
+    run_session(src, dst, Start::New { send, recv }, None, opts, bar, debug)
+}
+
+/// How a chunked transfer gets its helpers.
+pub enum Start<'a> {
+    /// Start new helpers for this stream.
+    New {
+        send: &'a [String],
+        recv: &'a [String],
+    },
+    /// Re-attach to the live helpers of a session an earlier orchestrator
+    /// left (see `session.rs`).
+    Attach {
+        sender_dir: String,
+        receiver_dir: String,
+    },
+}
+
+/// What a run tells the orchestrator to make its session findable and
+/// owned (see `session.rs`): the stream's identity, written into both
+/// folders' manifests, and a callback that learns the manifest once the
+/// session exists.
+pub struct Session<'a> {
+    pub identity: session::Identity,
+    /// Where the session replicates into, for messages (`host:dataset`).
+    pub target_label: String,
+    pub announce: &'a dyn Fn(&session::Manifest),
+}
+
+/// [`transfer`], with helpers started anew or re-attached to, and with a
+/// manifest and an owner lock when `sess` is given.
+pub fn run_session(
+    src: Side,
+    dst: Side,
+    start: Start,
+    sess: Option<Session>,
+    opts: &Options,
+    bar: &dyn Transfer,
+    debug: &dyn Fn(&str),
+) -> Result<Stats> {
     let tmp = opts.tmpdir.trim_end_matches('/');
+    let (sdir, rdir) = match &start {
+        Start::New { .. } => (
+            format!("{tmp}/{}{}", super::SESSION_PREFIX, new_session_id()?),
+            format!("{tmp}/{}{}", super::SESSION_PREFIX, new_session_id()?),
+        ),
+        Start::Attach {
+            sender_dir,
+            receiver_dir,
+        } => (sender_dir.clone(), receiver_dir.clone()),
+    };
     let s = Conn {
         label: read(src.host).label().to_string(),
         host: src.host,
         reconnect: src.reconnect,
         exe: src.exe,
-        dir: format!("{tmp}/{}{}", super::SESSION_PREFIX, new_session_id()?),
+        dir: sdir,
         timeout: opts.timeout,
         pool: Arc::default(),
     };
@@ -358,10 +413,92 @@ pub fn transfer(
         host: dst.host,
         reconnect: dst.reconnect,
         exe: dst.exe,
-        dir: format!("{tmp}/{}{}", super::SESSION_PREFIX, new_session_id()?),
+        dir: rdir,
         timeout: opts.timeout,
         pool: Arc::default(),
     };
+    // The manifest, and the owner lock (taken before anything else exists,
+    // so that a folder nobody owns and no helper locks is known dead).
+    let manifest = sess.as_ref().map(|ss| {
+        session::Manifest::ours(ss.identity.clone(), (&s.label, &s.dir), (&r.label, &r.dir))
+    });
+    let owner = match (&sess, &manifest) {
+        (Some(ss), Some(m)) => {
+            let me = session::Owner::ours(&m.session_id(), &new_session_id()?);
+            let new = matches!(start, Start::New { .. });
+            let own = session::Ownership::take(
+                &*r.get(),
+                &r.exe,
+                &r.dir,
+                &ss.target_label,
+                me,
+                new.then_some(m),
+            )?;
+            debug(&format!(
+                "[{}] owner of session {}",
+                r.label,
+                m.session_id()
+            ));
+            Some(own)
+        }
+        _ => None,
+    };
+    if let Start::New { send, recv } = start {
+        let started = start_helpers(&s, &r, send, recv, manifest.as_ref(), opts, debug);
+        if let Err(e) = started {
+            cancel(&r);
+            return Err(e);
+        }
+    }
+    if let (Some(ss), Some(m)) = (&sess, &manifest) {
+        (ss.announce)(m);
+    }
+    let mut o = Orchestrator {
+        s: &s,
+        r: &r,
+        opts,
+        bar,
+        debug,
+        stats: Stats::default(),
+        counter: Arc::new(AtomicU64::new(0)),
+        shown: 0,
+        limit: opts.bwlimit.map(|r| Arc::new(Mutex::new(Limiter::new(r)))),
+        sent: Arc::default(),
+        resent: Arc::new(AtomicU64::new(0)),
+        owner: owner.as_ref(),
+        checked: Instant::now(),
+    };
+    match o.run() {
+        Ok(()) => Ok(o.stats),
+        // Another orchestrator drives these helpers now: leave them be.
+        Err(e) if session::is_held(&e) => Err(e),
+        Err(e) => {
+            cancel(&s);
+            cancel(&r);
+            // A sender helper that died does not read `cancel`: remove its
+            // folder now if nothing holds it (the receiver's is owned by us
+            // until we return; the next run's discovery removes it).
+            if let Ok(l) = session::probe(&*s.get(), &s.exe, &s.dir, true, false) {
+                for d in l.removed {
+                    debug(&format!("[{}] removed {d} (its helper is gone)", s.label));
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Starts the receiver helper, then the sender helper (after writing the
+/// sender's manifest, when there is one).
+fn start_helpers(
+    s: &Conn,
+    r: &Conn,
+    send: &[String],
+    recv: &[String],
+    manifest: Option<&session::Manifest>,
+    opts: &Options,
+    debug: &dyn Fn(&str),
+) -> Result<()> {
     let secs = opts.timeout.as_secs().max(1).to_string();
     let mut recv_start = vec![
         r.exe.clone(),
@@ -402,38 +539,19 @@ pub fn transfer(
         .check("starting the chunk receiver", &r.label)?;
     debug(&format!("[{}] receiver helper pid {}", r.label, pid.trim()));
     debug(&format!("[{}] chunk sender in {}", s.label, s.dir));
-    match s
+    if let Some(m) = manifest {
+        let m = session::Manifest {
+            role: session::Role::Sender,
+            ..m.clone()
+        };
+        session::write_manifest(&*s.get(), &s.exe, &s.dir, &m)?;
+    }
+    let pid = s
         .get()
         .run(&send_start)
-        .and_then(|o| o.check("starting the chunk sender", &s.label))
-    {
-        Ok(pid) => debug(&format!("[{}] sender helper pid {}", s.label, pid.trim())),
-        Err(e) => {
-            cancel(&r);
-            return Err(e);
-        }
-    }
-    let mut o = Orchestrator {
-        s: &s,
-        r: &r,
-        opts,
-        bar,
-        debug,
-        stats: Stats::default(),
-        counter: Arc::new(AtomicU64::new(0)),
-        shown: 0,
-        limit: opts.bwlimit.map(|r| Arc::new(Mutex::new(Limiter::new(r)))),
-        sent: Arc::default(),
-        resent: Arc::new(AtomicU64::new(0)),
-    };
-    match o.run() {
-        Ok(()) => Ok(o.stats),
-        Err(e) => {
-            cancel(&s);
-            cancel(&r);
-            Err(e)
-        }
-    }
+        .and_then(|o| o.check("starting the chunk sender", &s.label))?;
+    debug(&format!("[{}] sender helper pid {}", s.label, pid.trim()));
+    Ok(())
 }
 
 /// Best effort: asks a helper to stop (it kills zfs and removes its folder).
@@ -463,6 +581,10 @@ struct Orchestrator<'a> {
     limit: Option<Arc<Mutex<Limiter>>>,
     sent: Arc<Mutex<HashMap<u64, u64>>>,
     resent: Arc<AtomicU64>,
+    /// Our hold on the session's owner lock, renewed after a reconnect.
+    owner: Option<&'a session::Ownership>,
+    /// When [`Orchestrator::check_helpers`] last looked.
+    checked: Instant,
 }
 
 /// What a copy thread reports.
@@ -515,14 +637,22 @@ impl Orchestrator<'_> {
                 Ok(h) => {
                     *c.host.write().unwrap_or_else(|p| p.into_inner()) = h;
                     c.reset_channels();
-                    self.stats.reconnects += 1;
-                    self.bar.status("");
-                    (self.debug)(&format!(
-                        "reconnected to {} after {}s",
-                        c.label,
-                        since.elapsed().as_secs()
-                    ));
-                    return Ok(());
+                    match self.after_reconnect(c) {
+                        Ok(()) => {
+                            self.stats.reconnects += 1;
+                            self.bar.status("");
+                            (self.debug)(&format!(
+                                "reconnected to {} after {}s",
+                                c.label,
+                                since.elapsed().as_secs()
+                            ));
+                            return Ok(());
+                        }
+                        Err(e) if is_connection_lost(&e) && Instant::now() < deadline => {
+                            (self.debug)(&format!("{}: {e:#}", c.label));
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 Err(e) => {
                     if Instant::now() >= deadline {
@@ -546,6 +676,47 @@ impl Orchestrator<'_> {
         }
     }
 
+    /// After `HELPER_CHECK` without progress (and then every so often),
+    /// makes sure both helpers live: a folder whose lock is free belongs to
+    /// a helper that died (killed, its machine rebooted), and waiting for
+    /// `--timeout` would only delay the next run, which starts the step
+    /// over. A lost connection is no verdict here; the poll handles it.
+    fn check_helpers(&mut self, last_progress: Instant) -> Result<()> {
+        if last_progress.elapsed() < HELPER_CHECK || self.checked.elapsed() < HELPER_CHECK {
+            return Ok(());
+        }
+        self.checked = Instant::now();
+        let dead = |c: &Conn| {
+            session::probe(&*c.get(), &c.exe, &c.dir, false, false)
+                .is_ok_and(|l| l.found.iter().any(|f| !f.helper_alive))
+        };
+        for (c, who) in [(self.s, "sender"), (self.r, "receiver")] {
+            if !dead(c) {
+                continue;
+            }
+            // Again a moment later: a helper that is removing its folder
+            // has already deleted its lock file.
+            thread::sleep(Duration::from_secs(1));
+            if dead(c) {
+                bail!(
+                    "the chunk {who} on {} died (its folder {} is not locked by a live helper); the next run starts this step over",
+                    c.label,
+                    c.dir
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A new connection to the target: take the session's owner lock again
+    /// (an error if another orchestrator took the session over meanwhile).
+    fn after_reconnect(&self, c: &Conn) -> Result<()> {
+        match self.owner {
+            Some(own) if std::ptr::eq(c, self.r) => own.renew(&*c.get()),
+            _ => Ok(()),
+        }
+    }
+
     fn run(&mut self) -> Result<()> {
         let (s, r) = (self.s, self.r);
         // Each parallel copy holds a data channel per side, beside one
@@ -553,7 +724,7 @@ impl Orchestrator<'_> {
         // connection), also when both sides share one connection.
         let shared = Arc::ptr_eq(&s.get(), &r.get());
         let window = (self.opts.window as usize).min(if shared {
-            DATA_CHANNELS_MAX / 2
+            DATA_CHANNELS_MAX / 2 - 1
         } else {
             DATA_CHANNELS_MAX
         });
@@ -580,6 +751,7 @@ impl Orchestrator<'_> {
                     progress.bytes
                 );
             }
+            self.check_helpers(last_progress)?;
             let started = Instant::now();
             let (sp, rp) = thread::scope(|sc| {
                 let a = sc.spawn(|| poll(s, &s_ops));

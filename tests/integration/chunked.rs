@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::bed::*;
 
 /// A private tmpdir for one test's session folders (and uploaded binary).
-fn tmpdir() -> tempfile::TempDir {
+pub(crate) fn tmpdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("chunked")
         .tempdir_in("/var/tmp")
@@ -20,7 +20,7 @@ fn tmpdir() -> tempfile::TempDir {
 
 /// Session folders (`resync-<hex>`) in `dir`; the uploaded binary's
 /// `resync-bin-<uid>` is not one.
-fn sessions(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn sessions(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .expect("read tmpdir")
         .flatten()
@@ -35,7 +35,7 @@ fn sessions(dir: &Path) -> Vec<PathBuf> {
 }
 
 #[track_caller]
-fn assert_no_sessions_left(dir: &Path) {
+pub(crate) fn assert_no_sessions_left(dir: &Path) {
     // The helpers remove their folders right after our acknowledgement.
     let clean = wait_until(Duration::from_secs(10), || sessions(dir).is_empty());
     assert!(clean, "session folders left: {:?}", sessions(dir));
@@ -43,7 +43,7 @@ fn assert_no_sessions_left(dir: &Path) {
 
 /// Destroys a test's dataset; zfs-fuse sometimes keeps one "busy" for a
 /// long while after a receive, which is no failure of the test.
-fn cleanup(ds: &str) {
+pub(crate) fn cleanup(ds: &str) {
     let gone = wait_until(Duration::from_secs(30), || {
         zfs_ok(&["destroy", "-r", ds]) || !exists(ds)
     });
@@ -78,7 +78,7 @@ fn replica_then_cleanup(tmp: &Path, src: &str, dst: &str) {
     cleanup(dst);
 }
 
-fn chunked(tmp: &Path, src: &str, dst: &str, extra: &[&str]) -> Output {
+pub(crate) fn chunked(tmp: &Path, src: &str, dst: &str, extra: &[&str]) -> Output {
     let tmp = format!("--tmpdir={}", tmp.display());
     let mut args = vec!["--chunked", "--chunk-size=1M", &tmp];
     args.extend_from_slice(extra);

@@ -10,4 +10,5 @@ mod chunked;
 mod holds;
 mod openzfs;
 mod replication;
+mod restart;
 mod smoke;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::bed::*;
 
 /// The guest, from the env file `openzfs-guest.sh up` wrote.
-struct Guest {
+pub(crate) struct Guest {
     port: String,
     key: PathBuf,
     known_hosts: PathBuf,
@@ -20,11 +20,11 @@ struct Guest {
     home: PathBuf,
 }
 
-const POOL_S: &str = "ozs";
-const POOL_T: &str = "ozt";
+pub(crate) const POOL_S: &str = "ozs";
+pub(crate) const POOL_T: &str = "ozt";
 
 impl Guest {
-    fn get() -> &'static Guest {
+    pub(crate) fn get() -> &'static Guest {
         static GUEST: OnceLock<Guest> = OnceLock::new();
         GUEST.get_or_init(|| {
             let path = std::env::var("RESYNC_OPENZFS").unwrap_or_else(|_| {
@@ -90,7 +90,7 @@ impl Guest {
     }
 
     /// Runs a shell command in the guest (OpenSSH), panicking on failure.
-    fn sh(&self, cmd: &str) -> String {
+    pub(crate) fn sh(&self, cmd: &str) -> String {
         let argv = self.ssh_argv();
         let out = Command::new(&argv[0])
             .args(&argv[1..])
@@ -105,11 +105,11 @@ impl Guest {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn endpoint(&self, ds: &str) -> String {
+    pub(crate) fn endpoint(&self, ds: &str) -> String {
         format!("root@127.0.0.1:{ds}")
     }
 
-    fn resync(&self, args: &[&str]) -> Resync {
+    pub(crate) fn resync(&self, args: &[&str]) -> Resync {
         let mut all = vec!["--sshport", &self.port];
         all.extend_from_slice(args);
         Resync::new(&all)
@@ -118,7 +118,7 @@ impl Guest {
     }
 
     /// (name, guid) of a dataset's snapshots, oldest first.
-    fn snaps(&self, ds: &str) -> Vec<(String, u64)> {
+    pub(crate) fn snaps(&self, ds: &str) -> Vec<(String, u64)> {
         self.sh(&format!(
             "zfs list -Hp -t snapshot -o name,guid -s createtxg -d 1 {ds}"
         ))
@@ -131,7 +131,7 @@ impl Guest {
     }
 
     /// MD5 of every file in a mounted dataset, by relative path.
-    fn md5s(&self, ds: &str) -> BTreeMap<String, String> {
+    pub(crate) fn md5s(&self, ds: &str) -> BTreeMap<String, String> {
         let mp = self.sh(&format!("zfs get -H -o value mountpoint {ds}"));
         self.sh(&format!(
             "cd {} && find . -type f -exec md5sum {{}} +",
@@ -152,7 +152,7 @@ impl Guest {
 }
 
 /// The byte count in a summary line "... : 21.18 MiB in 11.2s ...".
-fn summary_bytes(stderr: &str) -> f64 {
+pub(crate) fn summary_bytes(stderr: &str) -> f64 {
     let line = stderr
         .lines()
         .find(|l| l.contains(" in ") && l.contains("now at @"))

@@ -1,0 +1,219 @@
+//! What a `--chunked` run does, before it plans a dataset, with the chunk
+//! sessions an earlier run left on the target host (see `chunk::session`).
+//! A session that an orchestrator owns refuses the run (naming the session,
+//! its host and its age). Dead sessions (no helper, no owner) are removed
+//! on both hosts, so their staged chunks are never mistaken for progress;
+//! the step starts over (or resumes from the target's token, where ZFS
+//! keeps one). A live session whose step still fits (its snapshots on the
+//! source with the same GUIDs, the target still where the step starts) is
+//! re-attached to and finished without re-sending delivered chunks; one
+//! that no longer fits is cancelled. Afterwards the run plans as usual.
+
+use anyhow::{Context, Result};
+
+use super::Run;
+use crate::chunk::orchestrator;
+use crate::chunk::session::{self, Found, Held, Manifest, Role};
+use crate::zfs::{Dataset, Snapshot};
+
+/// How long to wait for cancelled helpers to stop (zfs receive must let go
+/// of the target before the run plans).
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Run<'_> {
+    /// Deals with the sessions into `dst` on the target host; returns the
+    /// bytes of a re-attached step (0 if none was).
+    pub(super) fn reattach(&self, src: &Dataset, dst: &Dataset) -> Result<u64> {
+        let dst_exe = self.helper_exe(&self.dst)?;
+        let target = self.dst.label(dst);
+        let listing = session::list(
+            &*self.dst.host(),
+            &dst_exe,
+            &self.cfg.tmpdir,
+            dst.as_str(),
+            true,
+        )
+        .with_context(|| format!("looking for chunk sessions into {target}"))?;
+        let removed = |f: &Found| listing.removed.contains(&f.dir);
+        let owned = listing
+            .found
+            .iter()
+            .filter(|f| !removed(f))
+            .find_map(|f| f.owner.clone());
+        if let Some(owner) = owned {
+            return Err(Held {
+                owner,
+                target,
+                taken_over: false,
+            }
+            .into());
+        }
+        let mut bytes = 0;
+        let mut attached = false;
+        for f in &listing.found {
+            let Some(m) = f.manifest.as_ref().filter(|m| m.role == Role::Receiver) else {
+                continue;
+            };
+            let id = m.session_id();
+            if removed(f) {
+                self.ui.info(&format!(
+                    "{target}: removed chunk session {id} (started {} ago by resync pid {} on host {}): its helpers are gone; the step starts over",
+                    session::ago(m.started),
+                    m.pid,
+                    m.host
+                ));
+                self.clear_sender(m);
+                continue;
+            }
+            if !f.helper_alive {
+                continue;
+            }
+            let fits = match attached {
+                true => Err("another session was re-attached already".to_string()),
+                false => self.step_fits(src, m)?,
+            };
+            match fits {
+                Ok(()) => {
+                    bytes += self.attach(dst, f, m)?;
+                    attached = true;
+                }
+                Err(why) => {
+                    self.ui.info(&format!(
+                        "{target}: cancelling chunk session {id}: {why}; planning from scratch"
+                    ));
+                    self.cancel_session(m)?;
+                }
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Whether this run can finish the session's step: Ok(Err(why)) if not.
+    fn step_fits(&self, src: &Dataset, m: &Manifest) -> Result<std::result::Result<(), String>> {
+        let label = self.src.host().label().to_string();
+        if m.sender_host != label || m.identity.source != src.as_str() {
+            return Ok(Err(format!(
+                "it sends {}:{}, not {label}:{src}",
+                m.sender_host, m.identity.source
+            )));
+        }
+        if label == "local" && m.host != session::hostname() {
+            return Ok(Err(format!("its sender is local to host {}", m.host)));
+        }
+        let src_exe = self.helper_exe(&self.src)?;
+        let probe = session::probe(&*self.src.host(), &src_exe, &m.sender_dir, false, false)?;
+        if !probe.found.iter().any(|f| f.helper_alive) {
+            return Ok(Err("its sender helper is gone".into()));
+        }
+        let dst = Dataset::parse(&m.identity.target)?;
+        let source = self.source_state(src)?;
+        let target = self.target_state(&dst)?;
+        Ok(session::check_step(
+            &m.identity.step,
+            &pairs(&source.snapshots),
+            &pairs(&target.snapshots),
+            target.resume_token.as_deref(),
+        ))
+    }
+
+    /// Finishes the step of a live session; then verifies its snapshot.
+    fn attach(&self, dst: &Dataset, f: &Found, m: &Manifest) -> Result<u64> {
+        let id = m.session_id();
+        let step = &m.identity.step;
+        self.ui.info(&format!(
+            "{}: re-attaching to chunk session {id} (started {} ago by resync pid {} on host {}; receiver helper pid {})",
+            self.dst.label(dst),
+            session::ago(m.started),
+            m.pid,
+            m.host,
+            f.helper_pid
+        ));
+        *self.chunk_step.lock().unwrap_or_else(|p| p.into_inner()) = Some(m.identity.clone());
+        let label = match (&step.from, &step.to) {
+            (Some(from), Some(to)) => format!("{}@{}..@{}", m.identity.source, from.name, to.name),
+            (None, Some(to)) => format!("{}@{}", m.identity.source, to.name),
+            _ => format!("{} (resume)", m.identity.source),
+        };
+        let stats = self.chunked(
+            orchestrator::Start::Attach {
+                sender_dir: m.sender_dir.clone(),
+                receiver_dir: m.receiver_dir.clone(),
+            },
+            self.ui.transfer(&label, None),
+        )?;
+        self.ui.debug(&format!(
+            "re-attached session {id}: copied {} bytes, stream {} bytes, receiver helper pid {}",
+            stats.copied, stats.bytes, f.helper_pid
+        ));
+        if let Some(to) = &step.to {
+            self.verify(
+                dst,
+                &Snapshot {
+                    name: to.name.clone(),
+                    guid: to.guid,
+                    createtxg: 0,
+                },
+            )?;
+        }
+        Ok(stats.bytes)
+    }
+
+    /// Stops both helpers of a session and waits until the receiver's
+    /// folder is gone (its zfs receive let go of the target).
+    fn cancel_session(&self, m: &Manifest) -> Result<()> {
+        let dst_exe = self.helper_exe(&self.dst)?;
+        if m.sender_host == self.src.host().label() {
+            let src_exe = self.helper_exe(&self.src)?;
+            let _ = session::probe(&*self.src.host(), &src_exe, &m.sender_dir, true, true);
+        }
+        let deadline = std::time::Instant::now() + CANCEL_WAIT;
+        let mut cancel = true;
+        loop {
+            let l = session::probe(&*self.dst.host(), &dst_exe, &m.receiver_dir, true, cancel)?;
+            if l.found.is_empty() || !l.removed.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "cancelled chunk session {} on {} did not stop within {}",
+                    m.session_id(),
+                    m.receiver_host,
+                    humantime::format_duration(CANCEL_WAIT)
+                );
+            }
+            cancel = false;
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// The sender folder of a dead session: removed if its helper is gone
+    /// too, else told to stop.
+    fn clear_sender(&self, m: &Manifest) {
+        if m.sender_host != self.src.host().label() {
+            return;
+        }
+        let Ok(exe) = self.helper_exe(&self.src) else {
+            return;
+        };
+        let host = self.src.host();
+        match session::probe(&*host, &exe, &m.sender_dir, true, false) {
+            Ok(l) if l.found.iter().any(|f| f.helper_alive) => {
+                let _ = session::probe(&*host, &exe, &m.sender_dir, false, true);
+            }
+            Ok(l) => {
+                for d in l.removed {
+                    self.ui.debug(&format!(
+                        "[{}] removed dead session folder {d}",
+                        host.label()
+                    ));
+                }
+            }
+            Err(e) => self.ui.debug(&format!("clearing {}: {e:#}", m.sender_dir)),
+        }
+    }
+}
+
+/// (name, GUID) of each snapshot, as [`session::check_step`] takes them.
+fn pairs(v: &[Snapshot]) -> Vec<(&str, u64)> {
+    v.iter().map(|s| (s.name.as_str(), s.guid)).collect()
+}
