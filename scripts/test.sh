@@ -95,13 +95,13 @@ t_up=$(date +%s)
 
 say "running tests"
 set +e
-cargo test -- --test-threads="${TEST_THREADS:-2}" "${skip[@]}" "$@"
+cargo test -- --test-threads="${TEST_THREADS:-2}" "${skip[@]}" "$@" 9>&-
 rc=$?
 # The SSH transport's live tests start their own sshd on loopback (and cut
 # it off with iptables), so they run one at a time, after the rest.
 if ((rc == 0)) && [[ $# == 0 ]]; then
 	say "running the SSH transport's live tests (own sshd on loopback, one at a time)"
-	cargo test --bin resync -- --ignored --test-threads=1
+	cargo test --bin resync -- --ignored --test-threads=1 9>&-
 	rc=$?
 fi
 set -e

@@ -417,6 +417,11 @@ pub fn run_session(
         timeout: opts.timeout,
         pool: Arc::default(),
     };
+    // Every line of ours names both folders' session ids, as every line of
+    // each helper's log names its own: one grep finds a session's story.
+    let tag = format!("[{} -> {}]", folder_id(&s.dir), folder_id(&r.dir));
+    let tagged = |line: &str| debug(&format!("{tag} {line}"));
+    let debug: &dyn Fn(&str) = &tagged;
     // The manifest, and the owner lock (taken before anything else exists,
     // so that a folder nobody owns and no helper locks is known dead).
     let manifest = sess.as_ref().map(|ss| {
@@ -552,6 +557,35 @@ fn start_helpers(
         .and_then(|o| o.check("starting the chunk sender", &s.label))?;
     debug(&format!("[{}] sender helper pid {}", s.label, pid.trim()));
     Ok(())
+}
+
+/// The session id part of a folder path (`.../resync-<id>`).
+fn folder_id(dir: &str) -> &str {
+    let name = dir.rsplit('/').next().unwrap_or(dir);
+    name.strip_prefix(super::SESSION_PREFIX).unwrap_or(name)
+}
+
+/// Lines of a helper's log kept for an error message.
+const LOG_TAIL_LINES: usize = 5;
+
+/// Best effort: the last lines of a helper's log (`helper.log` in its
+/// folder), as text to append to an error ("; its log ends: ..."), or
+/// nothing when it cannot be read.
+fn log_tail(c: &Conn) -> String {
+    let argv = [
+        "tail".to_string(),
+        "-n".to_string(),
+        LOG_TAIL_LINES.to_string(),
+        "--".to_string(),
+        format!("{}/{}", c.dir, super::LOG),
+    ];
+    match c.get().run(&argv) {
+        Ok(out) if out.success() && !out.stdout.trim().is_empty() => {
+            let lines: Vec<&str> = out.stdout.lines().map(str::trim).collect();
+            format!("; its log ends: {}", lines.join(" | "))
+        }
+        _ => String::new(),
+    }
 }
 
 /// Best effort: asks a helper to stop (it kills zfs and removes its folder).
@@ -699,9 +733,10 @@ impl Orchestrator<'_> {
             thread::sleep(Duration::from_secs(1));
             if dead(c) {
                 bail!(
-                    "the chunk {who} on {} died (its folder {} is not locked by a live helper); the next run starts this step over",
+                    "the chunk {who} on {} died (its folder {} is not locked by a live helper); the next run starts this step over{}",
                     c.label,
-                    c.dir
+                    c.dir,
+                    log_tail(c)
                 );
             }
         }
@@ -1033,6 +1068,16 @@ impl Orchestrator<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folder_ids_are_the_session_part_of_the_path() {
+        assert_eq!(
+            folder_id("/tmp/resync-0123abcd0123abcd"),
+            "0123abcd0123abcd"
+        );
+        assert_eq!(folder_id("resync-ff00ff00ff00ff00"), "ff00ff00ff00ff00");
+        assert_eq!(folder_id("/tmp/other"), "other");
+    }
 
     #[test]
     fn session_ids_are_valid() {

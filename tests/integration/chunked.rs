@@ -206,6 +206,22 @@ fn chunked_push_survives_a_link_cut() {
             .join(" | ")
     );
     assert!(out.stderr.contains("reconnect"), "{}", out.stderr);
+    // Every orchestrator line about the chunks names the session: both
+    // folders' ids, as the helpers' logs name theirs.
+    let tagged = regex_free_session_tag();
+    let chunk_lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| {
+            l.split("chunk ")
+                .skip(1)
+                .any(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .collect();
+    assert!(!chunk_lines.is_empty(), "no chunk lines: {}", out.stderr);
+    for l in chunk_lines {
+        assert!(tagged(l), "a chunk line without the session ids: {l}");
+    }
     assert_replica(&src, &dst);
     drop(_net);
     assert_no_sessions_left(tmp.path());
@@ -551,4 +567,18 @@ fn chunked_within_one_remote_host_with_a_wide_window() {
     )
     .assert_success();
     replica_then_cleanup(tmp.path(), &src, &dst);
+}
+
+/// Whether a debug line carries `[<sender id> -> <receiver id>]` (16-32 hex
+/// digits each), the orchestrator's session tag.
+fn regex_free_session_tag() -> impl Fn(&str) -> bool {
+    |line: &str| {
+        let hex =
+            |s: &str| (16..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit());
+        line.split('[').skip(1).any(|rest| {
+            rest.split_once(']')
+                .and_then(|(tag, _)| tag.split_once(" -> "))
+                .is_some_and(|(a, b)| hex(a) && hex(b))
+        })
+    }
 }

@@ -276,6 +276,11 @@ fn sender_helper_killed_the_run_stops_at_once_and_the_next_run_completes() {
         out.stderr.contains("the chunk sender on local died"),
         "{out}"
     );
+    // The error ends with the dead helper's last log lines.
+    assert!(
+        out.stderr.contains("its log ends: resync sender ["),
+        "no helper log in the error: {out}"
+    );
     assert!(
         killed.elapsed() < Duration::from_secs(30),
         "noticed the dead helper only after {:?}, not long before --timeout",
@@ -437,17 +442,20 @@ fn stale_session_folders_are_removed_by_the_next_helper_but_not_active_or_young_
     let stale = fake_session(p.dir(), "5a1e000000000001", false);
     let active = fake_session(p.dir(), "ac71e00000000002", false);
     let young = fake_session(p.dir(), "0000000000000003", true);
-    let mut holder = std::process::Command::new("flock")
-        .arg(active.join("lock"))
-        .args(["sleep", "300"])
-        .spawn()
-        .expect("flock sleep");
-    assert!(wait_until(Duration::from_secs(5), || locked(
-        &active.join("lock")
-    )));
+    // Held by this process (a child holding it could outlive the test).
+    let holder = std::fs::OpenOptions::new()
+        .write(true)
+        .open(active.join("lock"))
+        .expect("open the active folder's lock");
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a descriptor we own.
+        let rc = unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(rc, 0, "flock {}", active.join("lock").display());
+    }
+    assert!(locked(&active.join("lock")));
     p.resync().run().assert_success();
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(holder);
     assert!(!stale.exists(), "a stale folder is removed");
     assert!(active.exists(), "a locked folder is left alone");
     assert!(
