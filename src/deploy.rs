@@ -21,7 +21,6 @@
 //! POSIX `sh`, `uname`, `id`, `stat -c` (GNU or busybox), `mkdir`, `cat`,
 //! `md5sum`, `chmod` and `mv`; `find` only to sweep leftovers. A deploy costs
 //! two commands on the host when the binary is there, three when it is not.
-#![allow(dead_code)]
 
 use anyhow::{anyhow, bail, Context, Result};
 use md5::{Digest, Md5};

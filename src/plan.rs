@@ -41,7 +41,6 @@
 //! state in a way the planner cannot foresee (a resumed or aborted receive
 //! may create or remove the dataset): execute it, gather again and plan
 //! again ([`Plan::replan_after`]).
-#![allow(dead_code)]
 
 use std::fmt;
 
@@ -120,6 +119,7 @@ pub enum Plan {
 }
 
 impl Plan {
+    #[cfg(test)]
     /// True when the caller must gather both sides again and plan again
     /// after executing this plan (it ends by resuming or aborting a partial
     /// receive).

@@ -7,7 +7,6 @@
 //! resync must not. For the match to be unambiguous the host part never
 //! contains `_` (the field separator): [`sanitize_hostname`] maps it to `-`,
 //! and [`prefix`] applies it, so `id a` + host `b` and host `a_b` differ.
-#![allow(dead_code)]
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

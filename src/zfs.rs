@@ -9,7 +9,6 @@
 //! fixtures written from its man pages and sources where this machine cannot
 //! produce the output. Every argv starts with the program name (`zfs` or
 //! `zpool`); arguments are separate elements, never shell text.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -162,6 +161,7 @@ fn check_pool_name(pool: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+#[cfg(test)]
 /// Validates a snapshot's short name (the part after `@`).
 pub fn validate_snapshot_name(snap: &str) -> Result<()> {
     if snap.is_empty() {

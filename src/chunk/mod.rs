@@ -200,7 +200,6 @@
 //! - Orchestrator dies before acknowledging `end`/`error`/`result`: it reads
 //!   them again when it returns; copying `end`/`abort` again replaces them
 //!   with the same content.
-#![allow(dead_code)]
 
 pub mod orchestrator;
 pub mod receiver;
@@ -271,6 +270,7 @@ pub fn validate_session_id(id: &str) -> Result<()> {
     Ok(())
 }
 
+#[cfg(test)]
 /// `<tmpdir>/resync-<id>`.
 pub fn session_dir(tmpdir: &Path, id: &str) -> Result<PathBuf> {
     validate_session_id(id)?;
@@ -624,6 +624,7 @@ pub struct Resend {
 }
 
 impl Resend {
+    #[cfg(test)]
     pub fn parse(text: &str) -> Result<Resend> {
         let (f, _) =
             parse_fields(text, &["index", "attempt"], false).context("invalid resend marker")?;

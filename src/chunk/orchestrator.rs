@@ -337,6 +337,7 @@ fn copy_with(job: &Job, s: &mut Client, d: &mut Client) -> Result<()> {
         .with_context(|| format!("writing chunk {index} on {}", job.dst.label))
 }
 
+#[cfg(test)]
 /// Moves the stream of `send` (argv on the source) into `recv` (argv on the
 /// target) as chunks; Ok once the receiver reports that zfs receive exited 0.
 pub fn transfer(

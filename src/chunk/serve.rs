@@ -589,7 +589,7 @@ enum Start {
     /// The data file is complete; only its `.md5` is missing.
     Md5Only,
     /// Append to the `.part` file, from its size.
-    Part(File, u64),
+    Part(File),
 }
 
 /// WRITE: replies OFFSET (the size its `.part` file has), takes DATA frames
@@ -629,7 +629,7 @@ fn write_chunk(
                 .with_context(|| format!("truncating {}", part.display()))?;
             size = 0;
         }
-        Ok((Start::Part(f, size), size))
+        Ok((Start::Part(f), size))
     })();
     let (start, offset) = match started {
         Ok(s) => s,
@@ -648,7 +648,7 @@ fn write_chunk(
                 if failed.is_none() {
                     if pos + n > total {
                         failed = Some(anyhow!("chunk {index}: more than {total} bytes sent"));
-                    } else if let Start::Part(f, _) = &start {
+                    } else if let Start::Part(f) = &start {
                         if let Err(e) = f.write_all_at(buf, pos) {
                             failed = Some(
                                 anyhow::Error::new(e)
@@ -681,7 +681,7 @@ fn write_chunk(
         None => match start {
             Start::Complete => Ok(()),
             Start::Md5Only => write_atomic(dir, &md5_name(index), md5),
-            Start::Part(f, _) => finish_part(dir, index, total, &f, &part, &data, md5),
+            Start::Part(f) => finish_part(dir, index, total, &f, &part, &data, md5),
         },
     };
     match finished {
@@ -774,6 +774,7 @@ impl Client {
         Client::greet(Some(child), out, inp)
     }
 
+    #[cfg(test)]
     /// A client over any pipe pair (tests); reads the HELLO.
     pub fn from_io(r: Box<dyn Read + Send>, w: Box<dyn Write + Send>) -> Result<Client> {
         Client::greet(None, r, w)

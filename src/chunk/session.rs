@@ -43,7 +43,6 @@
 //!   lists session folders (see [`parse_listing`]), removing dead ones
 //!   (that name DS, with `--tmpdir`), or writing `cancel` into D.
 //! - `resync __chunk-manifest --dir D --manifest TEXT`: creates D, writes `session`.
-#![allow(dead_code)]
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};

@@ -3,7 +3,6 @@
 //! ([`ssh::SshHost`]), either to completion ([`Host::run`]) or as a streaming
 //! child ([`Host::spawn`]) whose stdout and stdin can be handed to other
 //! threads. Nothing above this module knows how a command reaches its host.
-#![allow(dead_code)]
 
 pub mod knownhosts;
 pub mod local;

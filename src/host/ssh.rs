@@ -98,6 +98,7 @@ pub struct SshSpec {
 
 impl SshSpec {
     /// "user@host" or "host".
+    #[cfg(test)]
     pub fn parse(text: &str) -> SshSpec {
         match text.rsplit_once('@') {
             Some((user, host)) if !user.is_empty() => SshSpec {
@@ -130,6 +131,7 @@ pub struct SshOptions {
 }
 
 impl SshOptions {
+    #[cfg(test)]
     /// Defaults: no port or key override, refuse unknown host keys, 15 s to
     /// connect, 30 s of silence before a connection counts as lost.
     pub fn with_home(home: PathBuf) -> SshOptions {

@@ -88,6 +88,7 @@ impl SshConfig {
         Ok(config)
     }
 
+    #[cfg(test)]
     /// Parse text that has no Include directives to follow (tests, or a
     /// config read from elsewhere).
     pub fn parse_str(text: &str) -> anyhow::Result<SshConfig> {
