@@ -17,7 +17,7 @@
 #             raw ssh       zfs send | ssh host 'cat > /dev/null' (OpenSSH; the baseline)
 #             local recv    zfs send | zfs receive on this machine (zfs-fuse's ceiling)
 #             resync        resync --no-sync-snap SRC root@B:DST (default mode, release build)
-#             resync chunk  the same with --chunked (default 64 MiB chunks, window 4)
+#             resync chunk  the same with --chunked (default 32 MiB chunks, window 8)
 #             syncoid       syncoid --no-sync-snap --compress=none (Debian's sanoid package)
 #   delay   the same except local recv, with BENCH_DELAY_MS added to every
 #           packet entering host B (scripts/netdelay.sh; the added RTT is
@@ -305,7 +305,7 @@ table() { # TITLE STREAM_BYTES BASE_KEY KEY:LABEL...
 L_RAW="\`zfs send \\| ssh host 'cat > /dev/null'\` (OpenSSH)"
 L_LOCAL="\`zfs send \\| zfs receive\` on one machine (zfs-fuse's ceiling)"
 L_RESYNC="resync (default mode)"
-L_CHUNKED="resync \`--chunked\` (64 MiB chunks, window 4)"
+L_CHUNKED="resync \`--chunked\` (32 MiB chunks, window 8)"
 L_SYNCOID="syncoid $(syncoid --version 2>/dev/null | grep -oE '[0-9]+\.[0-9]+(\.[0-9]+)?' | head -n 1) (\`--compress=none\`)"
 
 # A first chunked run uploads the helper binary to host B; a tiny warm-up
@@ -465,8 +465,8 @@ fi
 if phase cut; then
 	# Wire bytes carry SSH and TCP overhead: scale by the uncut run's ratio.
 	resent=$(awk -v x="$RESENT_WIRE" -v b="$bytes" -v w="${WIRE[chunked]}" 'BEGIN { printf "%.0f", x * b / w }')
-	out '- re-sent after the cut at most one chunk (64 MiB = 67.1 MB): about %s MB of stream (%s MB on the wire beyond an uncut run), %s\n' \
-		"$(mb "$resent")" "$(mb "$RESENT_WIRE")" "$(verdict "$((resent <= 64 * 1024 * 1024))")"
+	out '- re-sent after the cut at most one chunk (32 MiB = 33.6 MB): about %s MB of stream (%s MB on the wire beyond an uncut run), %s\n' \
+		"$(mb "$resent")" "$(mb "$RESENT_WIRE")" "$(verdict "$((resent <= 32 * 1024 * 1024))")"
 fi
 peak=0 peak_what=""
 for k in "${!RSS[@]}"; do

@@ -17,7 +17,7 @@
 #             rsv${RUNID}a / rsv${RUNID}b (cut a host off with
 #             `ip link set rsv${RUNID}a down`); each host runs its own sshd
 #             (own host key, key-only root login) in its own mount namespace
-#             with a private tmpfs on /tmp
+#             with a private 1 GiB tmpfs on /tmp and root's ~/.bashrc hidden
 #   client    STATE_DIR/home is a fake HOME: .ssh/id_ed25519, .ssh/known_hosts,
 #             .ssh/config (alias backup-alias -> 10.213.0.3)
 #   env       STATE_DIR/env, shell-sourceable KEY=VALUE lines (see write_env)
@@ -362,8 +362,12 @@ state() { printf '%s=%s\n' "$1" "$2" >>"$STATE/state"; }
 
 start_zfs_fuse() {
 	[[ -c /dev/fuse ]] || die "/dev/fuse is missing: zfs-fuse cannot run here"
-	if pgrep -x zfs-fuse >/dev/null; then
-		log "zfs-fuse already running (pid $(pgrep -x zfs-fuse | tr '\n' ' ')); using it"
+	# Only a live daemon counts: one that an earlier bed's teardown just
+	# killed may linger as a zombie until its parent reaps it.
+	local running=() p
+	for p in $(pgrep -x zfs-fuse || true); do is_alive "$p" && running+=("$p"); done
+	if ((${#running[@]})); then
+		log "zfs-fuse already running (pid ${running[*]}); using it"
 	else
 		log "starting zfs-fuse"
 		mkdir -p /var/run/zfs /var/lock/zfs
@@ -507,8 +511,13 @@ EOF
 	# /usr/local/sbin (first in sshd's PATH for root) and its own hostname
 	# (rs-host-a / rs-host-b), then sshd. Each step execs, so
 	# $! is sshd's pid. setsid: not in the caller's process group.
+	# The hosts are plain servers: root's ~/.bashrc (which bash sources for
+	# every command sshd runs) is hidden under /dev/null, since this
+	# machine's one runs `pyenv init`, about 90 ms per remote command.
+	# /tmp holds 1 GiB (memory is only used as files fill it): room for
+	# the default --chunked staging (8 x 32 MiB per side) plus a test's own.
 	setsid ip netns exec "$ns" unshare --mount --propagation slave --uts \
-		sh -c 'hostname "$0" && mount -t tmpfs -o mode=1777,size=256m tmpfs /tmp && mount --bind "$1" /usr/local/sbin && shift && exec "$@"' "rs-host-$x" "$hd/sbin" \
+		sh -c 'hostname "$0" && mount -t tmpfs -o mode=1777,size=1g tmpfs /tmp && mount --bind "$1" /usr/local/sbin && { [ ! -f "$2" ] || mount --bind /dev/null "$2"; } && shift 2 && exec "$@"' "rs-host-$x" "$hd/sbin" "$(getent passwd root | cut -d: -f6)/.bashrc" \
 		/usr/sbin/sshd -D -f "$hd/sshd_config" -E "$hd/sshd.log" \
 		</dev/null >>"$hd/sshd.out" 2>&1 9>&- &
 	local pid=$!

@@ -141,11 +141,11 @@ pub struct Cli {
     pub chunked: bool,
 
     /// With --chunked: bytes per chunk, e.g. 1M, 64M, 1G (powers of 1024; at most 1G).
-    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_chunk_size)]
+    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_chunk_size)]
     pub chunk_size: u64,
 
-    /// With --chunked: chunks staged per side and copied in parallel.
-    #[arg(long, value_name = "N", default_value_t = 4,
+    /// With --chunked: chunks staged per side (copied in parallel, at most 6 at once).
+    #[arg(long, value_name = "N", default_value_t = 8,
           value_parser = clap::value_parser!(u64).range(1..=64))]
     pub chunk_window: u64,
 
@@ -614,8 +614,8 @@ mod tests {
     fn chunked_flags_parse_with_defaults() {
         let c = cli(&["a/b", "c/d"]).unwrap();
         assert!(!c.chunked);
-        assert_eq!(c.chunk_size, 64 << 20);
-        assert_eq!(c.chunk_window, 4);
+        assert_eq!(c.chunk_size, 32 << 20);
+        assert_eq!(c.chunk_window, 8);
         assert_eq!(c.tmpdir, "/tmp");
         let c = cli(&[
             "--chunked",
