@@ -501,7 +501,15 @@ EOF
 	for tool in zfs zpool; do
 		cat >"$hd/sbin/$tool" <<EOF
 #!/bin/sh
-pid=\$(pgrep -o -x zfs-fuse) || { echo "$tool: zfs-fuse is not running" >&2; exit 1; }
+# A live daemon (a killed one may linger as a zombie for a while).
+pid=
+for p in \$(pgrep -x zfs-fuse); do
+	case \$(sed -n 's/^State:[[:space:]]*\\([A-Z]\\).*/\\1/p' /proc/\$p/status 2>/dev/null) in
+	Z | X | '') ;;
+	*) pid=\$p; break ;;
+	esac
+done
+[ -n "\$pid" ] || { echo "$tool: zfs-fuse is not running" >&2; exit 1; }
 exec nsenter --mount=/proc/\$pid/ns/mnt -- /usr/sbin/$tool "\$@"
 EOF
 		chmod 755 "$hd/sbin/$tool"
