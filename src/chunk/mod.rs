@@ -102,8 +102,9 @@
 //! over its stdin (requests) and stdout (replies) until stdin ends; it exits
 //! 3 when neither moves for SECS (a client behind a dead link), 2 on a
 //! malformed frame. It never creates the folder. The orchestrator runs one
-//! per side for control and up to `window` per side for data (at most 8, or
-//! 4 when both sides share one SSH connection: sshd's MaxSessions), each for the
+//! per side for control and up to `window` per side for data (at most 6, or
+//! 2 when both sides share one SSH connection: sshd's MaxSessions of 10
+//! must also fit the control, owner and helper-check channels), each for the
 //! life of an SSH connection (a reconnect starts new ones); an idle data
 //! server is reused for the next chunk, one idle for half its timeout is
 //! dropped. Every frame is `kind` (1 byte), `length` (u32 big-endian), then

@@ -760,7 +760,10 @@ fn leftovers_of_a_dead_orchestrator_and_repeated_copies_are_harmless() {
         "{result}\n{}",
         r.log()
     );
-    assert!(redelivered.len() > 5, "{redelivered:?}");
+    // How many passes see `next` move depends on how fast the receiver
+    // consumes (it may take several chunks between two passes): at least 3
+    // of the 14 chunks must have been delivered twice.
+    assert!(redelivered.len() >= 3, "{redelivered:?}");
     assert!(!r.log().contains("rejected"), "{}", r.log());
     acknowledge(&f);
     assert!(s.wait(Duration::from_secs(20)).success(), "{}", s.log());

@@ -262,7 +262,15 @@ fn sender_helper_killed_the_run_stops_at_once_and_the_next_run_completes() {
     let p = Push::new(
         "rsend",
         10 << 20,
-        &["--timeout=60s", "--target-bwlimit=3M", "--no-sync-snap"],
+        // A window of 2 keeps the sender mid-stream when it is killed: with
+        // the default 8 it may have staged all 10 chunks and `end` already,
+        // and then the run rightly completes without it.
+        &[
+            "--timeout=60s",
+            "--target-bwlimit=3M",
+            "--no-sync-snap",
+            "--chunk-window=2",
+        ],
     );
     snapshot(&p.src, "only");
     let first = p.resync().spawn();
