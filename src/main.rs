@@ -15,6 +15,7 @@ mod replicate;
 mod runlock;
 mod stream;
 mod syncsnap;
+mod sys;
 mod token;
 mod zfs;
 
