@@ -6,7 +6,6 @@
 mod bwlimit;
 mod chunk;
 mod cli;
-mod deploy;
 mod host;
 mod plan;
 mod progress;

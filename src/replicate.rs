@@ -6,7 +6,7 @@
 //! After executing a plan it gathers and plans again: a dataset is done only
 //! when the planner, on fresh listings, says it is up to date.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -14,15 +14,16 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::bwlimit::Limiter;
 use crate::chunk::{orchestrator, session};
 use crate::cli::{Config, Endpoint, Location};
-use crate::deploy;
+use crate::host::deploy;
 use crate::host::local::LocalHost;
 use crate::host::quote::sh_join;
-use crate::host::ssh::{SshHost, SshOptions, SshSpec};
+use crate::host::reconnect::Reconnecting;
+use crate::host::ssh::{resolve_address, SshHost, SshOptions, SshSpec};
 use crate::host::{is_connection_lost, CmdOutput, Host};
 use crate::plan::{self, Plan, PlanOptions, SourceState, Step, TargetState};
 use crate::progress::{human_bytes, human_duration, human_rate, Progress, Stopwatch, Transfer};
 use crate::protect::{self, HoldSide};
-use crate::runlock::{self, RemoteProc, RunLock};
+use crate::runlock::{self, RunLock};
 use crate::stream::{self, PumpError};
 use crate::syncsnap;
 use crate::token;
@@ -41,18 +42,18 @@ pub struct Outcome {
 }
 
 /// One side of the run: where it is, and what its ZFS can do.
-struct Side {
+struct Side<'a> {
     /// Replaced when `--chunked` mode reconnects after a lost connection.
-    host: RwLock<Arc<dyn Host>>,
+    host: Reconnecting<'a>,
     /// Our binary on this host, for `--chunked` (found or uploaded once).
     helper: Mutex<Option<String>>,
     caps: Capabilities,
     endpoint: Endpoint,
 }
 
-impl Side {
+impl Side<'_> {
     fn host(&self) -> Arc<dyn Host> {
-        self.host.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.host.get()
     }
 
     fn label(&self, ds: &Dataset) -> String {
@@ -66,8 +67,8 @@ impl Side {
 struct Run<'a> {
     cfg: &'a Config,
     ui: &'a dyn Progress,
-    src: Side,
-    dst: Side,
+    src: Side<'a>,
+    dst: Side<'a>,
     hostname: String,
     /// Held for the whole run (not in a dry run, which changes nothing).
     lock: Option<RunLock>,
@@ -82,7 +83,7 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
     let lock = if cfg.dry_run {
         None
     } else {
-        Some(RunLock::acquire(&cfg.target.to_string())?)
+        Some(lock_target(cfg)?)
     };
     let src_host = connect(&cfg.source.location, cfg)?;
     let dst_host = if cfg.target.location == cfg.source.location {
@@ -98,13 +99,13 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
         cfg,
         ui,
         src: Side {
-            host: RwLock::new(src_host),
+            host: Reconnecting::new(src_host, || connect(&cfg.source.location, cfg)),
             helper: Mutex::new(None),
             caps: src_caps,
             endpoint: cfg.source.clone(),
         },
         dst: Side {
-            host: RwLock::new(dst_host),
+            host: Reconnecting::new(dst_host, || connect(&cfg.target.location, cfg)),
             helper: Mutex::new(None),
             caps: dst_caps,
             endpoint: cfg.target.clone(),
@@ -122,24 +123,47 @@ fn connect(location: &Location, cfg: &Config) -> Result<Arc<dyn Host>> {
     match location {
         Location::Local => Ok(Arc::new(LocalHost::new())),
         Location::Remote { user, host } => {
-            let home = std::env::var_os("HOME")
-                .map(Into::into)
-                .ok_or_else(|| anyhow!("HOME is not set; cannot find ~/.ssh"))?;
-            let opts = SshOptions {
-                port: cfg.ssh_port,
-                key: cfg.ssh_key.clone(),
-                accept_new_host_key: cfg.accept_new_host_key,
-                connect_timeout: std::time::Duration::from_secs(15),
-                io_timeout: io_timeout(cfg),
-                home,
-            };
             let spec = SshSpec {
                 user: user.clone(),
                 host: host.clone(),
             };
-            Ok(Arc::new(SshHost::connect(&spec, &opts)?))
+            Ok(Arc::new(SshHost::connect(&spec, &ssh_options(cfg)?)?))
         }
     }
+}
+
+fn ssh_options(cfg: &Config) -> Result<SshOptions> {
+    let home = std::env::var_os("HOME")
+        .map(Into::into)
+        .ok_or_else(|| anyhow!("HOME is not set; cannot find ~/.ssh"))?;
+    Ok(SshOptions {
+        port: cfg.ssh_port,
+        key: cfg.ssh_key.clone(),
+        accept_new_host_key: cfg.accept_new_host_key,
+        connect_timeout: std::time::Duration::from_secs(15),
+        io_timeout: io_timeout(cfg),
+        home,
+    })
+}
+
+/// The run lock for the target, keyed by the host it resolves to (ssh
+/// config's HostName and Port), not by how it was spelled.
+fn lock_target(cfg: &Config) -> Result<RunLock> {
+    let address = match &cfg.target.location {
+        Location::Local => None,
+        Location::Remote { user, host } => {
+            let spec = SshSpec {
+                user: user.clone(),
+                host: host.clone(),
+            };
+            Some(resolve_address(&spec, &ssh_options(cfg)?)?)
+        }
+    };
+    RunLock::for_target(
+        address.as_ref().map(|(host, port)| (host.as_str(), *port)),
+        &cfg.target.dataset.to_string(),
+        &cfg.target.to_string(),
+    )
 }
 
 /// How long an SSH connection may stall before it counts as lost. In
@@ -781,13 +805,9 @@ impl Run<'_> {
             bail!("internal error: zfs send/receive pipes are missing");
         };
         let mut started = Vec::new();
-        for (host, out) in [(th, &mut recv_out), (sh, &mut reader)] {
-            match read_announcement(&mut **out) {
-                Ok((pid, ppid)) => started.push(RemoteProc {
-                    host: host.label().to_string(),
-                    pid,
-                    ppid,
-                }),
+        for (host, out, argv) in [(th, &mut recv_out, recv), (sh, &mut reader, send)] {
+            match runlock::read_announcement(&mut **out, host.label(), argv) {
+                Ok(p) => started.extend(p),
                 Err(e) => {
                     sender.kill();
                     receiver.kill();
@@ -863,8 +883,6 @@ impl Run<'_> {
     ) -> Result<orchestrator::Stats> {
         let src_exe = self.helper_exe(&self.src)?;
         let dst_exe = self.helper_exe(&self.dst)?;
-        let reconnect_src = || connect(&self.cfg.source.location, self.cfg);
-        let reconnect_dst = || connect(&self.cfg.target.location, self.cfg);
         let opts = orchestrator::Options {
             chunk_size: self.cfg.chunk_size,
             window: self.cfg.chunk_window,
@@ -899,13 +917,13 @@ impl Run<'_> {
         let watch = Stopwatch::start();
         let result = orchestrator::run_session(
             orchestrator::Side {
-                host: &self.src.host,
-                reconnect: &reconnect_src,
+                host: self.src.host.cell(),
+                reconnect: self.src.host.connector(),
                 exe: src_exe,
             },
             orchestrator::Side {
-                host: &self.dst.host,
-                reconnect: &reconnect_dst,
+                host: self.dst.host.cell(),
+                reconnect: self.dst.host.connector(),
                 exe: dst_exe,
             },
             start,
@@ -987,30 +1005,11 @@ impl Run<'_> {
     /// (with backoff) until `--timeout` passes.
     fn deploy_retrying(&self, side: &Side) -> Result<deploy::Deployed> {
         let deadline = std::time::Instant::now() + self.cfg.timeout;
-        let mut pause = std::time::Duration::from_millis(250);
-        loop {
-            let host = side.host();
-            let err = match deploy::deploy(&*host, &self.cfg.tmpdir) {
-                Ok(d) => return Ok(d),
-                Err(e) => e.context(format!("installing resync on {}", host.label())),
-            };
-            if !is_connection_lost(&err) || std::time::Instant::now() >= deadline {
-                return Err(err);
-            }
-            self.ui.debug(&format!("{err:#}; reconnecting"));
-            loop {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(std::time::Duration::from_secs(4));
-                match connect(&side.endpoint.location, self.cfg) {
-                    Ok(h) => {
-                        *side.host.write().unwrap_or_else(|p| p.into_inner()) = h;
-                        break;
-                    }
-                    Err(e) if std::time::Instant::now() >= deadline => return Err(e),
-                    Err(e) => self.ui.debug(&format!("reconnecting failed: {e:#}")),
-                }
-            }
-        }
+        side.host
+            .retrying(deadline, &|note| self.ui.debug(note), |host| {
+                deploy::deploy(host, &self.cfg.tmpdir)
+                    .with_context(|| format!("installing resync on {}", host.label()))
+            })
     }
 
     /// The stream's size from `zfs send -nvP`, where the source's ZFS has it.
@@ -1314,29 +1313,6 @@ fn describe_all(steps: &[Step]) -> String {
         .map(describe)
         .collect::<Vec<_>>()
         .join(", then ")
-}
-
-/// Reads the `PID PPID` line a command wrapped by
-/// [`runlock::announce_pid_argv`] prints first, byte by byte, so that the
-/// reader is left at the first byte of the real output.
-fn read_announcement(out: &mut dyn std::io::Read) -> Result<(u32, u32)> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 64 {
-        match out.read(&mut byte) {
-            Ok(0) => break,
-            Ok(_) if byte[0] == b'\n' => {
-                return runlock::parse_announcement(&String::from_utf8_lossy(&line))
-            }
-            Ok(_) => line.push(byte[0]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    bail!(
-        "the command ended before it started (output {:?}); is sh there?",
-        String::from_utf8_lossy(&line)
-    )
 }
 
 /// This machine's name, as it appears in sync snapshot names.

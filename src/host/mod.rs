@@ -3,18 +3,22 @@
 //! ([`ssh::SshHost`]), either to completion ([`Host::run`]) or as a streaming
 //! child ([`Host::spawn`]) whose stdout and stdin can be handed to other
 //! threads. Nothing above this module knows how a command reaches its host.
+//! [`reconnect::Reconnecting`] replaces a lost connection for everyone who
+//! uses it, and [`deploy`] puts our own binary on a remote host.
 
-pub mod knownhosts;
+pub mod deploy;
 pub mod local;
 pub mod quote;
+pub mod reconnect;
 pub mod ssh;
-pub mod sshconfig;
 
 // Re-exported for the modules that will use hosts (unused until main calls them).
 #[allow(unused_imports)]
 pub use local::LocalHost;
 #[allow(unused_imports)]
 pub use quote::{sh_join, sh_quote};
+#[allow(unused_imports)]
+pub use reconnect::{Backoff, Reconnecting};
 #[allow(unused_imports)]
 pub use ssh::{SshHost, SshOptions, SshSpec};
 

@@ -2,7 +2,7 @@
 //! their own: `known_hosts` matching (plain, wildcard, `[host]:port` and
 //! hashed `|1|` entries, `@revoked`), fingerprints, the OpenSSH line for a
 //! newly accepted key, whether a private key file is encrypted, and the
-//! small base64/SHA-1/HMAC helpers that needs. `ssh.rs` reads the files and
+//! small base64/SHA-1/HMAC helpers that needs. `auth.rs` reads the files and
 //! decides what to do with a verdict.
 
 use super::sshconfig::match_pattern_list;
@@ -109,15 +109,11 @@ pub fn key_type_of_blob(blob: &[u8]) -> Option<&str> {
     std::str::from_utf8(blob.get(4..4 + len)?).ok()
 }
 
-/// Check the key `blob` that `host` (the real host name, port `port`)
-/// presented against known_hosts `files`, as OpenSSH would.
-pub fn check_host_key(
-    files: &[KnownHostsFile<'_>],
-    host: &str,
-    port: u16,
-    blob: &[u8],
-) -> HostKeyVerdict {
-    let entries = entries_for(files, &known_hosts_name(host, port));
+/// Check the key `blob` that a host presented against known_hosts `files`,
+/// as OpenSSH would. `name` is what the files record it under: its
+/// [`known_hosts_name`], or its HostKeyAlias.
+pub fn check_host_key(files: &[KnownHostsFile<'_>], name: &str, blob: &[u8]) -> HostKeyVerdict {
+    let entries = entries_for(files, name);
     if let Some(bad) = entries.iter().find(|e| e.revoked && e.key == blob) {
         return HostKeyVerdict::Revoked {
             where_: bad.where_.clone(),
@@ -141,9 +137,10 @@ pub fn check_host_key(
 
 /// Key types (blob type names) already known for the host, in file order,
 /// so the handshake can prefer them the way OpenSSH does.
-pub fn known_key_types(files: &[KnownHostsFile<'_>], host: &str, port: u16) -> Vec<String> {
+/// `name` as for [`check_host_key`].
+pub fn known_key_types(files: &[KnownHostsFile<'_>], name: &str) -> Vec<String> {
     let mut types: Vec<String> = Vec::new();
-    for entry in entries_for(files, &known_hosts_name(host, port)) {
+    for entry in entries_for(files, name) {
         if let Some(t) = key_type_of_blob(&entry.key) {
             if !entry.revoked && !types.iter().any(|k| k == t) {
                 types.push(t.to_string());
@@ -153,12 +150,13 @@ pub fn known_key_types(files: &[KnownHostsFile<'_>], host: &str, port: u16) -> V
     types
 }
 
-/// The known_hosts line OpenSSH would append for a new key.
-pub fn known_hosts_line(host: &str, port: u16, blob: &[u8]) -> Option<String> {
+/// The known_hosts line OpenSSH would append for a new key recorded under
+/// `name` (as for [`check_host_key`]).
+pub fn known_hosts_line(name: &str, blob: &[u8]) -> Option<String> {
     let key_type = key_type_of_blob(blob)?;
     Some(format!(
         "{} {} {}\n",
-        known_hosts_name(host, port),
+        name,
         key_type,
         base64_encode(blob, true)
     ))
@@ -184,29 +182,34 @@ pub fn key_type_label(key_type: &str) -> String {
 // ---------------------------------------------------------------------------
 // private keys
 
-/// True when a private key file's text says it is passphrase-protected
-/// (OpenSSH format with a cipher other than "none", or encrypted PEM).
-pub fn private_key_is_encrypted(text: &str) -> bool {
+/// Whether a private key file's text says it is passphrase-protected
+/// (OpenSSH format with a cipher other than "none", or encrypted PEM), or a
+/// one-line reason why its OpenSSH armour is malformed (no END after the
+/// BEGIN, a body that is not base64 or lacks the format's magic).
+pub fn private_key_is_encrypted(text: &str) -> Result<bool, String> {
     if text.contains("ENCRYPTED") {
-        return true;
+        return Ok(true);
     }
     let begin = "-----BEGIN OPENSSH PRIVATE KEY-----";
     let end = "-----END OPENSSH PRIVATE KEY-----";
-    let (Some(start), Some(stop)) = (text.find(begin), text.find(end)) else {
-        return false;
+    let Some(start) = text.find(begin) else {
+        return Ok(false);
     };
-    let body: String = text[start + begin.len()..stop]
+    let after = &text[start + begin.len()..];
+    let Some(stop) = after.find(end) else {
+        return Err("malformed OpenSSH private key: no END line after its BEGIN line".into());
+    };
+    let body: String = after[..stop]
         .chars()
         .filter(|c| !c.is_whitespace())
         .collect();
-    let Some(raw) = base64_decode(&body) else {
-        return false;
-    };
+    let raw =
+        base64_decode(&body).ok_or("malformed OpenSSH private key: its body is not base64")?;
     let magic = b"openssh-key-v1\0";
-    let Some(rest) = raw.strip_prefix(magic.as_slice()) else {
-        return false;
-    };
-    key_type_of_blob(rest).is_some_and(|cipher| cipher != "none")
+    let rest = raw
+        .strip_prefix(magic.as_slice())
+        .ok_or("malformed OpenSSH private key: not in openssh-key-v1 format")?;
+    Ok(key_type_of_blob(rest).is_some_and(|cipher| cipher != "none"))
 }
 
 // ---------------------------------------------------------------------------
@@ -330,7 +333,7 @@ mod tests {
 
     fn verdict(text: &str, host: &str, port: u16, key: &str) -> HostKeyVerdict {
         let files = [KnownHostsFile { path: "kh", text }];
-        check_host_key(&files, host, port, &blob(key))
+        check_host_key(&files, &known_hosts_name(host, port), &blob(key))
     }
 
     #[test]
@@ -368,10 +371,7 @@ mod tests {
             path: "kh",
             text: &kh,
         }];
-        assert_eq!(
-            known_key_types(&files, "nas", 22),
-            vec!["ecdsa-sha2-nistp256"]
-        );
+        assert_eq!(known_key_types(&files, "nas"), vec!["ecdsa-sha2-nistp256"]);
     }
 
     #[test]
@@ -419,11 +419,11 @@ mod tests {
     #[test]
     fn new_host_line_is_openssh_format() {
         assert_eq!(
-            known_hosts_line("127.0.0.1", 2299, &blob(ED_A)).unwrap(),
+            known_hosts_line(&known_hosts_name("127.0.0.1", 2299), &blob(ED_A)).unwrap(),
             format!("[127.0.0.1]:2299 ssh-ed25519 {ED_A}\n")
         );
         assert_eq!(
-            known_hosts_line("nas", 22, &blob(ED_A)).unwrap(),
+            known_hosts_line("nas", &blob(ED_A)).unwrap(),
             format!("nas ssh-ed25519 {ED_A}\n")
         );
     }
@@ -473,10 +473,33 @@ mod tests {
         let locked = "-----BEGIN OPENSSH PRIVATE KEY-----\n\
             b3BlbnNzaC1rZXktdjEAAAAACmFlczI1Ni1jdHIAAAAGYmNyeXB0AAAAGAAAABALinLxsN\n\
             -----END OPENSSH PRIVATE KEY-----\n";
-        assert!(!private_key_is_encrypted(plain));
-        assert!(private_key_is_encrypted(locked));
-        assert!(private_key_is_encrypted(
-            "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n"
-        ));
+        assert_eq!(private_key_is_encrypted(plain), Ok(false));
+        assert_eq!(private_key_is_encrypted(locked), Ok(true));
+        assert_eq!(
+            private_key_is_encrypted("-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n"),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn a_malformed_private_key_is_a_one_line_error_not_a_panic() {
+        // END before BEGIN used to slice text[start..stop] backwards.
+        let swapped = "-----END OPENSSH PRIVATE KEY-----\n\
+            b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n\
+            -----BEGIN OPENSSH PRIVATE KEY-----\n";
+        let err = private_key_is_encrypted(swapped).unwrap_err();
+        assert_eq!(
+            err,
+            "malformed OpenSSH private key: no END line after its BEGIN line"
+        );
+        let garbage =
+            "-----BEGIN OPENSSH PRIVATE KEY-----\n!!!\n-----END OPENSSH PRIVATE KEY-----\n";
+        assert!(private_key_is_encrypted(garbage)
+            .unwrap_err()
+            .contains("not base64"));
+        let not_v1 =
+            "-----BEGIN OPENSSH PRIVATE KEY-----\naGVsbG8=\n-----END OPENSSH PRIVATE KEY-----\n";
+        assert!(!private_key_is_encrypted(not_v1).unwrap_err().contains('\n'));
+        assert_eq!(private_key_is_encrypted("just text"), Ok(false));
     }
 }

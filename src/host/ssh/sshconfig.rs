@@ -1,7 +1,7 @@
 //! OpenSSH's client-side files, parsed the way OpenSSH reads them, without
 //! I/O of their own (files come in as text or through a loader closure):
 //! `~/.ssh/config` (Host and simple Match blocks, Include, the first value
-//! wins). Host keys and key files are `knownhosts.rs`'s; `ssh.rs` does the
+//! wins). Host keys and key files are `knownhosts.rs`'s; `auth.rs` does the
 //! reading and the connecting.
 
 use anyhow::{bail, Context};
@@ -51,6 +51,13 @@ pub struct ResolvedConfig {
     pub port: Option<u16>,
     /// IdentityFile values in order, `~` and `%` tokens expanded.
     pub identity_files: Vec<PathBuf>,
+    /// UserKnownHostsFile's files (`~` and `%` expanded; empty for `none`),
+    /// if set.
+    pub user_known_hosts_files: Option<Vec<PathBuf>>,
+    /// GlobalKnownHostsFile's files, likewise.
+    pub global_known_hosts_files: Option<Vec<PathBuf>>,
+    /// HostKeyAlias: the name host keys are looked up and stored under.
+    pub host_key_alias: Option<String>,
 }
 
 /// Values that `%` tokens and `~` expand to.
@@ -177,6 +184,8 @@ impl SshConfig {
         let original = host.to_ascii_lowercase();
         let mut resolved = ResolvedConfig::default();
         let mut identity_raw: Vec<String> = Vec::new();
+        let mut user_kh_raw: Option<Vec<String>> = None;
+        let mut global_kh_raw: Option<Vec<String>> = None;
         for directive in &self.directives {
             let current = resolved
                 .hostname
@@ -201,6 +210,15 @@ impl SshConfig {
                 "port" if resolved.port.is_none() => resolved.port = value.parse().ok(),
                 "identityfile" if !value.eq_ignore_ascii_case("none") => {
                     identity_raw.push(value.clone());
+                }
+                "userknownhostsfile" if user_kh_raw.is_none() => {
+                    user_kh_raw = Some(files_or_none(&directive.args));
+                }
+                "globalknownhostsfile" if global_kh_raw.is_none() => {
+                    global_kh_raw = Some(files_or_none(&directive.args));
+                }
+                "hostkeyalias" if resolved.host_key_alias.is_none() => {
+                    resolved.host_key_alias = Some(value.clone());
                 }
                 _ => {}
             }
@@ -231,6 +249,31 @@ impl SshConfig {
                 resolved.identity_files.push(path);
             }
         }
+        // OpenSSH expands %k (the alias, else the host as typed) here too.
+        let key_name = resolved
+            .host_key_alias
+            .clone()
+            .unwrap_or_else(|| original.clone());
+        let expand_files = |raw: Vec<String>| -> Vec<PathBuf> {
+            raw.iter()
+                .map(|f| {
+                    let expanded = expand_percent(
+                        f,
+                        &[
+                            ('h', &hostname),
+                            ('r', &remote_user),
+                            ('u', ctx.local_user),
+                            ('d', &home),
+                            ('n', &original),
+                            ('k', &key_name),
+                        ],
+                    );
+                    expand_tilde(&expanded, ctx.home)
+                })
+                .collect()
+        };
+        resolved.user_known_hosts_files = user_kh_raw.map(expand_files);
+        resolved.global_known_hosts_files = global_kh_raw.map(expand_files);
         resolved
     }
 
@@ -354,6 +397,15 @@ fn split_args(text: &str) -> anyhow::Result<Vec<String>> {
         args.push(word);
     }
     Ok(args)
+}
+
+/// A known_hosts file list: the words, or none for `none`.
+fn files_or_none(args: &[String]) -> Vec<String> {
+    if args.len() == 1 && args[0].eq_ignore_ascii_case("none") {
+        Vec::new()
+    } else {
+        args.to_vec()
+    }
 }
 
 /// Expand `%c` tokens from `values`; `%%` is a literal `%`. Unknown tokens
@@ -633,5 +685,36 @@ Host *
         assert!(wildmatch("10.213.0.*", "10.213.0.17"));
         assert!(!wildmatch("10.213.0.?", "10.213.0.17"));
         assert!(wildmatch("*.*", "a.b.c"));
+    }
+
+    #[test]
+    fn known_hosts_files_and_host_key_alias_are_read() {
+        let cfg = SshConfig::parse_str(
+            "Host vault\n    HostName 10.213.0.7\n    HostKeyAlias vault-key\n    \
+             UserKnownHostsFile ~/.ssh/kh_a /etc/kh_%k\n    GlobalKnownHostsFile none\n\
+             Host *\n    UserKnownHostsFile ~/.ssh/ignored\n    GlobalKnownHostsFile /etc/g1 /etc/g2\n",
+        )
+        .unwrap();
+        let r = cfg.resolve("vault", &ctx(Path::new("/home/alice")));
+        assert_eq!(r.host_key_alias.as_deref(), Some("vault-key"));
+        assert_eq!(
+            r.user_known_hosts_files,
+            Some(vec![
+                PathBuf::from("/home/alice/.ssh/kh_a"),
+                PathBuf::from("/etc/kh_vault-key")
+            ])
+        );
+        assert_eq!(r.global_known_hosts_files, Some(vec![]));
+        let other = cfg.resolve("nas", &ctx(Path::new("/root")));
+        assert_eq!(other.host_key_alias, None);
+        assert_eq!(
+            other.global_known_hosts_files,
+            Some(vec![PathBuf::from("/etc/g1"), PathBuf::from("/etc/g2")])
+        );
+        assert_eq!(
+            cfg.resolve("x", &ctx(Path::new("/r")))
+                .user_known_hosts_files,
+            Some(vec![PathBuf::from("/r/.ssh/ignored")])
+        );
     }
 }

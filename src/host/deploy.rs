@@ -23,13 +23,13 @@
 //! two commands on the host when the binary is there, three when it is not.
 
 use anyhow::{anyhow, bail, Context, Result};
-use md5::{Digest, Md5};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use crate::host::Host;
+use crate::sys;
 
 /// Where the binary ended up on the remote host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,29 +81,11 @@ fn own_md5() -> Result<String> {
     if let Some(md5) = MD5.get() {
         return Ok(md5.clone());
     }
-    let md5 = file_md5(&own_binary())?;
+    let md5 = sys::md5_file(&own_binary())?;
     Ok(MD5.get_or_init(|| md5).clone())
 }
 
-/// Lowercase hex MD5 of a file, read in blocks.
-fn file_md5(path: &Path) -> Result<String> {
-    let mut file =
-        File::open(path).with_context(|| format!("cannot open {} to hash it", path.display()))?;
-    let mut hasher = Md5::new();
-    let mut buf = vec![0u8; BLOCK];
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
-        hasher.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", hasher.finalize()))
-}
-
-/// Read and write size for hashing and uploading.
+/// Read and write size for uploading.
 const BLOCK: usize = 256 << 10;
 
 /// [`deploy`] for any local file and its MD5 (tests upload other binaries).
@@ -532,16 +514,6 @@ mod tests {
         assert!(normalize_tmpdir("/tmp/a\nb").is_err());
     }
 
-    #[test]
-    fn scripts_take_values_only_as_positional_parameters() {
-        let argv = sh(UPLOAD, &["/tmp/resync-bin-0", "resync-x", ".p", "x"]);
-        assert_eq!(argv[..4], strings(&["sh", "-c", UPLOAD, "sh"])[..]);
-        assert_eq!(
-            argv[4..],
-            strings(&["/tmp/resync-bin-0", "resync-x", ".p", "x"])[..]
-        );
-    }
-
     const MD5: &str = "0123456789abcdef0123456789abcdef";
 
     /// Real output of PREPARE on the test bed after a first deploy
@@ -746,6 +718,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn euid() -> u32 {
+        // SAFETY: geteuid has no preconditions and cannot fail.
         unsafe { libc::geteuid() }
     }
 
@@ -753,7 +726,7 @@ mod tests {
     fn stand_in(dir: &Path) -> (PathBuf, String) {
         let bin = dir.join("stand-in");
         std::fs::copy("/bin/true", &bin).unwrap();
-        let md5 = file_md5(&bin).unwrap();
+        let md5 = sys::md5_file(&bin).unwrap();
         (bin, md5)
     }
 
@@ -788,7 +761,7 @@ mod tests {
         let meta = std::fs::symlink_metadata(&expected).unwrap();
         assert!(meta.is_file());
         assert_eq!(meta.permissions().mode() & 0o7777, 0o700);
-        assert_eq!(file_md5(&expected).unwrap(), md5);
+        assert_eq!(sys::md5_file(&expected).unwrap(), md5);
 
         let second = deploy_file(&host, &tmpdir_str(&tmp), &bin, &md5).unwrap();
         assert!(!second.uploaded);
@@ -799,7 +772,7 @@ mod tests {
         std::fs::write(&expected, &bytes).unwrap();
         let third = deploy_file(&host, &tmpdir_str(&tmp), &bin, &md5).unwrap();
         assert!(third.uploaded);
-        assert_eq!(file_md5(&expected).unwrap(), md5);
+        assert_eq!(sys::md5_file(&expected).unwrap(), md5);
         // Nothing but the binary is left in the private directory.
         let names: Vec<_> = std::fs::read_dir(private_dir(&tmp))
             .unwrap()
@@ -809,6 +782,34 @@ mod tests {
             names,
             vec![std::ffi::OsString::from(format!("resync-{md5}"))]
         );
+    }
+
+    #[test]
+    fn shell_syntax_in_the_tmpdir_reaches_the_scripts_as_data() {
+        // Every value goes to PREPARE and UPLOAD as a positional parameter:
+        // a tmpdir full of shell syntax is a directory name, nothing runs.
+        let src = tempfile::tempdir().unwrap();
+        let (bin, md5) = stand_in(src.path());
+        let tmp = tempfile::tempdir().unwrap();
+        let marker = tmp.path().join("pwned");
+        // A directory name cannot hold a '/': the marker's path comes from
+        // the environment, which the scripts inherit.
+        std::env::set_var("RESYNC_DEPLOY_TEST_MARKER", &marker);
+        let hostile = tmp.path().join(
+            "a b $(touch \"$RESYNC_DEPLOY_TEST_MARKER\") \
+             `touch \"$RESYNC_DEPLOY_TEST_MARKER\"`; touch \"$RESYNC_DEPLOY_TEST_MARKER\" '\" *",
+        );
+        std::fs::create_dir(&hostile).unwrap();
+        let tmpdir = hostile.to_str().unwrap();
+        let first = deploy_file(&LocalHost::new(), tmpdir, &bin, &md5).unwrap();
+        let expected = hostile.join(format!("resync-bin-{}/resync-{md5}", euid()));
+        assert_eq!(first.path, expected.to_str().unwrap());
+        assert!(first.uploaded);
+        assert_eq!(sys::md5_file(&expected).unwrap(), md5);
+        assert!(!marker.exists(), "a value was run as shell code");
+        let again = deploy_file(&LocalHost::new(), tmpdir, &bin, &md5).unwrap();
+        assert!(!again.uploaded, "the MD5 of the copy was read back");
+        assert!(!marker.exists());
     }
 
     #[test]
@@ -841,16 +842,13 @@ mod tests {
 
     #[test]
     fn local_tmpdir_inside_a_foreign_directory_is_refused() {
-        if euid() != 0 {
-            eprintln!("skipped: needs root to chown");
-            return;
-        }
         let src = tempfile::tempdir().unwrap();
         let (bin, md5) = stand_in(src.path());
         let tmp = tempfile::tempdir().unwrap();
         let theirs = tmp.path().join("theirs");
         std::fs::create_dir_all(theirs.join("tmp")).unwrap();
-        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534))
+            .expect("the unit tests run as root, which may chown");
         let tmpdir = theirs.join("tmp");
         let err = deploy_file(&LocalHost::new(), tmpdir.to_str().unwrap(), &bin, &md5).unwrap_err();
         assert!(
@@ -872,16 +870,13 @@ mod tests {
 
     #[test]
     fn local_foreign_owned_private_dir_is_refused() {
-        if euid() != 0 {
-            eprintln!("skipped: needs root to chown");
-            return;
-        }
         let src = tempfile::tempdir().unwrap();
         let (bin, md5) = stand_in(src.path());
         let tmp = tempfile::tempdir().unwrap();
         let dir = private_dir(&tmp);
         std::fs::create_dir(&dir).unwrap();
-        std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), Some(65534))
+            .expect("the unit tests run as root, which may chown");
         let err = deploy_file(&LocalHost::new(), &tmpdir_str(&tmp), &bin, &md5).unwrap_err();
         assert!(
             format!("{err:#}").contains("belongs to uid 65534"),
@@ -932,7 +927,7 @@ mod tests {
         let mut bytes = b"\x7fELF\x02\x01\x01".to_vec();
         bytes.resize(4096, 0);
         std::fs::write(&bin, &bytes).unwrap();
-        let md5 = file_md5(&bin).unwrap();
+        let md5 = sys::md5_file(&bin).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let err = deploy_file(&LocalHost::new(), &tmpdir_str(&tmp), &bin, &md5).unwrap_err();
         assert!(format!("{err:#}").contains("noexec mount?"), "{err:#}");
@@ -1033,7 +1028,7 @@ mod tests {
             debug
         };
         assert!(bin.exists(), "{} not built: run cargo build", bin.display());
-        let md5 = file_md5(&bin).unwrap();
+        let md5 = sys::md5_file(&bin).unwrap();
         let size = std::fs::metadata(&bin).unwrap().len();
         (bin, md5, size)
     }
