@@ -10,6 +10,7 @@
 #   openzfs-guest.sh status [STATE_DIR]  show the cache and the guest
 #   openzfs-guest.sh ssh    [CMD...]     run CMD (or a shell) in the guest of
 #                                        $OZG_STATE (default STATE_DIR)
+#   openzfs-guest.sh mirrors             print the Debian mirrors a build uses
 #
 # The host kernel has no ZFS and must not load modules: OpenZFS runs only in
 # the guest. KVM does not work on these machines, so the guest runs under TCG
@@ -41,7 +42,12 @@
 #
 # Tunables: OZG_DISKS (3), OZG_DISK_SIZE (2G), OZG_MEM (2048 MiB), OZG_SMP (2),
 # OZG_BOOT_TIMEOUT (120 s), OZG_ARC_MAX (268435456 bytes; build time),
-# OZG_MIRROR (http://deb.debian.org/debian).
+# OZG_MIRROR and OZG_SECURITY_MIRROR (the Debian archive and its security
+# archive; default: the first of each in this host's own apt sources,
+# $OZG_APT_DIR/sources.list.d/*.sources `URIs:`, then sources.list and
+# sources.list.d/*.list, so a machine behind a local mirror uses it; no
+# mirror is built in). A security archive that is nowhere to be found is
+# left out of the guest's sources, with a warning.
 set -euo pipefail
 
 export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH:-}"
@@ -49,7 +55,8 @@ export LC_ALL=C
 export DEBIAN_FRONTEND=noninteractive
 
 CACHE=${OZG_CACHE:-/var/tmp/resync-openzfs-guest}
-MIRROR=${OZG_MIRROR:-http://deb.debian.org/debian}
+APT_DIR=${OZG_APT_DIR:-/etc/apt}
+MIRROR= SECURITY_MIRROR=
 SUITE=bookworm
 NDISKS=${OZG_DISKS:-3}
 DISK_SIZE=${OZG_DISK_SIZE:-2G}
@@ -72,6 +79,70 @@ log() { printf '[openzfs-guest %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 # ---------------------------------------------------------------- build ----
+
+# The Debian mirrors in an apt configuration directory (default $APT_DIR), as
+# "main URI" and "security URI" lines: for every enabled `deb` source, its
+# first URI, "security" for a -security suite and "main" for any other.
+# deb822 files (sources.list.d/*.sources) come first, then one-line ones
+# (sources.list, sources.list.d/*.list), each in name order.
+apt_mirrors() {
+  local dir=${1:-$APT_DIR} f
+  local deb822=() oneline=()
+  for f in "$dir"/sources.list.d/*.sources; do [[ -f $f ]] && deb822+=("$f"); done
+  [[ -f $dir/sources.list ]] && oneline+=("$dir/sources.list")
+  for f in "$dir"/sources.list.d/*.list; do [[ -f $f ]] && oneline+=("$f"); done
+  if ((${#deb822[@]})); then
+    awk '
+      function flush(   i, n, s) {
+        if (deb && uri != "" && enabled) {
+          n = split(suites, s, /[ \t]+/)
+          for (i = 1; i <= n; i++) if (s[i] != "") print (s[i] ~ /-security$/ ? "security" : "main"), uri
+        }
+        deb = 0; uri = ""; suites = ""; enabled = 1
+      }
+      BEGIN { enabled = 1 }
+      FNR == 1 { flush() }
+      /^[ \t]*#/ { next }
+      /^[ \t]*$/ { flush(); next }
+      tolower($1) == "types:" { for (i = 2; i <= NF; i++) if ($i == "deb") deb = 1 }
+      tolower($1) == "uris:" { uri = $2 }
+      tolower($1) == "suites:" { suites = ""; for (i = 2; i <= NF; i++) suites = suites " " $i }
+      tolower($1) == "enabled:" { enabled = (tolower($2) != "no") }
+      END { flush() }
+    ' "${deb822[@]}"
+  fi
+  if ((${#oneline[@]})); then
+    awk '
+      $1 != "deb" { next }
+      {
+        line = $0
+        sub(/^[ \t]*deb[ \t]+/, "", line)
+        if (line ~ /^\[/) sub(/^\[[^]]*\][ \t]*/, "", line)
+        split(line, w, /[ \t]+/)
+        if (w[1] != "" && w[2] != "") print (w[2] ~ /-security$/ ? "security" : "main"), w[1]
+      }
+    ' "${oneline[@]}"
+  fi
+}
+
+# Sets MIRROR and SECURITY_MIRROR: the OZG_ variables, else the host's own.
+resolve_mirrors() {
+  local found
+  found=$(apt_mirrors "$APT_DIR")
+  MIRROR=${OZG_MIRROR:-$(awk '$1 == "main" { print $2; exit }' <<<"$found")}
+  SECURITY_MIRROR=${OZG_SECURITY_MIRROR:-$(awk '$1 == "security" { print $2; exit }' <<<"$found")}
+  MIRROR=${MIRROR%/} SECURITY_MIRROR=${SECURITY_MIRROR%/}
+  [[ -n $MIRROR ]] ||
+    die "no Debian mirror in $APT_DIR's sources (sources.list.d/*.sources, sources.list); set OZG_MIRROR"
+  [[ -n $SECURITY_MIRROR ]] ||
+    log "WARNING: no -security source in $APT_DIR; the guest gets no security archive (set OZG_SECURITY_MIRROR)"
+}
+
+cmd_mirrors() {
+  resolve_mirrors
+  echo "main $MIRROR"
+  if [[ -n $SECURITY_MIRROR ]]; then echo "security $SECURITY_MIRROR"; fi
+}
 
 # Host packages: debootstrap and QEMU. qemu-system-x86 must match qemu-utils:
 # when the host's qemu-utils came from bookworm-backports, take QEMU from there
@@ -182,8 +253,10 @@ write_apt_config() {
 deb $MIRROR $SUITE main contrib
 deb $MIRROR $SUITE-updates main contrib
 deb $MIRROR $SUITE-backports main contrib
-deb http://deb.debian.org/debian-security $SUITE-security main contrib
 EOF
+  if [[ -n $SECURITY_MIRROR ]]; then
+    echo "deb $SECURITY_MIRROR $SUITE-security main contrib" >>"$ROOTFS/etc/apt/sources.list"
+  fi
   # OpenZFS 2.3.x from backports (src:zfs-linux only); everything else stays
   # bookworm's.
   cat >"$ROOTFS/etc/apt/preferences.d/zfs-backports" <<EOF
@@ -337,6 +410,7 @@ cmd_build() {
   ionice -c3 -p $$ >/dev/null 2>&1 || true
   local t0=$SECONDS
   trap 'chroot_umount' EXIT
+  resolve_mirrors
   host_deps
   build_keys
   rm -f "$STAMPS/image"
@@ -536,6 +610,10 @@ cmd_ssh() {
 
 usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
+if [[ ${1:-} == mirrors ]]; then
+  cmd_mirrors
+  exit
+fi
 [[ $EUID -eq 0 ]] || die "run as root"
 case ${1:-} in
   build) shift; cmd_build "$@" ;;

@@ -30,6 +30,12 @@ say "checking format and lints"
 cargo fmt --all -- --check || die "cargo fmt --check: run cargo fmt"
 cargo clippy --all-targets --quiet -- -D warnings || die "cargo clippy reports warnings"
 
+say "checking the OpenZFS guest's mirror choice (scripts/guest/mirrors-test.sh)"
+bash scripts/guest/mirrors-test.sh >/dev/null || {
+	bash scripts/guest/mirrors-test.sh >&2 || true
+	die "scripts/guest/mirrors-test.sh failed"
+}
+
 say "building"
 cargo build --release || die "cargo build --release failed"
 cargo test --no-run || die "building the tests failed"
