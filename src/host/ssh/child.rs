@@ -6,6 +6,7 @@
 
 use super::reactor::{Cmd, CHUNK};
 use crate::host::{Child, ConnectionLost, ExitInfo};
+use crate::sys::Unpoisoned;
 use anyhow::{anyhow, Context};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -25,9 +26,8 @@ impl Link {
     pub(super) fn lost(&self) -> ConnectionLost {
         let reason = self
             .dead
-            .lock()
-            .ok()
-            .and_then(|d| d.clone())
+            .locked()
+            .clone()
             .unwrap_or_else(|| "the SSH session ended".into());
         ConnectionLost {
             host: self.label.clone(),
@@ -45,10 +45,11 @@ pub(super) struct Shared {
 
 impl Shared {
     pub(super) fn send(&self, cmd: Cmd) -> anyhow::Result<()> {
-        let sent = match self.cmd_tx.lock() {
-            Ok(guard) => guard.as_ref().is_some_and(|tx| tx.send(cmd).is_ok()),
-            Err(_) => false,
-        };
+        let sent = self
+            .cmd_tx
+            .locked()
+            .as_ref()
+            .is_some_and(|tx| tx.send(cmd).is_ok());
         if !sent {
             return Err(self.link.lost().into());
         }
@@ -59,9 +60,7 @@ impl Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        if let Ok(mut guard) = self.cmd_tx.lock() {
-            guard.take();
-        }
+        self.cmd_tx.locked().take();
         self.link.waker.wake();
     }
 }
@@ -274,7 +273,7 @@ impl SshStdin {
     }
 
     pub(super) fn closed(&self) -> io::Error {
-        if self.link.dead.lock().is_ok_and(|d| d.is_some()) {
+        if self.link.dead.locked().is_some() {
             return Failure::Lost(self.link.lost()).into_io();
         }
         io::Error::new(

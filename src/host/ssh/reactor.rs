@@ -9,6 +9,7 @@
 use super::child::{Failure, Flags, Link, Out, Shared, Waker};
 use super::connect::{round_trip_time, window_for};
 use crate::host::{push_capped, signal_status, ConnectionLost, ExitInfo};
+use crate::sys::Unpoisoned;
 use anyhow::Context;
 use ssh2::{BlockDirections, Channel, ErrorCode, Session, Stream};
 use std::collections::VecDeque;
@@ -360,9 +361,7 @@ impl Reactor {
 
     /// The session broke: every waiter learns why, then the thread ends.
     pub(super) fn die(mut self, reason: String) {
-        if let Ok(mut dead) = self.link.dead.lock() {
-            *dead = Some(reason.clone());
-        }
+        *self.link.dead.locked() = Some(reason.clone());
         let lost = ConnectionLost {
             host: self.link.label.clone(),
             reason,
