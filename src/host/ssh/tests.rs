@@ -361,6 +361,63 @@ fn live_cut_link_is_noticed_within_io_timeout() {
 
 #[test]
 #[ignore]
+fn live_host_key_alias_and_known_hosts_files_from_the_config() {
+    let bed = TestSshd::start();
+    let home = bed.path("home");
+    std::fs::remove_file(home.join(".ssh/known_hosts")).unwrap();
+    std::fs::write(
+        home.join(".ssh/config"),
+        format!(
+            "Host vault\n HostName 127.0.0.1\n Port {}\n HostKeyAlias vault-key\n \
+             UserKnownHostsFile ~/kh/first ~/kh/second\n GlobalKnownHostsFile ~/kh/global\n",
+            bed.port
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(home.join("kh")).unwrap();
+    let key = bed.host_key_line();
+    let key = key.split_once(' ').unwrap().1;
+    let mut opts = bed.opts();
+    opts.port = None;
+    let vault = SshSpec::parse("root@vault");
+
+    // The key under the alias in the global file: known.
+    std::fs::write(home.join("kh/global"), format!("vault-key {key}")).unwrap();
+    std::env::remove_var("SSH_AUTH_SOCK");
+    let host = SshHost::connect(&vault, &opts).unwrap();
+    assert_eq!(host.run(&argv(&["echo", "ok"])).unwrap().stdout, "ok\n");
+    drop(host);
+
+    // Another key under the alias in the second user file: changed, and
+    // --accept-new-host-key does not accept it.
+    let other = "AAAAC3NzaC1lZDI1NTE5AAAAIHiD1HWOXk5VDyTvPiyInpDv/3sObNoM4vMKIK55zgWh";
+    std::fs::remove_file(home.join("kh/global")).unwrap();
+    std::fs::write(
+        home.join("kh/second"),
+        format!("vault-key ssh-ed25519 {other}\n"),
+    )
+    .unwrap();
+    opts.accept_new_host_key = true;
+    let err = bed.connect_err(&vault, &opts);
+    assert!(
+        err.starts_with("HOST KEY FOR vault-key HAS CHANGED"),
+        "{err}"
+    );
+    assert!(!home.join("kh/first").exists(), "nothing was written");
+
+    // Unknown: accepted into the first user file, under the alias.
+    std::fs::remove_file(home.join("kh/second")).unwrap();
+    drop(SshHost::connect(&vault, &opts).unwrap());
+    assert_eq!(
+        std::fs::read_to_string(home.join("kh/first")).unwrap(),
+        format!("vault-key {key}")
+    );
+    opts.accept_new_host_key = false;
+    drop(SshHost::connect(&vault, &opts).unwrap());
+}
+
+#[test]
+#[ignore]
 fn live_host_key_checks() {
     let bed = TestSshd::start();
     let kh = bed.path("home/.ssh/known_hosts");
