@@ -23,7 +23,7 @@
 //! command that is silent for hours (a `zfs receive` finishing) is never cut
 //! short: there is no per-call timeout. A broken session fails every open
 //! channel and every later call with [`ConnectionLost`]; reconnecting is the
-//! caller's move (a new `SshHost::connect`).
+//! caller's move (a new `SshHost::connect`, see `host::reconnect`).
 //!
 //! Throughput: ChaCha20-Poly1305 first (libssh2's AES-GCM is much slower),
 //! 32 KiB packets, a receive window sized to the round-trip time, and a
