@@ -34,6 +34,12 @@ const MD5_TEXT_MAX: usize = 256;
 const TOUCH_EVERY: u64 = 8 << 20;
 /// Most entries a client accepts in one listing.
 const LIST_MAX: usize = 100_000;
+/// Longest error text in an ERR frame (after its class byte).
+const ERR_TEXT_MAX: usize = 4096;
+/// Largest ERR payload: the class byte and the text. An ERR frame may come
+/// wherever a reply is expected, so it is always read at this limit, however
+/// small the expected reply is.
+const ERR_MAX: usize = 1 + ERR_TEXT_MAX;
 
 /// Frame kinds. Requests: POLL, READ, WRITE, DATA (inside a write), DONE
 /// (ends a write). Replies: HELLO, GONE, the listing entries and LIST_END,
@@ -84,7 +90,8 @@ pub fn write_frame(w: &mut impl Write, kind: u8, payload: &[u8]) -> io::Result<(
 }
 
 /// Reads one frame into `buf`; Ok(None) on a clean end of input before a
-/// frame. A payload over `max` bytes (or DATA_MAX for data) is an error.
+/// frame. A payload over `max` bytes is an error, except that DATA frames
+/// have their own limit (DATA_MAX) and ERR frames theirs (ERR_MAX).
 pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>, max: usize) -> Result<Option<u8>> {
     let mut head = [0u8; 5];
     let mut got = 0;
@@ -99,7 +106,11 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>, max: usize) -> Result<Op
     }
     let kind = head[0];
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    let limit = if kind == kind::DATA { DATA_MAX } else { max };
+    let limit = match kind {
+        kind::DATA => DATA_MAX,
+        kind::ERR => ERR_MAX.max(max),
+        _ => max,
+    };
     if len > limit {
         bail!(
             "frame {:?} of {len} bytes is larger than {limit}",
@@ -447,7 +458,7 @@ fn reply_err(w: &mut impl Write, e: &anyhow::Error) -> io::Result<()> {
     };
     let mut payload = vec![class];
     let text = format!("{e:#}");
-    payload.extend_from_slice(&text.as_bytes()[..text.len().min(4096)]);
+    payload.extend_from_slice(&text.as_bytes()[..text.len().min(ERR_TEXT_MAX)]);
     write_frame(w, kind::ERR, &payload)
 }
 
@@ -962,7 +973,7 @@ impl Client {
     }
 
     fn await_ack(&mut self) -> Result<()> {
-        let k = self.frame(4096 + 1)?;
+        let k = self.frame(ERR_MAX)?;
         if k != kind::ACK {
             return Err(self.unexpected(k, "for a sync"));
         }
@@ -977,7 +988,7 @@ impl Client {
         while self.acks_due > 0 {
             self.await_ack()?;
         }
-        match self.frame(4096 + 1)? {
+        match self.frame(ERR_MAX)? {
             kind::OK => Ok(()),
             k => Err(self.unexpected(k, "after a write")),
         }
@@ -994,7 +1005,7 @@ impl Client {
     /// The next piece of a read, or None at its end (with the byte count
     /// the server says it sent).
     pub fn next_data(&mut self) -> Result<Result<&[u8], u64>> {
-        match self.frame(4096 + 1)? {
+        match self.frame(ERR_MAX)? {
             kind::DATA => Ok(Ok(&self.buf)),
             kind::DONE => {
                 let mut f = Fields::new(&self.buf);
@@ -1206,5 +1217,23 @@ mod tests {
         let k = read_frame(&mut &out[..], &mut buf, FRAME_MAX).unwrap();
         assert_eq!(k, Some(kind::ERR));
         assert_eq!(buf[0], ERR_NO_SPACE);
+    }
+
+    #[test]
+    fn a_full_disk_on_a_write_request_is_no_space_not_a_framing_error() {
+        // The server refuses a write at once (its `.part` cannot be
+        // created): the ERR reply names the long path, far over the 8 bytes
+        // an OFFSET reply has.
+        let path = format!("/tmp/resync-{}/{}{PART}", "ab".repeat(16), chunk_name(3));
+        let e = anyhow::Error::new(io::Error::from_raw_os_error(libc::ENOSPC))
+            .context(format!("opening {path}"));
+        let mut server = Vec::new();
+        write_frame(&mut server, kind::HELLO, HELLO_TEXT).unwrap();
+        reply_err(&mut server, &e).unwrap();
+        let r: Box<dyn Read + Send> = Box::new(io::Cursor::new(server));
+        let mut c = Client::from_io(r, Box::new(io::sink())).unwrap();
+        let err = c.begin_write(3, 100, "").unwrap_err();
+        assert!(is_no_space_error(&err), "{err:#}");
+        assert!(format!("{err:#}").contains(&path), "{err:#}");
     }
 }
