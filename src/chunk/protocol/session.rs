@@ -11,7 +11,7 @@
 //! This module owns the formats (manifest, owner file, listing) and the
 //! [`Held`] error; `__chunk-own`/`__chunk-sessions`/`__chunk-manifest` run
 //! in `helper/owner.rs`, the orchestrator's side (probing, listing,
-//! [`Ownership`](crate::chunk::driver::ownership::Ownership)) in `driver/`.
+//! `Ownership`) in `driver/`.
 //!
 //! # Files (in addition to the protocol's, see the package doc)
 //! | name | written by | meaning |
