@@ -221,3 +221,27 @@ fn a_full_disk_on_a_write_request_is_no_space_not_a_framing_error() {
     assert!(is_no_space_error(&err), "{err:#}");
     assert!(format!("{err:#}").contains(&path), "{err:#}");
 }
+
+/// Fix 11 of issue 9: the server opens its folder once and works through
+/// that descriptor. A folder swapped for a symlink afterwards is not
+/// followed: a read does not serve a chunk from the symlink's target, and
+/// a marker goes into the folder the server opened.
+#[test]
+fn a_server_keeps_to_the_folder_it_opened_when_a_symlink_replaces_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = session(tmp.path());
+    let (mut c, _s) = pair(&d);
+    assert!(!c.poll(&[]).unwrap().gone, "the server has opened it");
+    let moved = tmp.path().join("moved");
+    let elsewhere = tmp.path().join("elsewhere");
+    fs::rename(&d, &moved).unwrap();
+    fs::create_dir(&elsewhere).unwrap();
+    fs::write(elsewhere.join(chunk_name(0)), b"not yours").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &d).unwrap();
+    c.begin_read(0, 0).unwrap();
+    assert!(c.next_data().is_err(), "served a chunk through the symlink");
+    let f = c.poll(&[Op::Put(END.into(), "chunks 0\n".into())]).unwrap();
+    assert!(!f.gone);
+    assert_eq!(fs::read(moved.join(END)).unwrap(), b"chunks 0\n");
+    assert!(!elsewhere.join(END).exists());
+}

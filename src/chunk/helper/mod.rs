@@ -7,6 +7,7 @@
 //! child's pipe). Files in a session folder are handled in `files.rs`. It
 //! depends on `chunk::protocol` and `sys.rs`, never on `chunk::driver`.
 
+pub mod dirfd;
 pub mod files;
 pub mod owner;
 pub mod receiver;

@@ -5,20 +5,20 @@
 //! applying deletions and marker writes, stream a chunk from a byte offset,
 //! write a chunk from the byte offset its `.part` file has reached. It
 //! trusts no client: every frame is bounded and checked, and a malformed
-//! one ends the conversation with an error.
+//! one ends the conversation with an error. The folder is opened once and
+//! used through its descriptor only (`dirfd.rs`), so swapping it for a
+//! symlink after it was checked leads nowhere.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::RawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::files::{
-    check_session_dir, exists_nofollow, open_nofollow, read_marker, remove_if_present, write_atomic,
-};
+use super::dirfd::{fstat, DirFd};
 use super::log;
 use crate::chunk::protocol::folder::{chunk_name, md5_name, parse_chunk_file_name, ChunkFile};
 use crate::chunk::protocol::frames::{
@@ -126,13 +126,14 @@ impl Write for TimedFd {
 /// The server loop: HELLO, then one reply per request until end of input.
 pub fn serve(dir: &Path, r: &mut impl Read, w: &mut impl Write) -> Result<()> {
     let mut buf = Vec::new();
+    let mut folder = Served::new(dir);
     write_frame(w, kind::HELLO, HELLO_TEXT)?;
     w.flush()?;
     while let Some(k) = read_frame(r, &mut buf, FRAME_MAX)? {
         match k {
             kind::POLL => {
                 let ops = decode_ops(&buf)?;
-                match poll(dir, &ops) {
+                match poll(&mut folder, &ops) {
                     Ok(entries) => {
                         for (k, payload) in entries {
                             write_frame(w, k, &payload)?;
@@ -145,7 +146,7 @@ pub fn serve(dir: &Path, r: &mut impl Read, w: &mut impl Write) -> Result<()> {
                 let mut f = Fields::new(&buf);
                 let (index, offset) = (f.u64()?, f.u64()?);
                 f.end()?;
-                read_chunk(dir, index, offset, w, &mut buf)?;
+                read_chunk(&mut folder, index, offset, w, &mut buf)?;
             }
             kind::WRITE => {
                 let mut f = Fields::new(&buf);
@@ -154,13 +155,59 @@ pub fn serve(dir: &Path, r: &mut impl Read, w: &mut impl Write) -> Result<()> {
                 if md5.len() > MD5_TEXT_MAX || total > CHUNK_SIZE_MAX {
                     bail!("invalid write request for chunk {index}");
                 }
-                write_chunk(dir, index, total, &md5, r, w, &mut buf)?;
+                write_chunk(&mut folder, index, total, &md5, r, w, &mut buf)?;
             }
             other => bail!("unexpected request {:?}", other as char),
         }
         w.flush()?;
     }
     Ok(())
+}
+
+/// The session folder this server serves: opened once, on the first
+/// request that finds it (the server may start before its helper created
+/// it), and from then on used only through its descriptor (`dirfd.rs`).
+struct Served {
+    path: PathBuf,
+    open: Option<DirFd>,
+}
+
+impl Served {
+    fn new(path: &Path) -> Served {
+        Served {
+            path: path.to_path_buf(),
+            open: None,
+        }
+    }
+
+    /// The open folder; None while it does not exist yet, or once it was
+    /// removed.
+    fn get(&mut self) -> Result<Option<&DirFd>> {
+        if self.open.is_none() {
+            match DirFd::open(&self.path) {
+                Ok(d) => self.open = Some(d),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "opening {} (a real directory of ours, mode 0700)",
+                            self.path.display()
+                        )
+                    })
+                }
+            }
+        }
+        match &self.open {
+            Some(d) if d.removed()? => Ok(None),
+            other => Ok(other.as_ref()),
+        }
+    }
+
+    /// The open folder, or an error naming it when it is not there.
+    fn need(&mut self) -> Result<&DirFd> {
+        let path = self.path.display().to_string();
+        self.get()?.ok_or_else(|| anyhow!("{path} does not exist"))
+    }
 }
 
 /// An ERR frame for `e`, marked "no space" when the disk is full.
@@ -184,24 +231,19 @@ fn is_no_space(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Applies `ops` in `dir`, then lists it as frames.
-fn poll(dir: &Path, ops: &[Op]) -> Result<Vec<(u8, Vec<u8>)>> {
-    if !exists_nofollow(dir) {
+/// Applies `ops` in the folder, then lists it as frames.
+fn poll(folder: &mut Served, ops: &[Op]) -> Result<Vec<(u8, Vec<u8>)>> {
+    let Some(dir) = folder.get()? else {
         return Ok(vec![(kind::GONE, Vec::new())]);
-    }
-    check_session_dir(dir)?;
+    };
     for op in ops {
         match op {
-            Op::Rm(name) => remove_if_present(dir, name)?,
-            Op::Put(name, text) => write_atomic(dir, name, text.as_bytes())?,
+            Op::Rm(name) => dir.remove_if_present(name)?,
+            Op::Put(name, text) => dir.write_atomic(name, text.as_bytes())?,
         }
     }
     let mut out = Vec::new();
-    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
-            continue;
-        };
+    for name in dir.names()? {
         let (part, base) = match name.strip_suffix(PART) {
             Some(b) => (true, b),
             None => (false, name.as_str()),
@@ -210,24 +252,24 @@ fn poll(dir: &Path, ops: &[Op]) -> Result<Vec<(u8, Vec<u8>)>> {
             continue;
         };
         // Files may vanish while we list: skip those.
-        let Ok(meta) = fs::symlink_metadata(entry.path()) else {
+        let Ok(Some(meta)) = dir.stat(&name) else {
             continue;
         };
-        if !meta.file_type().is_file() {
+        if !meta.is_file() {
             continue;
         }
         let mut p = file.index().to_be_bytes().to_vec();
         match (file, part) {
             (ChunkFile::Data(_), false) => {
-                p.extend_from_slice(&meta.len().to_be_bytes());
+                p.extend_from_slice(&meta.size.to_be_bytes());
                 out.push((kind::CHUNK, p));
             }
             (ChunkFile::Data(_), true) => {
-                p.extend_from_slice(&meta.len().to_be_bytes());
+                p.extend_from_slice(&meta.size.to_be_bytes());
                 out.push((kind::PART, p));
             }
             (ChunkFile::Md5(_), false) => {
-                let Ok(f) = open_nofollow(&entry.path()) else {
+                let Ok(f) = dir.open_read(&name) else {
                     continue;
                 };
                 let mut text = Vec::new();
@@ -242,7 +284,7 @@ fn poll(dir: &Path, ops: &[Op]) -> Result<Vec<(u8, Vec<u8>)>> {
     }
     for name in LISTED_MARKERS {
         // An unreadable marker is listed empty: its parser then says why.
-        let text = match read_marker(dir, name) {
+        let text = match dir.read_marker(name) {
             Ok(Some(t)) => t,
             Ok(None) => continue,
             Err(_) => String::new(),
@@ -259,15 +301,20 @@ fn poll(dir: &Path, ops: &[Op]) -> Result<Vec<(u8, Vec<u8>)>> {
 /// READ: streams chunk `index` from `offset` as DATA frames, then DONE with
 /// the byte count; ERR instead if it cannot be read.
 fn read_chunk(
-    dir: &Path,
+    folder: &mut Served,
     index: u64,
     offset: u64,
     w: &mut impl Write,
     buf: &mut Vec<u8>,
 ) -> Result<()> {
-    let path = dir.join(chunk_name(index));
-    let opened = open_nofollow(&path)
-        .with_context(|| format!("opening {}", path.display()))
+    let name = chunk_name(index);
+    let path = folder.path.join(&name);
+    let opened = folder
+        .need()
+        .and_then(|dir| {
+            dir.open_read(&name)
+                .with_context(|| format!("opening {}", path.display()))
+        })
         .and_then(|mut f| {
             let size = f.metadata()?.len();
             if offset > size {
@@ -321,7 +368,7 @@ enum Start {
 /// up to DONE, writing each at its byte offset; when the file is complete,
 /// renames it into place and writes the `.md5` last; replies OK or ERR.
 fn write_chunk(
-    dir: &Path,
+    folder: &mut Served,
     index: u64,
     total: u64,
     md5: &[u8],
@@ -329,29 +376,25 @@ fn write_chunk(
     w: &mut impl Write,
     buf: &mut Vec<u8>,
 ) -> Result<()> {
-    let data = dir.join(chunk_name(index));
-    let part = dir.join(format!("{}{PART}", chunk_name(index)));
-    let size_of = |p: &Path| fs::symlink_metadata(p).ok().map(|m| m.len());
+    let (data, part) = (chunk_name(index), format!("{}{PART}", chunk_name(index)));
+    let dir = match folder.need() {
+        Ok(d) => d,
+        Err(e) => return Ok(reply_err(w, &e)?),
+    };
     let started = (|| -> Result<(Start, u64)> {
-        check_session_dir(dir)?;
-        if size_of(&data) == Some(total) {
-            if exists_nofollow(&dir.join(md5_name(index))) {
+        if dir.stat(&data)?.map(|m| m.size) == Some(total) {
+            if dir.stat(&md5_name(index))?.is_some() {
                 return Ok((Start::Complete, total));
             }
             return Ok((Start::Md5Only, total));
         }
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&part)
-            .with_context(|| format!("opening {}", part.display()))?;
+        let f = dir
+            .open_file(&part, libc::O_WRONLY | libc::O_CREAT)
+            .with_context(|| format!("opening {}", dir.show(&part)))?;
         let mut size = f.metadata()?.len();
         if size > total {
             f.set_len(0)
-                .with_context(|| format!("truncating {}", part.display()))?;
+                .with_context(|| format!("truncating {}", dir.show(&part)))?;
             size = 0;
         }
         Ok((Start::Part(f), size))
@@ -377,7 +420,7 @@ fn write_chunk(
                         if let Err(e) = f.write_all_at(buf, pos) {
                             failed = Some(
                                 anyhow::Error::new(e)
-                                    .context(format!("writing {}", part.display())),
+                                    .context(format!("writing {}", dir.show(&part))),
                             );
                         }
                     } else {
@@ -405,7 +448,7 @@ fn write_chunk(
         )),
         None => match start {
             Start::Complete => Ok(()),
-            Start::Md5Only => write_atomic(dir, &md5_name(index), md5),
+            Start::Md5Only => dir.write_atomic(&md5_name(index), md5),
             Start::Part(f) => finish_part(dir, index, total, &f, &part, &data, md5),
         },
     };
@@ -419,27 +462,29 @@ fn write_chunk(
 /// A complete `.part`: rename it into place (only if the name still is our
 /// file: a stale writer must not rename someone else's), then the `.md5`.
 fn finish_part(
-    dir: &Path,
+    dir: &DirFd,
     index: u64,
     total: u64,
     f: &File,
-    part: &Path,
-    data: &Path,
+    part: &str,
+    data: &str,
     md5: &[u8],
 ) -> Result<()> {
-    let ours = f.metadata()?;
-    if ours.len() != total {
+    let ours = fstat(f)?;
+    if ours.size != total {
         bail!(
             "{} has {} bytes, expected {total}",
-            part.display(),
-            ours.len()
+            dir.show(part),
+            ours.size
         );
     }
-    let named =
-        fs::symlink_metadata(part).with_context(|| format!("checking {}", part.display()))?;
-    if (named.dev(), named.ino()) != (ours.dev(), ours.ino()) {
-        bail!("{} was replaced while we wrote it", part.display());
+    let named = dir
+        .stat(part)
+        .with_context(|| format!("checking {}", dir.show(part)))?;
+    if named.map(|n| (n.dev, n.ino)) != Some((ours.dev, ours.ino)) {
+        bail!("{} was replaced while we wrote it", dir.show(part));
     }
-    fs::rename(part, data).with_context(|| format!("renaming {}", part.display()))?;
-    write_atomic(dir, &md5_name(index), md5)
+    dir.rename(part, data)
+        .with_context(|| format!("renaming {}", dir.show(part)))?;
+    dir.write_atomic(&md5_name(index), md5)
 }
