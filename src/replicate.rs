@@ -629,7 +629,13 @@ impl Run<'_> {
                     human_bytes(*received)
                 ));
                 let send = zfs::send_resume_argv(token, &self.cfg.send_options);
-                self.note_step(src, dst, None, None, Some(token));
+                self.note_step(
+                    src,
+                    dst,
+                    session::Stream::Resume {
+                        token: token.clone(),
+                    },
+                );
                 let recv = RecvArgs {
                     resumable: true,
                     ..recv
@@ -689,7 +695,15 @@ impl Run<'_> {
             Some(f) => format!("{src}@{}..@{}", f.name, to.name),
             None => format!("{src}@{}", to.name),
         };
-        self.note_step(src, dst, from, Some(to), None);
+        let stream = match from {
+            Some(from) => session::Stream::Incremental {
+                from: from.clone(),
+                to: to.clone(),
+                intermediates,
+            },
+            None => session::Stream::Full { to: to.clone() },
+        };
+        self.note_step(src, dst, stream);
         let n = self.transfer(&send, &zfs::receive_argv(dst, recv), &label, 0)?;
         self.verify(dst, to)?;
         Ok(n)
@@ -949,27 +963,12 @@ impl Run<'_> {
         Ok(stats)
     }
 
-    /// Notes the step about to be sent, for a chunked session's manifest.
-    fn note_step(
-        &self,
-        src: &Dataset,
-        dst: &Dataset,
-        from: Option<&Snapshot>,
-        to: Option<&Snapshot>,
-        token: Option<&str>,
-    ) {
-        let snap = |s: &Snapshot| session::Snap {
-            name: s.name.clone(),
-            guid: s.guid,
-        };
+    /// Notes the stream about to be sent, for a chunked session's manifest.
+    fn note_step(&self, src: &Dataset, dst: &Dataset, stream: session::Stream) {
         *self.chunk_step.lock().unwrap_or_else(|p| p.into_inner()) = Some(session::Identity {
             source: src.to_string(),
             target: dst.to_string(),
-            step: session::Step {
-                from: from.map(snap),
-                to: to.map(snap),
-                token: token.map(str::to_string),
-            },
+            stream,
         });
     }
 

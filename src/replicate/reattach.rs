@@ -4,7 +4,8 @@
 //! its host and its age). Dead sessions (no helper, no owner) are removed
 //! on both hosts, so their staged chunks are never mistaken for progress;
 //! the step starts over (or resumes from the target's token, where ZFS
-//! keeps one). A live session whose step still fits (its snapshots on the
+//! keeps one). A live session whose step still fits (started with the same
+//! zfs send/receive command lines this run would use, its snapshots on the
 //! source with the same GUIDs, the target still where the step starts) is
 //! re-attached to and finished without re-sending delivered chunks; one
 //! that no longer fits is cancelled. Afterwards the run plans as usual.
@@ -13,8 +14,8 @@ use anyhow::{Context, Result};
 
 use super::Run;
 use crate::chunk::orchestrator;
-use crate::chunk::session::{self, Found, Held, Manifest, Role};
-use crate::zfs::{Dataset, Snapshot};
+use crate::chunk::session::{self, Found, Held, Manifest, Probe, Role, Stream};
+use crate::zfs::{self, Dataset, RecvArgs, SendArgs, Snapshot};
 
 /// How long to wait for cancelled helpers to stop (zfs receive must let go
 /// of the target before the run plans).
@@ -26,14 +27,8 @@ impl Run<'_> {
     pub(super) fn reattach(&self, src: &Dataset, dst: &Dataset) -> Result<u64> {
         let dst_exe = self.helper_exe(&self.dst)?;
         let target = self.dst.label(dst);
-        let listing = session::list(
-            &*self.dst.host(),
-            &dst_exe,
-            &self.cfg.tmpdir,
-            dst.as_str(),
-            true,
-        )
-        .with_context(|| format!("looking for chunk sessions into {target}"))?;
+        let listing = session::list(&*self.dst.host(), &dst_exe, &self.cfg.tmpdir, dst.as_str())
+            .with_context(|| format!("looking for chunk sessions into {target}"))?;
         let removed = |f: &Found| listing.removed.contains(&f.dir);
         let owned = listing
             .found
@@ -70,7 +65,7 @@ impl Run<'_> {
             }
             let fits = match attached {
                 true => Err("another session was re-attached already".to_string()),
-                false => self.step_fits(src, m)?,
+                false => self.step_fits(src, dst, m)?,
             };
             match fits {
                 Ok(()) => {
@@ -89,7 +84,12 @@ impl Run<'_> {
     }
 
     /// Whether this run can finish the session's step: Ok(Err(why)) if not.
-    fn step_fits(&self, src: &Dataset, m: &Manifest) -> Result<std::result::Result<(), String>> {
+    fn step_fits(
+        &self,
+        src: &Dataset,
+        dst: &Dataset,
+        m: &Manifest,
+    ) -> Result<std::result::Result<(), String>> {
         let label = self.src.host().label().to_string();
         if m.sender_host != label || m.identity.source != src.as_str() {
             return Ok(Err(format!(
@@ -97,29 +97,78 @@ impl Run<'_> {
                 m.sender_host, m.identity.source
             )));
         }
-        if label == "local" && m.host != session::hostname() {
+        if label == "local" && m.host != session::this_host() {
             return Ok(Err(format!("its sender is local to host {}", m.host)));
         }
         let src_exe = self.helper_exe(&self.src)?;
-        let probe = session::probe(&*self.src.host(), &src_exe, &m.sender_dir, false, false)?;
+        let probe = session::probe(&*self.src.host(), &src_exe, &m.sender_dir, Probe::Look)?;
         if !probe.found.iter().any(|f| f.helper_alive) {
             return Ok(Err("its sender helper is gone".into()));
         }
-        let dst = Dataset::parse(&m.identity.target)?;
+        let (send, recv) = self.step_argv(src, dst, &m.identity.stream);
+        let target_ds = Dataset::parse(&m.identity.target)?;
         let source = self.source_state(src)?;
-        let target = self.target_state(&dst)?;
-        Ok(session::check_step(
-            &m.identity.step,
-            &pairs(&source.snapshots),
-            &pairs(&target.snapshots),
+        let target = self.target_state(&target_ds)?;
+        Ok(session::session_fits(
+            m,
+            &session::argv_md5(&send, &recv),
+            &source.snapshots,
+            &target.snapshots,
             target.resume_token.as_deref(),
         ))
+    }
+
+    /// The `zfs send` and `zfs receive` command lines this run would start
+    /// for `stream`, built as `Run::execute` builds them.
+    fn step_argv(
+        &self,
+        src: &Dataset,
+        dst: &Dataset,
+        stream: &Stream,
+    ) -> (Vec<String>, Vec<String>) {
+        let recv = RecvArgs {
+            resumable: self.dst.caps.resume_tokens,
+            force: self.cfg.rollback,
+            options: &self.cfg.recv_options,
+        };
+        let send = |from: Option<&Snapshot>, to: &Snapshot, intermediates: bool| {
+            zfs::send_argv(
+                src,
+                &SendArgs {
+                    from: from.map(|f| f.name.as_str()),
+                    to: &to.name,
+                    intermediates,
+                    options: &self.cfg.send_options,
+                },
+            )
+        };
+        match stream {
+            Stream::Resume { token } => (
+                zfs::send_resume_argv(token, &self.cfg.send_options),
+                zfs::receive_argv(
+                    dst,
+                    &RecvArgs {
+                        resumable: true,
+                        ..recv
+                    },
+                ),
+            ),
+            Stream::Full { to } => (send(None, to, false), zfs::receive_argv(dst, &recv)),
+            Stream::Incremental {
+                from,
+                to,
+                intermediates,
+            } => (
+                send(Some(from), to, *intermediates),
+                zfs::receive_argv(dst, &recv),
+            ),
+        }
     }
 
     /// Finishes the step of a live session; then verifies its snapshot.
     fn attach(&self, dst: &Dataset, f: &Found, m: &Manifest) -> Result<u64> {
         let id = m.session_id();
-        let step = &m.identity.step;
+        let stream = &m.identity.stream;
         self.ui.info(&format!(
             "{}: re-attaching to chunk session {id} (started {} ago by resync pid {} on host {}; receiver helper pid {})",
             self.dst.label(dst),
@@ -129,15 +178,18 @@ impl Run<'_> {
             f.helper_pid
         ));
         *self.chunk_step.lock().unwrap_or_else(|p| p.into_inner()) = Some(m.identity.clone());
-        let label = match (&step.from, &step.to) {
-            (Some(from), Some(to)) => format!("{}@{}..@{}", m.identity.source, from.name, to.name),
-            (None, Some(to)) => format!("{}@{}", m.identity.source, to.name),
-            _ => format!("{} (resume)", m.identity.source),
+        let label = match stream {
+            Stream::Incremental { from, to, .. } => {
+                format!("{}@{}..@{}", m.identity.source, from.name, to.name)
+            }
+            Stream::Full { to } => format!("{}@{}", m.identity.source, to.name),
+            Stream::Resume { .. } => format!("{} (resume)", m.identity.source),
         };
         let stats = self.chunked(
             orchestrator::Start::Attach {
                 sender_dir: m.sender_dir.clone(),
                 receiver_dir: m.receiver_dir.clone(),
+                argv_md5: m.argv_md5.clone(),
             },
             self.ui.transfer(&label, None),
         )?;
@@ -145,15 +197,8 @@ impl Run<'_> {
             "re-attached session {id}: copied {} bytes, stream {} bytes, receiver helper pid {}",
             stats.copied, stats.bytes, f.helper_pid
         ));
-        if let Some(to) = &step.to {
-            self.verify(
-                dst,
-                &Snapshot {
-                    name: to.name.clone(),
-                    guid: to.guid,
-                    createtxg: 0,
-                },
-            )?;
+        if let Some(to) = stream.to() {
+            self.verify(dst, to)?;
         }
         Ok(stats.bytes)
     }
@@ -164,12 +209,21 @@ impl Run<'_> {
         let dst_exe = self.helper_exe(&self.dst)?;
         if m.sender_host == self.src.host().label() {
             let src_exe = self.helper_exe(&self.src)?;
-            let _ = session::probe(&*self.src.host(), &src_exe, &m.sender_dir, true, true);
+            let _ = session::probe(
+                &*self.src.host(),
+                &src_exe,
+                &m.sender_dir,
+                Probe::CancelOrRemoveIfDead,
+            );
         }
         let deadline = std::time::Instant::now() + CANCEL_WAIT;
         let mut cancel = true;
         loop {
-            let l = session::probe(&*self.dst.host(), &dst_exe, &m.receiver_dir, true, cancel)?;
+            let how = match cancel {
+                true => Probe::CancelOrRemoveIfDead,
+                false => Probe::RemoveIfDead,
+            };
+            let l = session::probe(&*self.dst.host(), &dst_exe, &m.receiver_dir, how)?;
             if l.found.is_empty() || !l.removed.is_empty() {
                 return Ok(());
             }
@@ -196,9 +250,9 @@ impl Run<'_> {
             return;
         };
         let host = self.src.host();
-        match session::probe(&*host, &exe, &m.sender_dir, true, false) {
+        match session::probe(&*host, &exe, &m.sender_dir, Probe::RemoveIfDead) {
             Ok(l) if l.found.iter().any(|f| f.helper_alive) => {
-                let _ = session::probe(&*host, &exe, &m.sender_dir, false, true);
+                let _ = session::probe(&*host, &exe, &m.sender_dir, Probe::Cancel);
             }
             Ok(l) => {
                 for d in l.removed {
@@ -211,9 +265,4 @@ impl Run<'_> {
             Err(e) => self.ui.debug(&format!("clearing {}: {e:#}", m.sender_dir)),
         }
     }
-}
-
-/// (name, GUID) of each snapshot, as [`session::check_step`] takes them.
-fn pairs(v: &[Snapshot]) -> Vec<(&str, u64)> {
-    v.iter().map(|s| (s.name.as_str(), s.guid)).collect()
 }

@@ -257,6 +257,41 @@ fn a_session_that_no_longer_fits_is_cancelled_and_the_run_plans_from_scratch() {
     cleanup(&p.dst);
 }
 
+/// Fix 10 of issue 9: the first run receives with `-F` (rollback is the
+/// default); the rerun says `--no-rollback`, so its `zfs receive` differs.
+/// The live session's step still fits, but re-attaching would finish the
+/// old receive with the old options: the session is cancelled with a line
+/// saying why, and the run plans from scratch with its own options.
+#[test]
+fn a_rerun_with_other_receive_options_cancels_the_old_session() {
+    let p = Push::new(
+        "rargv",
+        10 << 20,
+        &["--timeout=120s", "--target-bwlimit=2M"],
+    );
+    let first = p.resync().spawn();
+    let rdir = wait_for_chunks(p.dir(), 1);
+    let id = session_id(&rdir);
+    let receiver = helper_pid(&rdir);
+    first.signal(libc::SIGKILL);
+    first.wait();
+    assert_owner_released(&rdir);
+
+    let mut args: Vec<&str> = p.args.iter().map(String::as_str).collect();
+    args.insert(0, "--no-rollback");
+    let out = Resync::new(&args).run();
+    out.assert_success();
+    assert!(
+        out.stderr.contains(&format!(
+            "cancelling chunk session {id}: it was started with other zfs send/receive options"
+        )),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("re-attaching"), "{out}");
+    assert!(!alive(receiver), "the cancelled receiver helper is gone");
+    p.finish();
+}
+
 #[test]
 fn sender_helper_killed_the_run_stops_at_once_and_the_next_run_completes() {
     let p = Push::new(

@@ -1,6 +1,6 @@
 //! The orchestrator of `--chunked` mode: moves one `zfs send` stream from the
 //! source host to the target host as chunk files, following the protocol in
-//! `mod.rs`. It starts the sender helper beside `zfs send` and the receiver
+//! `chunk::protocol`. It starts the sender helper beside `zfs send` and the receiver
 //! helper beside `zfs receive` (detached, through `__chunk-start`), then
 //! talks to each session folder through long-lived `__chunk-serve`
 //! processes on exec channels of the one SSH session per host (child
@@ -23,15 +23,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::serve::{is_no_space_error, Client, Folder, Op, ServeError};
-use super::session;
-use super::{
-    chunk_name, md5_name, End, Failure, Outcome, Progress, RecvResult, ABORT, CANCEL, END, ERROR,
-    PART, PROGRESS, RESEND, RESULT,
-};
+use super::client::{is_no_space_error, Client, ServeError};
+use super::ownership::Ownership;
+use super::sessions::{self, Probe};
 use crate::bwlimit::Limiter;
+use crate::chunk::protocol::command::HelperCommand;
+use crate::chunk::protocol::folder::{chunk_name, md5_name};
+use crate::chunk::protocol::frames::{Folder, Op};
+use crate::chunk::protocol::markers::{End, Failure, Outcome, Progress, RecvResult};
+use crate::chunk::protocol::session::{argv_md5, is_held, Identity, Manifest, Owner, Role};
+use crate::chunk::protocol::{
+    ABORT, CANCEL, END, ERROR, LOG, PART, PROGRESS, RESEND, RESULT, SESSION_PREFIX,
+};
 use crate::host::{is_connection_lost, stderr_tail, ConnectionLost, Host};
 use crate::progress::{human_bytes, Transfer};
+use crate::sys::{Unpoisoned, UnpoisonedRw};
 
 /// Pause between polls right after something happened; it doubles while
 /// nothing does, up to POLL_IDLE.
@@ -131,7 +137,7 @@ impl Conn<'_> {
         Endpoint {
             host: self.get(),
             pool: self.pool.clone(),
-            gen: lock(&self.pool).gen,
+            gen: self.pool.locked().gen,
             exe: self.exe.clone(),
             dir: self.dir.clone(),
             label: self.label.clone(),
@@ -141,19 +147,15 @@ impl Conn<'_> {
 
     /// Drops every channel of the old connection.
     fn reset_channels(&self) {
-        let mut p = lock(&self.pool);
+        let mut p = self.pool.locked();
         p.gen += 1;
         p.control = None;
         p.idle.clear();
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn read(cell: &HostCell) -> Arc<dyn Host> {
-    cell.read().unwrap_or_else(|p| p.into_inner()).clone()
+    cell.read_now().clone()
 }
 
 /// One side's data channels as a copy thread sees them.
@@ -172,7 +174,7 @@ impl Endpoint {
     /// An idle data channel of this connection, or a new one.
     fn take(&self) -> Result<Client> {
         {
-            let mut p = lock(&self.pool);
+            let mut p = self.pool.locked();
             if p.gen != self.gen {
                 return Err(anyhow::Error::new(ConnectionLost {
                     host: self.label.clone(),
@@ -190,7 +192,7 @@ impl Endpoint {
     }
 
     fn give(&self, c: Client) {
-        let mut p = lock(&self.pool);
+        let mut p = self.pool.locked();
         if p.gen == self.gen {
             p.idle.push((c, Instant::now()));
         }
@@ -203,7 +205,7 @@ pub fn new_session_id() -> Result<String> {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
         .context("reading /dev/urandom for a session id")?;
-    Ok(super::hex(&bytes))
+    Ok(crate::sys::hex(&bytes))
 }
 
 /// Applies `ops` in a side's folder and lists it, over its control channel
@@ -213,7 +215,7 @@ fn poll(conn: &Conn, ops: &[Op]) -> Result<Folder> {
     let context = || format!("reading session folder {} on {}", conn.dir, conn.label);
     for attempt in 0..2 {
         let (gen, idle) = {
-            let mut p = lock(&conn.pool);
+            let mut p = conn.pool.locked();
             (p.gen, p.control.take())
         };
         let reused = idle.is_some();
@@ -224,7 +226,7 @@ fn poll(conn: &Conn, ops: &[Op]) -> Result<Folder> {
         };
         match client.poll(ops) {
             Ok(f) => {
-                let mut p = lock(&conn.pool);
+                let mut p = conn.pool.locked();
                 if p.gen == gen {
                     p.control = Some(client);
                 }
@@ -277,7 +279,7 @@ fn copy_with(job: &Job, s: &mut Client, d: &mut Client) -> Result<()> {
         .begin_write(index, size, &job.md5)
         .with_context(|| format!("writing chunk {index} on {}", job.dst.label))?;
     {
-        let sent = lock(&job.sent);
+        let sent = job.sent.locked();
         let before = sent.get(&index).copied().unwrap_or(0);
         job.resent
             .fetch_add(before.saturating_sub(offset), Ordering::Relaxed);
@@ -318,12 +320,12 @@ fn copy_with(job: &Job, s: &mut Client, d: &mut Client) -> Result<()> {
             }
             job.counter.fetch_add(n, Ordering::Relaxed);
             {
-                let mut sent = lock(&job.sent);
+                let mut sent = job.sent.locked();
                 let e = sent.entry(index).or_insert(0);
                 *e = (*e).max(pos);
             }
             if let Some(l) = &job.limit {
-                lock(l).wait_for(n as usize);
+                l.locked().wait_for(n as usize);
             }
         }
         if pos != size {
@@ -364,6 +366,8 @@ pub enum Start<'a> {
     Attach {
         sender_dir: String,
         receiver_dir: String,
+        /// The session's [`argv_md5`], as its manifest records it.
+        argv_md5: String,
     },
 }
 
@@ -372,10 +376,10 @@ pub enum Start<'a> {
 /// folders' manifests, and a callback that learns the manifest once the
 /// session exists.
 pub struct Session<'a> {
-    pub identity: session::Identity,
+    pub identity: Identity,
     /// Where the session replicates into, for messages (`host:dataset`).
     pub target_label: String,
-    pub announce: &'a dyn Fn(&session::Manifest),
+    pub announce: &'a dyn Fn(&Manifest),
 }
 
 /// [`transfer`], with helpers started anew or re-attached to, and with a
@@ -392,13 +396,20 @@ pub fn run_session(
     let tmp = opts.tmpdir.trim_end_matches('/');
     let (sdir, rdir) = match &start {
         Start::New { .. } => (
-            format!("{tmp}/{}{}", super::SESSION_PREFIX, new_session_id()?),
-            format!("{tmp}/{}{}", super::SESSION_PREFIX, new_session_id()?),
+            format!("{tmp}/{}{}", SESSION_PREFIX, new_session_id()?),
+            format!("{tmp}/{}{}", SESSION_PREFIX, new_session_id()?),
         ),
         Start::Attach {
             sender_dir,
             receiver_dir,
+            ..
         } => (sender_dir.clone(), receiver_dir.clone()),
+    };
+    // What the helpers run, fingerprinted into the manifest (a rerun with
+    // other options must not re-attach to them).
+    let argv = match &start {
+        Start::New { send, recv } => argv_md5(send, recv),
+        Start::Attach { argv_md5, .. } => argv_md5.clone(),
     };
     let s = Conn {
         label: read(src.host).label().to_string(),
@@ -426,13 +437,18 @@ pub fn run_session(
     // The manifest, and the owner lock (taken before anything else exists,
     // so that a folder nobody owns and no helper locks is known dead).
     let manifest = sess.as_ref().map(|ss| {
-        session::Manifest::ours(ss.identity.clone(), (&s.label, &s.dir), (&r.label, &r.dir))
+        Manifest::ours(
+            ss.identity.clone(),
+            argv.clone(),
+            (&s.label, &s.dir),
+            (&r.label, &r.dir),
+        )
     });
     let owner = match (&sess, &manifest) {
         (Some(ss), Some(m)) => {
-            let me = session::Owner::ours(&m.session_id(), &new_session_id()?);
+            let me = Owner::ours(&m.session_id(), &new_session_id()?);
             let new = matches!(start, Start::New { .. });
-            let own = session::Ownership::take(
+            let own = Ownership::take(
                 &*r.get(),
                 &r.exe,
                 &r.dir,
@@ -477,14 +493,14 @@ pub fn run_session(
     match o.run() {
         Ok(()) => Ok(o.stats),
         // Another orchestrator drives these helpers now: leave them be.
-        Err(e) if session::is_held(&e) => Err(e),
+        Err(e) if is_held(&e) => Err(e),
         Err(e) => {
             cancel(&s);
             cancel(&r);
             // A sender helper that died does not read `cancel`: remove its
             // folder now if nothing holds it (the receiver's is owned by us
             // until we return; the next run's discovery removes it).
-            if let Ok(l) = session::probe(&*s.get(), &s.exe, &s.dir, true, false) {
+            if let Ok(l) = sessions::probe(&*s.get(), &s.exe, &s.dir, Probe::RemoveIfDead) {
                 for d in l.removed {
                     debug(&format!("[{}] removed {d} (its helper is gone)", s.label));
                 }
@@ -501,43 +517,30 @@ fn start_helpers(
     r: &Conn,
     send: &[String],
     recv: &[String],
-    manifest: Option<&session::Manifest>,
+    manifest: Option<&Manifest>,
     opts: &Options,
     debug: &dyn Fn(&str),
 ) -> Result<()> {
-    let secs = opts.timeout.as_secs().max(1).to_string();
-    let mut recv_start = vec![
-        r.exe.clone(),
-        "__chunk-start".into(),
-        "--dir".into(),
-        r.dir.clone(),
-        "--".into(),
-        "__chunk-recv".into(),
-        "--dir".into(),
-        r.dir.clone(),
-        "--timeout".into(),
-        secs.clone(),
-        "--".into(),
-    ];
-    recv_start.extend(recv.iter().cloned());
-    let mut send_start = vec![
-        s.exe.clone(),
-        "__chunk-start".into(),
-        "--dir".into(),
-        s.dir.clone(),
-        "--".into(),
-        "__chunk-send".into(),
-        "--dir".into(),
-        s.dir.clone(),
-        "--chunk-size".into(),
-        opts.chunk_size.to_string(),
-        "--window".into(),
-        opts.window.to_string(),
-        "--timeout".into(),
-        secs,
-        "--".into(),
-    ];
-    send_start.extend(send.iter().cloned());
+    let recv_start = HelperCommand::Start {
+        dir: r.dir.clone(),
+        helper: Box::new(HelperCommand::Recv {
+            dir: r.dir.clone(),
+            timeout: opts.timeout,
+            argv: recv.to_vec(),
+        }),
+    }
+    .to_argv(&r.exe);
+    let send_start = HelperCommand::Start {
+        dir: s.dir.clone(),
+        helper: Box::new(HelperCommand::Send {
+            dir: s.dir.clone(),
+            chunk_size: opts.chunk_size,
+            window: opts.window,
+            timeout: opts.timeout,
+            argv: send.to_vec(),
+        }),
+    }
+    .to_argv(&s.exe);
     debug(&format!("[{}] chunk receiver in {}", r.label, r.dir));
     let pid = r
         .get()
@@ -546,11 +549,11 @@ fn start_helpers(
     debug(&format!("[{}] receiver helper pid {}", r.label, pid.trim()));
     debug(&format!("[{}] chunk sender in {}", s.label, s.dir));
     if let Some(m) = manifest {
-        let m = session::Manifest {
-            role: session::Role::Sender,
+        let m = Manifest {
+            role: Role::Sender,
             ..m.clone()
         };
-        session::write_manifest(&*s.get(), &s.exe, &s.dir, &m)?;
+        sessions::write_manifest(&*s.get(), &s.exe, &s.dir, &m)?;
     }
     let pid = s
         .get()
@@ -563,7 +566,7 @@ fn start_helpers(
 /// The session id part of a folder path (`.../resync-<id>`).
 fn folder_id(dir: &str) -> &str {
     let name = dir.rsplit('/').next().unwrap_or(dir);
-    name.strip_prefix(super::SESSION_PREFIX).unwrap_or(name)
+    name.strip_prefix(SESSION_PREFIX).unwrap_or(name)
 }
 
 /// Lines of a helper's log kept for an error message.
@@ -578,7 +581,7 @@ fn log_tail(c: &Conn) -> String {
         "-n".to_string(),
         LOG_TAIL_LINES.to_string(),
         "--".to_string(),
-        format!("{}/{}", c.dir, super::LOG),
+        format!("{}/{}", c.dir, LOG),
     ];
     match c.get().run(&argv) {
         Ok(out) if out.success() && !out.stdout.trim().is_empty() => {
@@ -617,7 +620,7 @@ struct Orchestrator<'a> {
     sent: Arc<Mutex<HashMap<u64, u64>>>,
     resent: Arc<AtomicU64>,
     /// Our hold on the session's owner lock, renewed after a reconnect.
-    owner: Option<&'a session::Ownership>,
+    owner: Option<&'a Ownership>,
     /// When [`Orchestrator::check_helpers`] last looked.
     checked: Instant,
 }
@@ -670,7 +673,7 @@ impl Orchestrator<'_> {
             });
             match attempt {
                 Ok(h) => {
-                    *c.host.write().unwrap_or_else(|p| p.into_inner()) = h;
+                    *c.host.write_now() = h;
                     c.reset_channels();
                     match self.after_reconnect(c) {
                         Ok(()) => {
@@ -722,7 +725,7 @@ impl Orchestrator<'_> {
         }
         self.checked = Instant::now();
         let dead = |c: &Conn| {
-            session::probe(&*c.get(), &c.exe, &c.dir, false, false)
+            sessions::probe(&*c.get(), &c.exe, &c.dir, Probe::Look)
                 .is_ok_and(|l| l.found.iter().any(|f| !f.helper_alive))
         };
         for (c, who) in [(self.s, "sender"), (self.r, "receiver")] {
@@ -829,7 +832,7 @@ impl Orchestrator<'_> {
                 if p != progress {
                     last_progress = Instant::now();
                     progress = p;
-                    lock(&self.sent).retain(|i, _| *i >= progress.next);
+                    self.sent.locked().retain(|i, _| *i >= progress.next);
                 }
             }
             if let Some(text) = rf.markers.get(RESULT) {
@@ -1083,7 +1086,7 @@ mod tests {
     #[test]
     fn session_ids_are_valid() {
         let a = new_session_id().unwrap();
-        super::super::validate_session_id(&a).unwrap();
+        crate::chunk::protocol::folder::validate_session_id(&a).unwrap();
         assert_ne!(a, new_session_id().unwrap());
     }
 

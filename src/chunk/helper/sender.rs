@@ -1,7 +1,7 @@
 //! The sender helper (`resync __chunk-send`): runs `zfs send` (any argv, no
 //! shell), cuts its stdout into chunk files of `--chunk-size` bytes in its
 //! session folder, each with its `.md5`, never more than `--window` staged,
-//! and ends with an `end` or `error` marker (see the protocol in `mod.rs`).
+//! and ends with an `end` or `error` marker (see the protocol in `chunk::protocol`).
 //! One thread reads zfs's pipe, one hashes, the main thread writes files and
 //! watches the folder.
 
@@ -12,19 +12,26 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use md5::{Digest, Md5};
 
-use super::*;
+use super::files::{create_nofollow, exists_nofollow, staged_indices, write_atomic, CopyActivity};
+use super::{drain, enter_session, log, Stop};
+use crate::chunk::protocol::folder::{chunk_name, md5_name};
+use crate::chunk::protocol::markers::{cap_stderr, render_md5, End, Failure, Status};
+use crate::chunk::protocol::{
+    CANCEL, END, ERROR, EXIT_CANCELLED, EXIT_OK, EXIT_TIMEOUT, EXIT_ZFS_FAILED, PART, POLL,
+};
 
 /// Bytes handed from the reading thread at a time.
 const BLOCK: usize = 1 << 20;
 /// Blocks in flight between the reading thread and the writer.
 const DEPTH: usize = 8;
 
+/// What the helper's command line says.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub dir: PathBuf,
@@ -32,28 +39,6 @@ pub struct Config {
     pub window: u64,
     pub timeout: Duration,
     pub argv: Vec<OsString>,
-}
-
-impl Config {
-    pub fn from_args(a: HelperArgs) -> Result<Config> {
-        if a.tmpdir.is_some() || a.min_age.is_some() {
-            bail!("__chunk-send takes --dir, --chunk-size, --window, --timeout");
-        }
-        let c = Config {
-            dir: a.dir.ok_or_else(|| anyhow!("--dir is required"))?,
-            chunk_size: a
-                .chunk_size
-                .ok_or_else(|| anyhow!("--chunk-size is required"))?,
-            window: a.window.ok_or_else(|| anyhow!("--window is required"))?,
-            timeout: a.timeout.ok_or_else(|| anyhow!("--timeout is required"))?,
-            argv: a.argv,
-        };
-        if c.argv.is_empty() {
-            bail!("missing the zfs send command after --");
-        }
-        session_id_of(&c.dir)?;
-        Ok(c)
-    }
 }
 
 /// Runs the sender helper; returns its exit code.
@@ -442,26 +427,4 @@ fn hash_jobs(rx: Receiver<HashJob>) {
             }
         }
     }
-}
-
-/// Reads a child's pipe to the end on a thread, keeping at most STDERR_MAX
-/// bytes.
-pub(crate) fn drain(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
-    thread::spawn(move || {
-        let mut kept = Vec::new();
-        let Some(mut p) = pipe else { return kept };
-        let mut buf = [0u8; 8192];
-        loop {
-            match p.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    let room = STDERR_MAX.saturating_sub(kept.len());
-                    kept.extend_from_slice(&buf[..n.min(room)]);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        kept
-    })
 }

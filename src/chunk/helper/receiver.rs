@@ -2,7 +2,7 @@
 //! argv, no shell), takes chunks from its session folder in index order,
 //! verifies each one's MD5 before a byte of it reaches zfs's stdin, records
 //! `progress`, asks for a bad chunk again (`resend`), and ends with a
-//! `result` marker (see the protocol in `mod.rs`).
+//! `result` marker (see the protocol in `chunk::protocol`).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -13,36 +13,30 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use md5::{Digest, Md5};
 
-use super::sender::drain;
-use super::*;
+use super::files::{
+    exists_nofollow, list_chunk_files, open_nofollow, read_marker, remove_if_present, write_atomic,
+    CopyActivity,
+};
+use super::{drain, enter_session, log, Stop};
+use crate::chunk::protocol::folder::{chunk_name, md5_name, ChunkFile};
+use crate::chunk::protocol::markers::{
+    cap_stderr, parse_md5, End, Failure, Outcome, Progress, RecvResult, Resend, Status,
+};
+use crate::chunk::protocol::{
+    ABORT, ABORT_GRACE, CANCEL, END, EXIT_CANCELLED, EXIT_OK, EXIT_TIMEOUT, EXIT_ZFS_FAILED,
+    MAX_ATTEMPTS, POLL, PROGRESS, RESEND, RESULT,
+};
+use crate::sys::hex;
 
+/// What the helper's command line says.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub dir: PathBuf,
     pub timeout: Duration,
     pub argv: Vec<OsString>,
-}
-
-impl Config {
-    pub fn from_args(a: HelperArgs) -> Result<Config> {
-        if a.chunk_size.is_some() || a.window.is_some() || a.tmpdir.is_some() || a.min_age.is_some()
-        {
-            bail!("__chunk-recv takes --dir and --timeout");
-        }
-        let c = Config {
-            dir: a.dir.ok_or_else(|| anyhow!("--dir is required"))?,
-            timeout: a.timeout.ok_or_else(|| anyhow!("--timeout is required"))?,
-            argv: a.argv,
-        };
-        if c.argv.is_empty() {
-            bail!("missing the zfs receive command after --");
-        }
-        session_id_of(&c.dir)?;
-        Ok(c)
-    }
 }
 
 /// Runs the receiver helper; returns its exit code.
