@@ -7,14 +7,13 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use md5::{Digest, Md5};
 
 use super::files::{
     exists_nofollow, list_chunk_files, open_nofollow, read_marker, remove_if_present, write_atomic,
@@ -29,7 +28,7 @@ use crate::chunk::protocol::{
     ABORT, ABORT_GRACE, CANCEL, END, EXIT_CANCELLED, EXIT_OK, EXIT_TIMEOUT, EXIT_ZFS_FAILED,
     MAX_ATTEMPTS, POLL, PROGRESS, RESEND, RESULT,
 };
-use crate::sys::hex;
+use crate::sys::{hex, md5_reader};
 
 /// What the helper's command line says.
 #[derive(Debug, Clone)]
@@ -547,17 +546,9 @@ type Hashed = (File, [u8; 16]);
 /// (its position at the end) with the digest.
 fn hash_file(path: &Path) -> Result<Hashed> {
     let mut file = open_nofollow(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Md5::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => h.update(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        }
-    }
-    Ok((file, h.finalize().into()))
+    let (digest, _) =
+        md5_reader(&mut file).with_context(|| format!("reading {}", path.display()))?;
+    Ok((file, digest))
 }
 
 /// Copies a verified chunk into zfs's stdin; returns its length.

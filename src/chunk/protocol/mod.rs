@@ -103,7 +103,10 @@
 //! `resync __chunk-serve --dir D --timeout SECS` serves one session folder
 //! over its stdin (requests) and stdout (replies) until stdin ends; it exits
 //! 3 when neither moves for SECS (a client behind a dead link), 2 on a
-//! malformed frame. It never creates the folder. The orchestrator runs one
+//! malformed frame. It never creates the folder; it opens it once, on the first
+//! request that finds it, and from then on works only through that
+//! descriptor (`openat`, `renameat`, `unlinkat`), so a folder swapped for a
+//! symlink later is not followed. The orchestrator runs one
 //! per side for control and up to `window` per side for data (at most 6, or
 //! 2 when both sides share one SSH connection: sshd's MaxSessions of 10
 //! must also fit the control, owner and helper-check channels), each for the

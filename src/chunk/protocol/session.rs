@@ -16,7 +16,7 @@
 //! # Files (in addition to the protocol's, see the package doc)
 //! | name | written by | meaning |
 //! |---|---|---|
-//! | `session` | the orchestrator, when it creates the folders (both sides) | [`Manifest`]: role, source and target dataset, the step (snapshot names and GUIDs, or the resume token), both folders and their hosts, the orchestrator's host, pid and start time |
+//! | `session` | the orchestrator, when it creates the folders (both sides) | [`Manifest`]: role, source and target dataset, the stream (snapshot names and GUIDs, `-i` or `-I`, or the resume token), the MD5 of the `zfs send` and `zfs receive` command lines ([`argv_md5`]: a rerun whose command lines differ cancels the session instead of re-attaching), both folders and their hosts, the orchestrator's host, pid and start time |
 //! | `owner` | `__chunk-own`, while it holds `flock` on it | [`Owner`]: the session id, the orchestrator's host, pid, start time and nonce, and the pid of the `__chunk-own` process |
 //!
 //! # Ownership
