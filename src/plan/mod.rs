@@ -40,7 +40,12 @@
 //! A plan whose last step is `Resume` or `AbortPartial` changes the target's
 //! state in a way the planner cannot foresee (a resumed or aborted receive
 //! may create or remove the dataset): execute it, gather again and plan
-//! again ([`Plan::replan_after`]).
+//! again (`Plan::replan_after`).
+//!
+//! Beside the planner, each pure and below it only `zfs`: [`state`] (what
+//! it sees of both sides), [`resume`] (whether a resume token fits the
+//! plan), [`protect`] (hold tags and bookmarks that protect the next base)
+//! and [`syncsnap`] (sync snapshot names and which are ours to prune).
 
 use std::fmt;
 
