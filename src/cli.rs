@@ -12,8 +12,8 @@ use clap::Parser;
 use regex::Regex;
 
 use crate::bwlimit;
+use crate::plan::syncsnap;
 use crate::progress::Verbosity;
-use crate::syncsnap;
 use crate::zfs::{self, Dataset};
 
 const EXAMPLES: &str = "\

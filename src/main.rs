@@ -9,13 +9,10 @@ mod cli;
 mod host;
 mod plan;
 mod progress;
-mod protect;
 mod replicate;
 mod runlock;
 mod stream;
-mod syncsnap;
 mod sys;
-mod token;
 mod zfs;
 
 use clap::Parser;

@@ -20,14 +20,16 @@ use crate::host::quote::sh_join;
 use crate::host::reconnect::Reconnecting;
 use crate::host::ssh::{resolve_address, SshHost, SshOptions, SshSpec};
 use crate::host::{is_connection_lost, CmdOutput, Host};
+use crate::plan::protect::{self, HoldSide};
+use crate::plan::resume;
+use crate::plan::syncsnap;
 use crate::plan::{self, Plan, PlanOptions, SourceState, Step, TargetState};
 use crate::progress::{human_bytes, human_duration, human_rate, Progress, Stopwatch, Transfer};
-use crate::protect::{self, HoldSide};
 use crate::runlock::{self, RunLock};
 use crate::stream::{self, PumpError};
-use crate::syncsnap;
-use crate::token;
-use crate::zfs::{self, Capabilities, Dataset, ProbeResult, RecvArgs, SendArgs, Snapshot};
+use crate::zfs::{
+    self, Capabilities, Dataset, ProbeResult, RecvArgs, SendArgs, Snapshot, ZfsError, ZfsErrorKind,
+};
 
 /// How many gather-plan-execute rounds one dataset may take before we call it
 /// a bug instead of looping (resume, then the rest, then "up to date").
@@ -480,7 +482,10 @@ impl Run<'_> {
                 self.ui,
             )?;
             attempt += 1;
-            if !out.success() && out.stderr.contains("already exists") && attempt < 3 {
+            if !out.success()
+                && zfs::error::kind_of(&out.stderr) == ZfsErrorKind::AlreadyExists
+                && attempt < 3
+            {
                 let into_second = SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.subsec_nanos())
@@ -735,7 +740,7 @@ impl Run<'_> {
 
     /// After `step` failed with `err`: was it because of a partial receive
     /// that must go? A receive refused for "partially-complete state", or a
-    /// resume whose token no longer passes [`token::check`] on a fresh
+    /// resume whose token no longer passes [`resume::check`] on a fresh
     /// source listing (its snapshot destroyed meanwhile). Then the partial
     /// receive is discarded and the caller plans again (true). Anything
     /// else, a lost connection above all, keeps the partial state for the
@@ -750,7 +755,7 @@ impl Run<'_> {
         if is_connection_lost(err) {
             return Ok(false);
         }
-        if zfs::is_partial_state_error(&format!("{err:#}")) {
+        if zfs::error::kind_in(err) == Some(ZfsErrorKind::PartialState) {
             self.discard_partial(
                 dst,
                 "blocks the receive (\"contains partially-complete state\")",
@@ -765,7 +770,7 @@ impl Run<'_> {
         let Some(token) = &target.resume_token else {
             return Ok(false);
         };
-        match token::check(token, &source, &target.snapshots) {
+        match resume::check(token, &source, &target.snapshots) {
             Ok(_) => Ok(false),
             Err(why) => {
                 self.ui.warn(&format!("resuming failed: {err:#}"));
@@ -853,8 +858,15 @@ impl Run<'_> {
         if let Some(lock) = &self.lock {
             lock.forget(&started)?;
         }
-        recv_exit.check("zfs receive", th.label())?;
-        send_exit.check("zfs send", sh.label())?;
+        // Typed, so that `discarded_after` can tell a partial-state refusal.
+        for (exit, what, host) in [
+            (&recv_exit, "zfs receive", th.label()),
+            (&send_exit, "zfs send", sh.label()),
+        ] {
+            if !exit.success() {
+                return Err(ZfsError::exited(what, host, exit.status, &exit.stderr).into());
+            }
+        }
         match pumped {
             Ok(n) => Ok(n),
             Err(e @ (PumpError::Read(_) | PumpError::Write(_))) => {
@@ -1083,7 +1095,7 @@ impl Run<'_> {
         {
             self.ui
                 .debug(&format!("pruning {}@{}", side.label(ds), s.name));
-            let destroy = zfs::destroy_snapshot_argv(ds, &s.name);
+            let destroy = zfs::destroy_snapshot_argv(ds, &s.name)?;
             let out = exec(&*side.host(), &destroy, self.ui)?;
             if out.success() {
                 continue;
@@ -1270,7 +1282,7 @@ impl Run<'_> {
         for name in &plan.destroy {
             exec_ok(
                 &*host,
-                &zfs::destroy_bookmark_argv(src, name),
+                &zfs::destroy_bookmark_argv(src, name)?,
                 "zfs destroy",
                 self.ui,
             )?;

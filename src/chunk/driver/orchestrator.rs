@@ -38,6 +38,7 @@ use crate::chunk::protocol::{
 use crate::host::{is_connection_lost, stderr_tail, ConnectionLost, Host};
 use crate::progress::{human_bytes, Transfer};
 use crate::sys::{Unpoisoned, UnpoisonedRw};
+use crate::zfs::ZfsError;
 
 /// Pause between polls right after something happened; it doubles while
 /// nothing does, up to POLL_IDLE.
@@ -1054,12 +1055,10 @@ impl Orchestrator<'_> {
                     stderr_tail(&res.stderr)
                 ))
             )),
-            Outcome::Failed => bail!(
-                "zfs receive failed on {} ({}): {}",
-                r.label,
-                res.status.render(),
-                stderr_tail(&res.stderr)
-            ),
+            // Typed, so the caller can tell a partial-state refusal.
+            Outcome::Failed => {
+                Err(ZfsError::new("zfs receive", &r.label, res.status.render(), &res.stderr).into())
+            }
             Outcome::Corrupt => bail!(
                 "the chunked stream to {} was corrupt; zfs receive was stopped: {}",
                 r.label,

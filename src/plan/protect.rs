@@ -23,7 +23,7 @@
 //! are destroyed, so one bookmark per job remains; other bookmarks are
 //! never touched.
 
-use crate::syncsnap;
+use crate::plan::syncsnap;
 use crate::zfs::{Dataset, Snapshot};
 
 /// Longest tag we create. ZFS refuses tags of 256 bytes and more

@@ -11,7 +11,7 @@
 //!
 //! Rules, in order:
 //! 1. A resume token on the target: with `resume`, the plan is the lone
-//!    [`Step::Resume`] when the token passes [`token::check`] (it names a
+//!    [`Step::Resume`] when the token passes [`resume::check`] (it names a
 //!    snapshot of this source that still has the token's GUID, from a base
 //!    both sides hold), else the lone [`Step::DiscardPartial`] saying why;
 //!    without `resume`, [`Step::AbortPartial`] comes first.
@@ -40,31 +40,24 @@
 //! A plan whose last step is `Resume` or `AbortPartial` changes the target's
 //! state in a way the planner cannot foresee (a resumed or aborted receive
 //! may create or remove the dataset): execute it, gather again and plan
-//! again ([`Plan::replan_after`]).
+//! again (`Plan::replan_after`).
+//!
+//! Beside the planner, each pure and below it only `zfs`: [`state`] (what
+//! it sees of both sides), [`resume`] (whether a resume token fits the
+//! plan), [`protect`] (hold tags and bookmarks that protect the next base)
+//! and [`syncsnap`] (sync snapshot names and which are ours to prune).
 
 use std::fmt;
 
-use crate::token::{self, Refusal};
 use crate::zfs::Snapshot;
 
-/// The source dataset's snapshots, ascending by createtxg.
-pub struct SourceState {
-    /// The source dataset's name (`pool/ds`): a resume token must name it.
-    pub dataset: String,
-    pub snapshots: Vec<Snapshot>,
-    /// Its bookmarks (the name after `#`, the snapshot's GUID and
-    /// createtxg), any order; empty where the ZFS has none.
-    pub bookmarks: Vec<Snapshot>,
-}
+pub mod protect;
+pub mod resume;
+mod state;
+pub mod syncsnap;
 
-/// The target dataset as found before the run.
-pub struct TargetState {
-    pub exists: bool,
-    /// Ascending by createtxg; empty when the target does not exist.
-    pub snapshots: Vec<Snapshot>,
-    /// `receive_resume_token`, when a resumable receive was interrupted.
-    pub resume_token: Option<String>,
-}
+pub use resume::Refusal;
+pub use state::{SourceState, TargetState};
 
 pub struct PlanOptions {
     /// Send only the newest snapshot (`-i`, or a full stream of it), not the
@@ -162,7 +155,7 @@ pub fn plan(source: &SourceState, target: &TargetState, opts: &PlanOptions) -> P
     let mut steps = Vec::new();
     if let Some(token) = &target.resume_token {
         if opts.resume {
-            let checked = token::check(token, source, &target.snapshots);
+            let checked = resume::check(token, source, &target.snapshots);
             return Plan::Replicate(vec![match checked {
                 Ok(t) => Step::Resume {
                     token: token.clone(),
@@ -449,7 +442,7 @@ impl std::error::Error for Conflict {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::tests::{FULL, INCREMENTAL};
+    use crate::zfs::token::tests::{FULL, INCREMENTAL};
 
     /// `"a:1:10 b:2:20"`: snapshots as name:guid:createtxg.
     fn snaps(spec: &str) -> Vec<Snapshot> {

@@ -43,7 +43,7 @@ pub fn validate_identifier(id: &str) -> Result<()> {
     Ok(())
 }
 
-/// `resync_` + [`ID_`] + `HOST_`, the host sanitized.
+/// `resync_` + `ID_` + `HOST_`, the host sanitized.
 pub fn prefix(identifier: Option<&str>, hostname: &str) -> String {
     let host = sanitize_hostname(hostname);
     match identifier {
