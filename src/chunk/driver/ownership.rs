@@ -164,6 +164,7 @@ impl Drop for Ownership {
         }
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

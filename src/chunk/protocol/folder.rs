@@ -4,6 +4,7 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
+
 #[cfg(test)]
 use std::path::PathBuf;
 

@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Result};
 
 use super::folder::parse_chunk_file_name;
 use super::{ABORT, CANCEL, END, ERROR, MARKER_MAX, PART, PROGRESS, RESEND, RESULT};
+
 /// First frame the server sends; a client refuses any other.
 pub const HELLO_TEXT: &[u8] = b"resync-chunk-serve 1";
 /// Largest data frame payload.

@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use super::folder::chunk_name;
 use super::STDERR_MAX;
 use crate::sys::hex;
+
 /// How a process ended, as markers record it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {

@@ -48,6 +48,7 @@
 //!   lists session folders (see [`parse_listing`]), removing dead ones
 //!   (that name DS, with `--tmpdir`), or writing `cancel` into D.
 //! - `resync __chunk-manifest --dir D --manifest TEXT`: creates D, writes `session`.
+
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
