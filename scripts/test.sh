@@ -89,8 +89,8 @@ export RESYNC_TESTBED=$state/env
 # booting takes 20-50 s. RESYNC_SKIP_OPENZFS=1 skips the tier, and says so.
 skip=()
 if [[ ${RESYNC_SKIP_OPENZFS:-} == 1 ]]; then
-	say "RESYNC_SKIP_OPENZFS=1: SKIPPING the OpenZFS guest tier (tests openzfs::*)"
-	skip=(--skip openzfs::)
+	say "RESYNC_SKIP_OPENZFS=1: SKIPPING the OpenZFS guest tier (every test named openzfs)"
+	skip=(--skip openzfs)
 else
 	say "building (or finding) and booting the OpenZFS guest"
 	bash scripts/openzfs-guest.sh build || die "the OpenZFS guest could not be built (RESYNC_SKIP_OPENZFS=1 skips the tier)"
