@@ -35,6 +35,7 @@ use crate::chunk::protocol::session::{argv_md5, is_held, Identity, Manifest, Own
 use crate::chunk::protocol::{
     ABORT, CANCEL, END, ERROR, LOG, PART, PROGRESS, RESEND, RESULT, SESSION_PREFIX,
 };
+use crate::host::reconnect::Backoff;
 use crate::host::{is_connection_lost, stderr_tail, ConnectionLost, Host};
 use crate::progress::{human_bytes, Transfer};
 use crate::sys::{Unpoisoned, UnpoisonedRw};
@@ -46,8 +47,6 @@ const POLL_BUSY: Duration = Duration::from_millis(20);
 /// Pause before a poll that carries operations (deletions, markers).
 const POLL_NOW: Duration = Duration::from_millis(2);
 const POLL_IDLE: Duration = Duration::from_millis(200);
-/// Longest pause between reconnection attempts.
-const BACKOFF_MAX: Duration = Duration::from_secs(4);
 /// Copies of one chunk that may fail (other than by a lost connection)
 /// before the run gives up.
 const COPY_FAILURES_MAX: u32 = 5;
@@ -650,7 +649,7 @@ impl Orchestrator<'_> {
     /// the bar says for how long it has been trying.
     fn reconnect(&mut self, c: &Conn, deadline: Instant) -> Result<()> {
         let since = Instant::now();
-        let mut pause = Duration::from_millis(250);
+        let mut backoff = Backoff::default();
         c.reset_channels();
         loop {
             let note = |bar: &dyn Transfer| {
@@ -706,12 +705,11 @@ impl Orchestrator<'_> {
                 }
             }
             // Sleep in steps of a second so the bar's count moves.
-            let wake = Instant::now() + pause;
+            let wake = Instant::now() + backoff.next_pause();
             while Instant::now() < wake {
                 thread::sleep((wake - Instant::now()).min(Duration::from_secs(1)));
                 note(self.bar);
             }
-            pause = (pause * 2).min(BACKOFF_MAX);
         }
     }
 
