@@ -29,9 +29,9 @@ use super::{
     chunk_name, md5_name, End, Failure, Outcome, Progress, RecvResult, ABORT, CANCEL, END, ERROR,
     PART, PROGRESS, RESEND, RESULT,
 };
-use crate::bwlimit::Limiter;
 use crate::host::{is_connection_lost, stderr_tail, ConnectionLost, Host};
 use crate::progress::{human_bytes, Transfer};
+use crate::transfer::bwlimit::Limiter;
 
 /// Pause between polls right after something happened; it doubles while
 /// nothing does, up to POLL_IDLE.

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use super::Run;
 use crate::chunk::orchestrator;
 use crate::chunk::session::{self, Found, Held, Manifest, Role};
+use crate::transfer::chunked::{Chunked, End};
 use crate::zfs::{Dataset, Snapshot};
 
 /// How long to wait for cancelled helpers to stop (zfs receive must let go
@@ -23,8 +24,8 @@ const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 impl Run<'_> {
     /// Deals with the sessions into `dst` on the target host; returns the
     /// bytes of a re-attached step (0 if none was).
-    pub(super) fn reattach(&self, src: &Dataset, dst: &Dataset) -> Result<u64> {
-        let dst_exe = self.helper_exe(&self.dst)?;
+    pub(super) fn reattach(&self, c: &Chunked, src: &Dataset, dst: &Dataset) -> Result<u64> {
+        let dst_exe = c.helper_exe(End::Target)?;
         let target = self.dst.label(dst);
         let listing = session::list(
             &*self.dst.host(),
@@ -62,7 +63,7 @@ impl Run<'_> {
                     m.pid,
                     m.host
                 ));
-                self.clear_sender(m);
+                self.clear_sender(c, m);
                 continue;
             }
             if !f.helper_alive {
@@ -70,18 +71,18 @@ impl Run<'_> {
             }
             let fits = match attached {
                 true => Err("another session was re-attached already".to_string()),
-                false => self.step_fits(src, m)?,
+                false => self.step_fits(c, src, m)?,
             };
             match fits {
                 Ok(()) => {
-                    bytes += self.attach(dst, f, m)?;
+                    bytes += self.attach(c, dst, f, m)?;
                     attached = true;
                 }
                 Err(why) => {
                     self.ui.info(&format!(
                         "{target}: cancelling chunk session {id}: {why}; planning from scratch"
                     ));
-                    self.cancel_session(m)?;
+                    self.cancel_session(c, m)?;
                 }
             }
         }
@@ -89,7 +90,12 @@ impl Run<'_> {
     }
 
     /// Whether this run can finish the session's step: Ok(Err(why)) if not.
-    fn step_fits(&self, src: &Dataset, m: &Manifest) -> Result<std::result::Result<(), String>> {
+    fn step_fits(
+        &self,
+        c: &Chunked,
+        src: &Dataset,
+        m: &Manifest,
+    ) -> Result<std::result::Result<(), String>> {
         let label = self.src.host().label().to_string();
         if m.sender_host != label || m.identity.source != src.as_str() {
             return Ok(Err(format!(
@@ -100,14 +106,14 @@ impl Run<'_> {
         if label == "local" && m.host != session::hostname() {
             return Ok(Err(format!("its sender is local to host {}", m.host)));
         }
-        let src_exe = self.helper_exe(&self.src)?;
+        let src_exe = c.helper_exe(End::Source)?;
         let probe = session::probe(&*self.src.host(), &src_exe, &m.sender_dir, false, false)?;
         if !probe.found.iter().any(|f| f.helper_alive) {
             return Ok(Err("its sender helper is gone".into()));
         }
         let dst = Dataset::parse(&m.identity.target)?;
-        let source = self.source_state(src)?;
-        let target = self.target_state(&dst)?;
+        let source = self.src.source_state(src)?;
+        let target = self.dst.target_state(&dst)?;
         Ok(session::check_step(
             &m.identity.step,
             &pairs(&source.snapshots),
@@ -117,7 +123,7 @@ impl Run<'_> {
     }
 
     /// Finishes the step of a live session; then verifies its snapshot.
-    fn attach(&self, dst: &Dataset, f: &Found, m: &Manifest) -> Result<u64> {
+    fn attach(&self, c: &Chunked, dst: &Dataset, f: &Found, m: &Manifest) -> Result<u64> {
         let id = m.session_id();
         let step = &m.identity.step;
         self.ui.info(&format!(
@@ -128,17 +134,17 @@ impl Run<'_> {
             m.host,
             f.helper_pid
         ));
-        *self.chunk_step.lock().unwrap_or_else(|p| p.into_inner()) = Some(m.identity.clone());
         let label = match (&step.from, &step.to) {
             (Some(from), Some(to)) => format!("{}@{}..@{}", m.identity.source, from.name, to.name),
             (None, Some(to)) => format!("{}@{}", m.identity.source, to.name),
             _ => format!("{} (resume)", m.identity.source),
         };
-        let stats = self.chunked(
+        let stats = c.run(
             orchestrator::Start::Attach {
                 sender_dir: m.sender_dir.clone(),
                 receiver_dir: m.receiver_dir.clone(),
             },
+            Some(m.identity.clone()),
             self.ui.transfer(&label, None),
         )?;
         self.ui.debug(&format!(
@@ -146,7 +152,7 @@ impl Run<'_> {
             stats.copied, stats.bytes, f.helper_pid
         ));
         if let Some(to) = &step.to {
-            self.verify(
+            self.dst.verify(
                 dst,
                 &Snapshot {
                     name: to.name.clone(),
@@ -160,10 +166,10 @@ impl Run<'_> {
 
     /// Stops both helpers of a session and waits until the receiver's
     /// folder is gone (its zfs receive let go of the target).
-    fn cancel_session(&self, m: &Manifest) -> Result<()> {
-        let dst_exe = self.helper_exe(&self.dst)?;
+    fn cancel_session(&self, c: &Chunked, m: &Manifest) -> Result<()> {
+        let dst_exe = c.helper_exe(End::Target)?;
         if m.sender_host == self.src.host().label() {
-            let src_exe = self.helper_exe(&self.src)?;
+            let src_exe = c.helper_exe(End::Source)?;
             let _ = session::probe(&*self.src.host(), &src_exe, &m.sender_dir, true, true);
         }
         let deadline = std::time::Instant::now() + CANCEL_WAIT;
@@ -188,11 +194,11 @@ impl Run<'_> {
 
     /// The sender folder of a dead session: removed if its helper is gone
     /// too, else told to stop.
-    fn clear_sender(&self, m: &Manifest) {
+    fn clear_sender(&self, c: &Chunked, m: &Manifest) {
         if m.sender_host != self.src.host().label() {
             return;
         }
-        let Ok(exe) = self.helper_exe(&self.src) else {
+        let Ok(exe) = c.helper_exe(End::Source) else {
             return;
         };
         let host = self.src.host();
