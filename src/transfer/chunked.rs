@@ -230,20 +230,3 @@ fn local_helper(tmpdir: &str) -> Result<String> {
         .context("copying our own binary for the local chunk helpers")?;
     Ok(d.path)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn local_helpers_run_a_copy_of_the_running_image_not_the_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let tmpdir = dir.path().to_str().unwrap();
-        let path = local_helper(tmpdir).unwrap();
-        let exe = std::env::current_exe().unwrap();
-        assert_ne!(std::path::Path::new(&path), exe.as_path());
-        assert!(path.starts_with(tmpdir), "{path}");
-        let running = std::fs::read("/proc/self/exe").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), running);
-    }
-}

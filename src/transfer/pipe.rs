@@ -349,7 +349,7 @@ impl Pipe<'_> {
     }
 }
 
-/// Reads `out` to its end on a thread (at most [`DRAIN_CAP`] bytes kept);
+/// Reads `out` to its end on a thread (its last [`DRAIN_CAP`] bytes kept);
 /// the text arrives on the channel at EOF.
 fn drain(mut out: Box<dyn Read + Send>) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
@@ -360,8 +360,10 @@ fn drain(mut out: Box<dyn Read + Send>) -> mpsc::Receiver<String> {
             match out.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    let room = DRAIN_CAP.saturating_sub(kept.len());
-                    kept.extend_from_slice(&buf[..n.min(room)]);
+                    kept.extend_from_slice(&buf[..n]);
+                    if kept.len() > DRAIN_CAP {
+                        kept.drain(..kept.len() - DRAIN_CAP);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => break,
@@ -564,12 +566,13 @@ mod tests {
         let pipe = local_pipe(&ui, Duration::from_secs(30));
         let req = request(
             "head -c 300000 /dev/zero",
-            "sleep 0.2; yes received | head -n 20000; cat >/dev/null; echo done",
+            "sleep 0.2; yes received | head -n 20; cat >/dev/null; echo done",
         );
         let n = pipe.transfer(&req, Box::new(NoBar)).unwrap();
         assert_eq!(n, 300_000);
         let lines = ui.0.lock().unwrap();
-        assert!(lines.iter().any(|l| l == "[local] done"), "{lines:?}");
+        assert_eq!(lines.len(), 21, "{lines:?}");
+        assert_eq!(lines[20], "[local] done");
     }
 
     #[test]
