@@ -461,7 +461,7 @@ fn no_rollback_means_no_dash_f_even_on_a_written_target() {
         "ozs/tokfix",
         "ozt/tokfix",
     ]);
-    run(
+    let _ = run(
         &cfg,
         OPENZFS,
         true,
