@@ -3,16 +3,16 @@
 //! and maps the result to an exit code, in one place: 0 all done, 1 some
 //! datasets of a recursive run failed, 2 error (usage errors included).
 
-mod bwlimit;
 mod chunk;
 mod cli;
+mod endpoint;
 mod host;
 mod plan;
 mod progress;
 mod replicate;
 mod runlock;
-mod stream;
 mod sys;
+mod transfer;
 mod zfs;
 
 use clap::Parser;

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::sys::Unpoisoned;
+
 /// How much the user wants to hear.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Verbosity {
@@ -154,7 +156,7 @@ impl Lines {
 impl Transfer for Lines {
     fn add(&self, bytes: u64) {
         self.done.fetch_add(bytes, Ordering::Relaxed);
-        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = self.next.locked();
         if Instant::now() >= *next {
             *next = Instant::now() + LINE_INTERVAL;
             drop(next);
@@ -241,7 +243,7 @@ impl Bar {
     fn show(&self, done: u64) {
         if let Some(total) = self.total {
             if done > total {
-                let mut over = self.overflowed.lock().unwrap_or_else(|p| p.into_inner());
+                let mut over = self.overflowed.locked();
                 if !*over {
                     *over = true;
                     self.bar.unset_length();

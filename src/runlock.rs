@@ -641,7 +641,20 @@ mod tests {
             .record(proc_(10, 5, &["zfs", "receive", "pool/x"]))
             .unwrap();
         drop(first);
-        let second = RunLock::acquire_at(&path, "b:pool/test-lock").unwrap();
+        // Another test's child process may hold a copy of the lock's file
+        // descriptor between its fork and its exec: give that a moment.
+        let mut tries = 0;
+        let second = loop {
+            match RunLock::acquire_at(&path, "b:pool/test-lock") {
+                Ok(lock) => break lock,
+                Err(e) if tries < 20 => {
+                    tries += 1;
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("{e:#}"),
+            }
+        };
         assert_eq!(
             second.leftovers(),
             &[proc_(10, 5, &["zfs", "receive", "pool/x"])],

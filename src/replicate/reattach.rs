@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use super::Run;
 use crate::chunk::orchestrator;
 use crate::chunk::session::{self, Found, Held, Manifest, Probe, Role, Stream};
+use crate::transfer::chunked::{Chunked, End};
 use crate::zfs::{self, Dataset, RecvArgs, SendArgs, Snapshot};
 
 /// How long to wait for cancelled helpers to stop (zfs receive must let go
@@ -24,8 +25,8 @@ const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 impl Run<'_> {
     /// Deals with the sessions into `dst` on the target host; returns the
     /// bytes of a re-attached step (0 if none was).
-    pub(super) fn reattach(&self, src: &Dataset, dst: &Dataset) -> Result<u64> {
-        let dst_exe = self.helper_exe(&self.dst)?;
+    pub(super) fn reattach(&self, c: &Chunked, src: &Dataset, dst: &Dataset) -> Result<u64> {
+        let dst_exe = c.helper_exe(End::Target)?;
         let target = self.dst.label(dst);
         let listing = session::list(&*self.dst.host(), &dst_exe, &self.cfg.tmpdir, dst.as_str())
             .with_context(|| format!("looking for chunk sessions into {target}"))?;
@@ -57,7 +58,7 @@ impl Run<'_> {
                     m.pid,
                     m.host
                 ));
-                self.clear_sender(m);
+                self.clear_sender(c, m);
                 continue;
             }
             if !f.helper_alive {
@@ -65,18 +66,18 @@ impl Run<'_> {
             }
             let fits = match attached {
                 true => Err("another session was re-attached already".to_string()),
-                false => self.step_fits(src, dst, m)?,
+                false => self.step_fits(c, src, dst, m)?,
             };
             match fits {
                 Ok(()) => {
-                    bytes += self.attach(dst, f, m)?;
+                    bytes += self.attach(c, dst, f, m)?;
                     attached = true;
                 }
                 Err(why) => {
                     self.ui.info(&format!(
                         "{target}: cancelling chunk session {id}: {why}; planning from scratch"
                     ));
-                    self.cancel_session(m)?;
+                    self.cancel_session(c, m)?;
                 }
             }
         }
@@ -86,6 +87,7 @@ impl Run<'_> {
     /// Whether this run can finish the session's step: Ok(Err(why)) if not.
     fn step_fits(
         &self,
+        c: &Chunked,
         src: &Dataset,
         dst: &Dataset,
         m: &Manifest,
@@ -100,35 +102,64 @@ impl Run<'_> {
         if label == "local" && m.host != session::this_host() {
             return Ok(Err(format!("its sender is local to host {}", m.host)));
         }
-        let src_exe = self.helper_exe(&self.src)?;
+        let src_exe = c.helper_exe(End::Source)?;
         let probe = session::probe(&*self.src.host(), &src_exe, &m.sender_dir, Probe::Look)?;
         if !probe.found.iter().any(|f| f.helper_alive) {
             return Ok(Err("its sender helper is gone".into()));
         }
-        let (send, recv) = self.step_argv(src, dst, &m.identity.stream);
+        let argv_md5 = self.step_argv_md5(src, dst, &m.identity.stream, &m.argv_md5);
         let target_ds = Dataset::parse(&m.identity.target)?;
-        let source = self.source_state(src)?;
-        let target = self.target_state(&target_ds)?;
+        let source = self.src.source_state(src)?;
+        let target = self.dst.target_state(&target_ds)?;
         Ok(session::session_fits(
             m,
-            &session::argv_md5(&send, &recv),
+            &argv_md5,
             &source.snapshots,
             &target.snapshots,
             target.resume_token.as_deref(),
         ))
     }
 
-    /// The `zfs send` and `zfs receive` command lines this run would start
-    /// for `stream`, built as `Run::execute` builds them.
+    /// The fingerprint of the `zfs send` and `zfs receive` command lines
+    /// this run would start for `stream`, built as `Run::execute` builds
+    /// them. Whether the receive has `-F` depends on what the target holds
+    /// when the step starts (see `execute::Rollback`), so where `-F` is
+    /// allowed both spellings are this run's own: the one the session
+    /// recorded (`recorded`) is chosen when it is one of them.
+    fn step_argv_md5(
+        &self,
+        src: &Dataset,
+        dst: &Dataset,
+        stream: &Stream,
+        recorded: &str,
+    ) -> String {
+        let forces: &[bool] = match self.cfg.rollback {
+            true => &[false, true],
+            false => &[false],
+        };
+        let mut first = None;
+        for &force in forces {
+            let (send, recv) = self.step_argv(src, dst, stream, force);
+            let md5 = session::argv_md5(&send, &recv);
+            if md5 == recorded {
+                return md5;
+            }
+            first.get_or_insert(md5);
+        }
+        first.unwrap_or_default()
+    }
+
+    /// The `zfs send` and `zfs receive` command lines for `stream`.
     fn step_argv(
         &self,
         src: &Dataset,
         dst: &Dataset,
         stream: &Stream,
+        force: bool,
     ) -> (Vec<String>, Vec<String>) {
         let recv = RecvArgs {
             resumable: self.dst.caps.resume_tokens,
-            force: self.cfg.rollback,
+            force,
             options: &self.cfg.recv_options,
         };
         let send = |from: Option<&Snapshot>, to: &Snapshot, intermediates: bool| {
@@ -166,7 +197,7 @@ impl Run<'_> {
     }
 
     /// Finishes the step of a live session; then verifies its snapshot.
-    fn attach(&self, dst: &Dataset, f: &Found, m: &Manifest) -> Result<u64> {
+    fn attach(&self, c: &Chunked, dst: &Dataset, f: &Found, m: &Manifest) -> Result<u64> {
         let id = m.session_id();
         let stream = &m.identity.stream;
         self.ui.info(&format!(
@@ -177,7 +208,6 @@ impl Run<'_> {
             m.host,
             f.helper_pid
         ));
-        *self.chunk_step.lock().unwrap_or_else(|p| p.into_inner()) = Some(m.identity.clone());
         let label = match stream {
             Stream::Incremental { from, to, .. } => {
                 format!("{}@{}..@{}", m.identity.source, from.name, to.name)
@@ -185,12 +215,13 @@ impl Run<'_> {
             Stream::Full { to } => format!("{}@{}", m.identity.source, to.name),
             Stream::Resume { .. } => format!("{} (resume)", m.identity.source),
         };
-        let stats = self.chunked(
+        let stats = c.run(
             orchestrator::Start::Attach {
                 sender_dir: m.sender_dir.clone(),
                 receiver_dir: m.receiver_dir.clone(),
                 argv_md5: m.argv_md5.clone(),
             },
+            Some(m.identity.clone()),
             self.ui.transfer(&label, None),
         )?;
         self.ui.debug(&format!(
@@ -198,17 +229,17 @@ impl Run<'_> {
             stats.copied, stats.bytes, f.helper_pid
         ));
         if let Some(to) = stream.to() {
-            self.verify(dst, to)?;
+            self.dst.verify(dst, to)?;
         }
         Ok(stats.bytes)
     }
 
     /// Stops both helpers of a session and waits until the receiver's
     /// folder is gone (its zfs receive let go of the target).
-    fn cancel_session(&self, m: &Manifest) -> Result<()> {
-        let dst_exe = self.helper_exe(&self.dst)?;
+    fn cancel_session(&self, c: &Chunked, m: &Manifest) -> Result<()> {
+        let dst_exe = c.helper_exe(End::Target)?;
         if m.sender_host == self.src.host().label() {
-            let src_exe = self.helper_exe(&self.src)?;
+            let src_exe = c.helper_exe(End::Source)?;
             let _ = session::probe(
                 &*self.src.host(),
                 &src_exe,
@@ -242,11 +273,11 @@ impl Run<'_> {
 
     /// The sender folder of a dead session: removed if its helper is gone
     /// too, else told to stop.
-    fn clear_sender(&self, m: &Manifest) {
+    fn clear_sender(&self, c: &Chunked, m: &Manifest) {
         if m.sender_host != self.src.host().label() {
             return;
         }
-        let Ok(exe) = self.helper_exe(&self.src) else {
+        let Ok(exe) = c.helper_exe(End::Source) else {
             return;
         };
         let host = self.src.host();

@@ -669,3 +669,43 @@ fn create_bookmark_lets_the_next_run_send_from_the_bookmark_after_the_snapshot_i
          zfs destroy -r {src}; zfs destroy -r {dst}"
     ));
 }
+
+/// `zfs receive -F` rolls the target back and destroys its snapshots newer
+/// than the stream's base, including one a snapshotter took on the target
+/// while the stream was on its way. Without changes on the target since
+/// the base (`written@` is 0) the receive needs no -F, and the target's
+/// own snapshot survives (the receive is refused instead).
+#[test]
+fn a_snapshot_taken_on_the_target_during_a_transfer_is_never_destroyed() {
+    let g = Guest::get();
+    let name = unique_name("tgtsnap");
+    let (src, dst) = (format!("{POOL_S}/{name}"), format!("{POOL_T}/{name}"));
+    g.sh(&format!(
+        "zfs create {src} && head -c 2M /dev/urandom > /{src}/base && zfs snapshot {src}@s1"
+    ));
+    let (s, d) = (g.endpoint(&src), g.endpoint(&dst));
+    g.resync(&["--no-sync-snap", &s, &d]).run().assert_success();
+    g.sh(&format!(
+        "head -c 16M /dev/urandom > /{src}/more && zfs snapshot {src}@s2"
+    ));
+    let run = g
+        .resync(&["--no-sync-snap", "--target-bwlimit=2M", &s, &d])
+        .spawn();
+    assert!(
+        wait_until(Duration::from_secs(120), || g.receiving()),
+        "the receive never started"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    g.sh(&format!("zfs snapshot {dst}@taken-by-a-snapshotter"));
+    let out = run.wait();
+    let on_target: Vec<String> = g.snaps(&dst).into_iter().map(|(n, _)| n).collect();
+    assert!(
+        on_target.iter().any(|n| n == "taken-by-a-snapshotter"),
+        "the target's own snapshot was destroyed ({on_target:?}):\n{out}"
+    );
+    assert!(on_target.iter().any(|n| n == "s1"), "{on_target:?}");
+    assert!(
+        !out.stderr.contains("receiving with -F"),
+        "an unchanged target needs no rollback:\n{out}"
+    );
+}

@@ -185,6 +185,24 @@ fn remote_to_remote_relays_through_the_orchestrator() {
     assert_replica(&src, &dst);
 }
 
+/// `zfs receive -v` prints as it receives; with its stdout not read it
+/// died of SIGPIPE and a local target failed.
+#[test]
+fn recvoptions_v_with_a_local_target_succeeds_and_shows_what_zfs_received() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("recvv"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("recvv"));
+    create_dataset_with_data(&src, &[("x.bin", 300_000)]);
+    snapshot(&src, "s1");
+    let out = resync(&["--no-sync-snap", "--recvoptions=v", &src, &dst]);
+    out.assert_success();
+    assert_replica(&src, &dst);
+    assert!(
+        out.stderr.contains(&format!("into {dst}@s1")),
+        "zfs receive -v's own lines are shown:\n{out}"
+    );
+}
+
 #[test]
 fn local_to_local_full_then_incremental() {
     let bed = Bed::get();

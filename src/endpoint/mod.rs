@@ -1,0 +1,483 @@
+//! A ZFS endpoint: one side of a run, a [`Host`] plus what its ZFS can do.
+//! This is the only place that runs `zfs` (argv comes from `zfs`, output is
+//! parsed there): reads are methods of [`ZfsHost`] (list, state, verify,
+//! estimate, `written@`, descendants, holds), and every change to a pool
+//! goes through the small [`Changes`] trait, whose operations are
+//! idempotent where ZFS allows (a hold that exists, a release of a hold
+//! that is gone: both fine). [`dryrun::DryRun`] implements `Changes` by
+//! printing what it would do, so callers never branch on `--dry-run`.
+//! The transfer of a stream itself is `transfer`'s job, not this one's.
+
+pub mod dryrun;
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::cli::{Config, Location};
+use crate::host::local::LocalHost;
+use crate::host::quote::sh_join;
+use crate::host::reconnect::Reconnecting;
+use crate::host::ssh::{resolve_address, SshHost, SshOptions, SshSpec};
+use crate::host::{CmdOutput, Host};
+use crate::plan::{SourceState, TargetState};
+use crate::progress::Progress;
+use crate::zfs::{self, Capabilities, Dataset, ProbeResult, Snapshot, ZfsErrorKind};
+
+/// One side of a run: its host (swappable, since `--chunked` reconnects),
+/// its ZFS capabilities and where it is.
+pub struct ZfsHost<'a> {
+    host: Reconnecting<'a>,
+    pub caps: Capabilities,
+    pub location: Location,
+    ui: &'a dyn Progress,
+}
+
+impl<'a> ZfsHost<'a> {
+    /// An endpoint on an already connected host; probes its ZFS on `pool`.
+    pub fn open(
+        host: Reconnecting<'a>,
+        location: Location,
+        pool: &str,
+        ui: &'a dyn Progress,
+    ) -> Result<ZfsHost<'a>> {
+        let caps = detect(&*host.get(), pool, ui)?;
+        Ok(ZfsHost::with_caps(host, location, caps, ui))
+    }
+
+    /// An endpoint whose capabilities are known (tests, and [`ZfsHost::open`]).
+    pub fn with_caps(
+        host: Reconnecting<'a>,
+        location: Location,
+        caps: Capabilities,
+        ui: &'a dyn Progress,
+    ) -> ZfsHost<'a> {
+        ZfsHost {
+            host,
+            caps,
+            location,
+            ui,
+        }
+    }
+
+    /// The current connection.
+    pub fn host(&self) -> Arc<dyn Host> {
+        self.host.get()
+    }
+
+    /// The swappable connection and how to reconnect it (`--chunked`
+    /// reconnects after a lost connection).
+    pub fn reconnecting(&self) -> &Reconnecting<'a> {
+        &self.host
+    }
+
+    /// `ds` as the user spells it: `host:ds` when remote.
+    pub fn label(&self, ds: &Dataset) -> String {
+        match &self.location {
+            Location::Local => ds.to_string(),
+            Location::Remote { .. } => format!("{}:{}", self.host().label(), ds),
+        }
+    }
+
+    /// Runs argv, logging it with `--debug`.
+    pub fn exec(&self, argv: &[String]) -> Result<CmdOutput> {
+        exec(&*self.host(), argv, self.ui)
+    }
+
+    /// Runs argv; a non-zero exit is an error carrying its stderr.
+    fn exec_ok(&self, argv: &[String], what: &str) -> Result<String> {
+        let host = self.host();
+        exec(&*host, argv, self.ui)?.check(what, host.label())
+    }
+
+    /// Like [`ZfsHost::exec_ok`], but retries while ZFS says the dataset is
+    /// busy: right after a receive, zfs-fuse refuses destroy and rollback
+    /// for a few seconds.
+    fn exec_ok_when_idle(&self, argv: &[String], what: &str) -> Result<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let out = self.exec(argv)?;
+            if out.success()
+                || !zfs::is_busy_error(&out.stderr)
+                || std::time::Instant::now() > deadline
+            {
+                return out.check(what, self.host().label());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+
+    /// Whether `ds` exists.
+    pub fn exists(&self, ds: &Dataset) -> Result<bool> {
+        let out = self.exec(&zfs::dataset_exists_argv(ds))?;
+        if out.success() {
+            return Ok(true);
+        }
+        if zfs::is_missing_dataset_error(&out.stderr) {
+            return Ok(false);
+        }
+        out.check("zfs list", self.host().label())?;
+        Ok(true)
+    }
+
+    /// `root` and (with `recursive`) its descendant file systems and
+    /// volumes; `None` when `root` does not exist.
+    pub fn datasets(&self, root: &Dataset, recursive: bool) -> Result<Option<Vec<Dataset>>> {
+        let out = self.exec(&zfs::list_datasets_argv(root, recursive))?;
+        if !out.success() && zfs::is_missing_dataset_error(&out.stderr) {
+            return Ok(None);
+        }
+        let listed = out.check("zfs list", self.host().label())?;
+        Ok(Some(zfs::parse_dataset_list(&listed)?))
+    }
+
+    /// The file systems and volumes below `ds` (not `ds` itself): what
+    /// `zfs destroy -r ds` would take with it besides `ds`.
+    pub fn descendants(&self, ds: &Dataset) -> Result<Vec<Dataset>> {
+        let out = self
+            .exec_ok(&zfs::list_descendants_argv(ds), "zfs list")
+            .with_context(|| self.label(ds))?;
+        zfs::parse_descendants(ds, &out)
+    }
+
+    /// `ds`'s snapshots, oldest first.
+    pub fn snapshots(&self, ds: &Dataset) -> Result<Vec<Snapshot>> {
+        let out = self
+            .exec_ok(
+                &zfs::list_snapshots_argv(ds, &self.caps),
+                "listing snapshots",
+            )
+            .with_context(|| self.label(ds))?;
+        zfs::parse_snapshot_list(ds, &out)
+    }
+
+    /// Snapshots and bookmarks of a source dataset.
+    pub fn source_state(&self, ds: &Dataset) -> Result<SourceState> {
+        // Bookmarks come in the same listing where the ZFS has them.
+        let argv = match self.caps.bookmarks {
+            true => zfs::list_snapshots_and_bookmarks_argv(ds),
+            false => zfs::list_snapshots_argv(ds, &self.caps),
+        };
+        let out = self
+            .exec_ok(&argv, "listing snapshots")
+            .with_context(|| format!("source {}", self.label(ds)))?;
+        Ok(SourceState {
+            dataset: ds.to_string(),
+            snapshots: zfs::parse_snapshot_list(ds, &out)?,
+            bookmarks: zfs::parse_bookmark_list(ds, &out)?,
+        })
+    }
+
+    /// Whether a target dataset exists, its snapshots and its resume token.
+    pub fn target_state(&self, ds: &Dataset) -> Result<TargetState> {
+        let out = self.exec(&zfs::list_snapshots_argv(ds, &self.caps))?;
+        if !out.success() && zfs::is_missing_dataset_error(&out.stderr) {
+            return Ok(TargetState {
+                exists: false,
+                snapshots: Vec::new(),
+                resume_token: None,
+            });
+        }
+        let listing = out
+            .check("listing snapshots", self.host().label())
+            .with_context(|| format!("target {}", self.label(ds)))?;
+        let snapshots = zfs::parse_snapshot_list(ds, &listing)?;
+        let resume_token = if self.caps.resume_tokens {
+            let out = self.exec_ok(&zfs::resume_token_argv(ds), "reading receive_resume_token")?;
+            zfs::parse_resume_token(&out)
+        } else {
+            None
+        };
+        Ok(TargetState {
+            exists: true,
+            snapshots,
+            resume_token,
+        })
+    }
+
+    /// Bytes written to `ds` since its snapshot `snap` (`written@snap`);
+    /// `None` where the ZFS cannot tell (zfs-fuse has no `written`).
+    pub fn written_since(&self, ds: &Dataset, snap: &str) -> Result<Option<u64>> {
+        if !self.caps.written_at {
+            return Ok(None);
+        }
+        let out = self
+            .exec_ok(
+                &zfs::target_props_argv(ds, snap, &self.caps)?,
+                "reading written@",
+            )
+            .with_context(|| self.label(ds))?;
+        Ok(zfs::parse_target_props(snap, &out)?.written_since_base)
+    }
+
+    /// The target must list `to` with the source's GUID, whatever zfs
+    /// receive said.
+    pub fn verify(&self, ds: &Dataset, to: &Snapshot) -> Result<()> {
+        let target = self.target_state(ds)?;
+        match target.snapshots.iter().find(|s| s.name == to.name) {
+            Some(s) if s.guid == to.guid => Ok(()),
+            Some(s) => bail!(
+                "verification failed: {}@{} has GUID {} but the source's has {}",
+                self.label(ds),
+                to.name,
+                s.guid,
+                to.guid
+            ),
+            None => bail!(
+                "verification failed: zfs receive exited 0 but {}@{} is not on the target",
+                self.label(ds),
+                to.name
+            ),
+        }
+    }
+
+    /// The size of the stream `send` from `zfs send -nvP`, where the ZFS
+    /// has it. An estimate that cannot be had is no error.
+    pub fn estimate(&self, send: &[String]) -> Option<u64> {
+        if !self.caps.send_estimate {
+            return None;
+        }
+        let out = self.exec(&zfs::send_estimate_argv(send)).ok()?;
+        out.success()
+            .then(|| zfs::parse_send_estimate(&out.stdout))
+            .flatten()
+    }
+
+    /// Snapshots of `ds` with user holds, and how many each has.
+    pub fn userrefs(&self, ds: &Dataset) -> Result<Vec<(String, u64)>> {
+        let out = self.exec_ok(&zfs::userrefs_argv(ds, &self.caps), "listing holds")?;
+        zfs::parse_userrefs(ds, &out)
+    }
+}
+
+/// What `zfs snapshot` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    Created,
+    /// A snapshot of that name exists already.
+    Exists,
+}
+
+/// Every change resync makes to a pool, apart from receiving a stream.
+/// Implemented by [`ZfsHost`] (acting) and [`dryrun::DryRun`] (printing).
+pub trait Changes {
+    /// `zfs snapshot ds@name`.
+    fn snapshot(&self, ds: &Dataset, name: &str) -> Result<Taken>;
+    /// Snapshots this layer claims exist that a listing cannot show (a dry
+    /// run's pretend snapshots); empty when acting.
+    fn pending(&self, _ds: &Dataset) -> Vec<Snapshot> {
+        Vec::new()
+    }
+    /// `zfs hold`, but an existing hold with `tag` is fine.
+    fn hold(&self, ds: &Dataset, snap: &str, tag: &str) -> Result<()>;
+    /// `zfs release`, but a missing hold is fine.
+    fn release(&self, ds: &Dataset, snap: &str, tag: &str) -> Result<()>;
+    /// `zfs bookmark ds@snap ds#bookmark`.
+    fn bookmark(&self, ds: &Dataset, snap: &str, bookmark: &str) -> Result<()>;
+    fn destroy_bookmark(&self, ds: &Dataset, bookmark: &str) -> Result<()>;
+    /// `zfs destroy ds@snap`; a snapshot held by `our_tag` is released
+    /// first (our own hold must not keep our own sync snapshot alive).
+    fn destroy_snapshot(&self, ds: &Dataset, snap: &str, our_tag: Option<&str>) -> Result<()>;
+    /// `zfs destroy -r ds`: the caller has checked what goes with it.
+    fn destroy_recursive(&self, ds: &Dataset) -> Result<()>;
+    /// `zfs rollback -r ds@snap`.
+    fn rollback(&self, ds: &Dataset, snap: &str) -> Result<()>;
+    /// `zfs receive -A ds`: discards a partial receive.
+    fn abort_partial(&self, ds: &Dataset) -> Result<()>;
+}
+
+impl Changes for ZfsHost<'_> {
+    fn snapshot(&self, ds: &Dataset, name: &str) -> Result<Taken> {
+        let out = self.exec(&zfs::create_snapshot_argv(ds, name))?;
+        if !out.success() && zfs::error::kind_of(&out.stderr) == ZfsErrorKind::AlreadyExists {
+            return Ok(Taken::Exists);
+        }
+        out.check("zfs snapshot", self.host().label())
+            .with_context(|| format!("cannot take snapshot {}", self.label(ds)))?;
+        Ok(Taken::Created)
+    }
+
+    fn hold(&self, ds: &Dataset, snap: &str, tag: &str) -> Result<()> {
+        let out = self.exec(&zfs::hold_argv(ds, snap, tag))?;
+        if out.success() || zfs::is_tag_exists_error(&out.stderr) {
+            return Ok(());
+        }
+        out.check("zfs hold", self.host().label()).map(drop)
+    }
+
+    fn release(&self, ds: &Dataset, snap: &str, tag: &str) -> Result<()> {
+        let out = self.exec(&zfs::release_argv(ds, snap, tag))?;
+        if out.success() || zfs::is_no_such_tag_error(&out.stderr) {
+            return Ok(());
+        }
+        out.check("zfs release", self.host().label()).map(drop)
+    }
+
+    fn bookmark(&self, ds: &Dataset, snap: &str, bookmark: &str) -> Result<()> {
+        self.exec_ok(&zfs::bookmark_argv(ds, snap, bookmark), "zfs bookmark")
+            .map(drop)
+    }
+
+    fn destroy_bookmark(&self, ds: &Dataset, bookmark: &str) -> Result<()> {
+        self.exec_ok(&zfs::destroy_bookmark_argv(ds, bookmark)?, "zfs destroy")
+            .map(drop)
+    }
+
+    fn destroy_snapshot(&self, ds: &Dataset, snap: &str, our_tag: Option<&str>) -> Result<()> {
+        let destroy = zfs::destroy_snapshot_argv(ds, snap)?;
+        let out = self.exec(&destroy)?;
+        if out.success() {
+            return Ok(());
+        }
+        if let (true, true, Some(tag)) = (zfs::is_held_error(&out.stderr), self.caps.holds, our_tag)
+        {
+            if let Err(e) = self.release(ds, snap, tag) {
+                self.ui.warn(&format!(
+                    "releasing hold {tag} on {}@{snap}: {e:#}",
+                    self.label(ds)
+                ));
+            }
+        }
+        self.exec_ok_when_idle(&destroy, "zfs destroy").map(drop)
+    }
+
+    fn destroy_recursive(&self, ds: &Dataset) -> Result<()> {
+        self.exec_ok_when_idle(&zfs::destroy_recursive_argv(ds), "zfs destroy")
+            .map(drop)
+    }
+
+    fn rollback(&self, ds: &Dataset, snap: &str) -> Result<()> {
+        self.exec_ok_when_idle(&zfs::rollback_argv(ds, snap), "zfs rollback")
+            .map(drop)
+    }
+
+    fn abort_partial(&self, ds: &Dataset) -> Result<()> {
+        self.exec_ok(&zfs::abort_partial_argv(ds), "zfs receive -A")
+            .map(drop)
+    }
+}
+
+/// Connects to a side of the run (this machine, or over SSH).
+pub fn connect(location: &Location, cfg: &Config) -> Result<Arc<dyn Host>> {
+    match location {
+        Location::Local => Ok(Arc::new(LocalHost::new())),
+        Location::Remote { user, host } => {
+            let spec = SshSpec {
+                user: user.clone(),
+                host: host.clone(),
+            };
+            Ok(Arc::new(SshHost::connect(&spec, &ssh_options(cfg)?)?))
+        }
+    }
+}
+
+/// A side of the run, connected, with the way to reconnect it.
+pub fn connect_reconnecting<'a>(
+    location: &'a Location,
+    cfg: &'a Config,
+) -> Result<Reconnecting<'a>> {
+    let host = connect(location, cfg)?;
+    Ok(Reconnecting::new(host, move || connect(location, cfg)))
+}
+
+/// The SSH options the command line asked for.
+pub fn ssh_options(cfg: &Config) -> Result<SshOptions> {
+    let home = std::env::var_os("HOME")
+        .map(Into::into)
+        .ok_or_else(|| anyhow!("HOME is not set; cannot find ~/.ssh"))?;
+    Ok(SshOptions {
+        port: cfg.ssh_port,
+        key: cfg.ssh_key.clone(),
+        accept_new_host_key: cfg.accept_new_host_key,
+        connect_timeout: std::time::Duration::from_secs(15),
+        io_timeout: io_timeout(cfg),
+        home,
+    })
+}
+
+/// Where a side of the run is on the network: the host and port its ssh
+/// configuration resolves to (`None`: this machine). The run lock is keyed
+/// by it, not by how the user spelled the host.
+pub fn resolved_address(location: &Location, cfg: &Config) -> Result<Option<(String, u16)>> {
+    match location {
+        Location::Local => Ok(None),
+        Location::Remote { user, host } => {
+            let spec = SshSpec {
+                user: user.clone(),
+                host: host.clone(),
+            };
+            Ok(Some(resolve_address(&spec, &ssh_options(cfg)?)?))
+        }
+    }
+}
+
+/// How long an SSH connection may stall before it counts as lost. In
+/// `--chunked` mode a lost connection is cheap (reconnect, read the folders
+/// again) while `--timeout` is the budget without progress for the whole
+/// transfer, so connections are declared dead much sooner.
+fn io_timeout(cfg: &Config) -> std::time::Duration {
+    if cfg.chunked {
+        cfg.timeout.min(CHUNKED_IO_TIMEOUT)
+    } else {
+        cfg.timeout
+    }
+}
+
+/// See [`io_timeout`].
+const CHUNKED_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// Probes what the ZFS behind `host` supports, on `pool`, which must exist.
+fn detect(host: &dyn Host, pool: &str, ui: &dyn Progress) -> Result<Capabilities> {
+    let pool_ds = Dataset::parse(pool)?;
+    let out = exec(host, &zfs::dataset_exists_argv(&pool_ds), ui)?;
+    if !out.success() {
+        if zfs::is_missing_dataset_error(&out.stderr) {
+            bail!("pool {pool} does not exist on {}", host.label());
+        }
+        out.check("zfs list", host.label())?;
+    }
+    // The probes are independent: run them on parallel channels, since
+    // each remote command costs a round trip and a fork on the server.
+    let probes = zfs::capability_probes(pool);
+    let outputs = std::thread::scope(|scope| {
+        let running: Vec<_> = probes
+            .iter()
+            .map(|(probe, argv)| (*probe, scope.spawn(move || exec(host, argv, ui))))
+            .collect();
+        running
+            .into_iter()
+            .map(|(probe, handle)| match handle.join() {
+                Ok(out) => out.map(|o| (probe, o)),
+                Err(_) => Err(anyhow!("capability probe {probe:?} panicked")),
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let results: Vec<ProbeResult> = outputs
+        .iter()
+        .map(|(probe, o)| ProbeResult {
+            probe: *probe,
+            status: o.status,
+            stdout: &o.stdout,
+            stderr: &o.stderr,
+        })
+        .collect();
+    let caps = zfs::capabilities_from(&results);
+    ui.debug(&format!("{}: capabilities {caps:?}", host.label()));
+    Ok(caps)
+}
+
+/// Runs argv on a host, logging it with `--debug`.
+fn exec(host: &dyn Host, argv: &[String], ui: &dyn Progress) -> Result<CmdOutput> {
+    ui.debug(&format!("[{}] {}", host.label(), sh_join(argv)));
+    let out = host.run(argv)?;
+    if !out.success() {
+        let first = out
+            .stderr
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("");
+        ui.debug(&format!("[{}] exit {}: {first}", host.label(), out.status));
+    }
+    Ok(out)
+}

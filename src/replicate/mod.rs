@@ -1,0 +1,419 @@
+//! One run of resync: connect to both sides (as `endpoint`s), list the
+//! datasets, then for each pair take the sync snapshot, gather both sides'
+//! state, ask the pure planner what to do, execute its steps
+//! ([`execute`]: through `endpoint` for changes and `transfer` for
+//! streams), and after success protect and prune ([`protect`]). After
+//! executing a plan it gathers and plans again: a dataset is done only when
+//! the planner, on fresh listings, says it is up to date. `--chunked`
+//! sessions an earlier run left are dealt with first ([`reattach`]). This
+//! module only orchestrates: it runs no command itself.
+
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+use anyhow::{anyhow, bail, Result};
+
+use crate::chunk::session;
+use crate::cli::Config;
+use crate::endpoint::dryrun::DryRun;
+use crate::endpoint::{self, Changes, Taken, ZfsHost};
+use crate::host::reconnect::Reconnecting;
+use crate::plan::syncsnap;
+use crate::plan::{self, Plan, PlanOptions, Step};
+use crate::progress::{human_bytes, human_duration, human_rate, Progress, Stopwatch};
+use crate::runlock::{self, RunLock};
+use crate::transfer::chunked::{self, Chunked};
+use crate::zfs::Dataset;
+
+mod execute;
+mod protect;
+mod reattach;
+#[cfg(test)]
+mod tests;
+
+/// How many gather-plan-execute rounds one dataset may take before we call it
+/// a bug instead of looping (resume, then the rest, then "up to date").
+const MAX_ROUNDS: usize = 4;
+
+/// What a finished run reports back to `main`.
+pub struct Outcome {
+    pub replicated: usize,
+    pub failed: Vec<(String, anyhow::Error)>,
+}
+
+struct Run<'a> {
+    cfg: &'a Config,
+    ui: &'a dyn Progress,
+    src: &'a ZfsHost<'a>,
+    dst: &'a ZfsHost<'a>,
+    /// Where changes go: the endpoints themselves, or their dry-run wrappers.
+    src_changes: &'a dyn Changes,
+    dst_changes: &'a dyn Changes,
+    /// This machine's name, as sync snapshot names carry it.
+    hostname: String,
+    /// Held for the whole run (not in a dry run, which changes nothing).
+    lock: Option<&'a RunLock>,
+    /// `--chunked`: the chunk orchestrator's entry.
+    chunked: Option<Chunked<'a>>,
+    /// The target datasets of this run's pairs (see `--force-delete`).
+    targets: OnceLock<Vec<Dataset>>,
+}
+
+/// Replicates according to `cfg`. An `Err` is a failure of the whole run
+/// (exit 2); failures of single datasets in a recursive run are collected in
+/// the `Outcome` (exit 1).
+pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
+    let lock = match cfg.dry_run {
+        true => None,
+        false => Some(lock_target(cfg)?),
+    };
+    let src_host = endpoint::connect_reconnecting(&cfg.source.location, cfg)?;
+    let dst_host = if cfg.target.location == cfg.source.location {
+        Reconnecting::new(src_host.get(), || {
+            endpoint::connect(&cfg.target.location, cfg)
+        })
+    } else {
+        endpoint::connect_reconnecting(&cfg.target.location, cfg)?
+    };
+    let (src_label, dst_label) = (
+        src_host.get().label().to_string(),
+        dst_host.get().label().to_string(),
+    );
+    let src = ZfsHost::open(
+        src_host,
+        cfg.source.location.clone(),
+        cfg.source.dataset.pool(),
+        ui,
+    )
+    .map_err(|e| e.context(format!("on source host {src_label}")))?;
+    let dst = ZfsHost::open(
+        dst_host,
+        cfg.target.location.clone(),
+        cfg.target.dataset.pool(),
+        ui,
+    )
+    .map_err(|e| e.context(format!("on target host {dst_label}")))?;
+    let (src_dry, dst_dry) = (DryRun::new(&src), DryRun::new(&dst));
+    let (src_changes, dst_changes): (&dyn Changes, &dyn Changes) = match cfg.dry_run {
+        true => (&src_dry, &dst_dry),
+        false => (&src, &dst),
+    };
+    let run = Run {
+        cfg,
+        ui,
+        src: &src,
+        dst: &dst,
+        src_changes,
+        dst_changes,
+        hostname: local_hostname(),
+        lock: lock.as_ref(),
+        chunked: cfg.chunked.then(|| Chunked {
+            src: chunked::Side::new(src.reconnecting(), &src.location),
+            dst: chunked::Side::new(dst.reconnecting(), &dst.location),
+            cfg,
+            lock: lock.as_ref(),
+            ui,
+        }),
+        targets: OnceLock::new(),
+    };
+    run.stop_leftovers()?;
+    run.announce_missing_protection();
+    run.all()
+}
+
+/// The run lock for the target, keyed by the host it resolves to (ssh
+/// config's HostName and Port) and the dataset, not by how it was spelled.
+fn lock_target(cfg: &Config) -> Result<RunLock> {
+    let address = endpoint::resolved_address(&cfg.target.location, cfg)?;
+    RunLock::for_target(
+        address.as_ref().map(|(host, port)| (host.as_str(), *port)),
+        cfg.target.dataset.as_str(),
+        &cfg.target.to_string(),
+    )
+}
+
+/// This machine's name, as it appears in sync snapshot names ("" when the
+/// kernel will not say, as before).
+fn local_hostname() -> String {
+    syncsnap::sanitize_hostname(&crate::sys::hostname().unwrap_or_default())
+}
+
+impl Run<'_> {
+    /// Stops the `zfs send`/`receive` processes an interrupted earlier run
+    /// left on our hosts (see `runlock`), so they neither hold the target
+    /// busy nor look like a run in progress.
+    fn stop_leftovers(&self) -> Result<()> {
+        let Some(lock) = self.lock else {
+            return Ok(());
+        };
+        let leftovers = lock.leftovers().to_vec();
+        for p in &leftovers {
+            let host = [self.src.host(), self.dst.host()]
+                .into_iter()
+                .find(|h| h.label() == p.host);
+            let Some(host) = host else {
+                self.ui.debug(&format!(
+                    "leftover process on {} not on this run's hosts",
+                    p.host
+                ));
+                continue;
+            };
+            let out = host.run(&runlock::stop_argv(p))?;
+            if out.stdout.contains("stopped") {
+                self.ui.info(&format!(
+                    "stopped a zfs process (pid {}) left running on {} by an interrupted run",
+                    p.pid, p.host
+                ));
+            }
+        }
+        lock.forget(&leftovers)
+    }
+
+    fn all(&self) -> Result<Outcome> {
+        let pairs = self.dataset_pairs()?;
+        if pairs.is_empty() {
+            bail!(
+                "nothing to replicate: every dataset under {} was excluded",
+                self.cfg.source
+            );
+        }
+        let _ = self
+            .targets
+            .set(pairs.iter().map(|(_, dst)| dst.clone()).collect());
+        if self.cfg.dry_run && self.cfg.sync_snap {
+            self.ui.info("dry run: nothing will be changed");
+        }
+        let mut outcome = Outcome {
+            replicated: 0,
+            failed: Vec::new(),
+        };
+        let mut failed_sources: Vec<Dataset> = Vec::new();
+        for (src, dst) in &pairs {
+            let label = self.pair_label(src, dst);
+            if let Some(parent) = failed_sources
+                .iter()
+                .find(|f| src.relative_to(f).is_some_and(|r| !r.is_empty()))
+            {
+                let err = anyhow!("skipped because its parent {parent} failed");
+                self.ui.warn(&format!("{label}: {err}"));
+                outcome.failed.push((label, err));
+                failed_sources.push(src.clone());
+                continue;
+            }
+            match self.one(src, dst) {
+                Ok(()) => outcome.replicated += 1,
+                Err(e) if !self.cfg.recursive => return Err(e.context(label)),
+                Err(e) => {
+                    eprintln!("resync: {label}: {e:#}");
+                    outcome.failed.push((label, e));
+                    failed_sources.push(src.clone());
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn pair_label(&self, src: &Dataset, dst: &Dataset) -> String {
+        format!("{} -> {}", self.src.label(src), self.dst.label(dst))
+    }
+
+    /// Source datasets to replicate, each with its target name.
+    fn dataset_pairs(&self) -> Result<Vec<(Dataset, Dataset)>> {
+        let root = &self.cfg.source.dataset;
+        let Some(listed) = self.src.datasets(root, self.cfg.recursive)? else {
+            bail!("source dataset {} does not exist", self.src.label(root));
+        };
+        let mut pairs = Vec::new();
+        for ds in listed {
+            let Some(rel) = ds.relative_to(root) else {
+                continue;
+            };
+            if self.cfg.skip_parent && rel.is_empty() {
+                continue;
+            }
+            if let Some(re) = self.cfg.exclude.iter().find(|re| re.is_match(ds.as_str())) {
+                self.ui.debug(&format!(
+                    "{ds}: excluded by --exclude-datasets {}",
+                    re.as_str()
+                ));
+                continue;
+            }
+            let target = self.cfg.target.dataset.join(rel)?;
+            pairs.push((ds, target));
+        }
+        Ok(pairs)
+    }
+
+    /// Replicates one dataset until the planner says it is up to date.
+    fn one(&self, src: &Dataset, dst: &Dataset) -> Result<()> {
+        let label = self.pair_label(src, dst);
+        let watch = Stopwatch::start();
+        self.check_target_parent(dst)?;
+        // A session an interrupted chunked run left on the target: finish
+        // its step first (or refuse, if someone is driving it).
+        let attached = match (&self.chunked, self.cfg.dry_run) {
+            (Some(chunked), false) => self.reattach(chunked, src, dst)?,
+            _ => 0,
+        };
+        let sync_name = match self.cfg.sync_snap {
+            true => Some(self.take_sync_snapshot(src)?),
+            false => None,
+        };
+        let sync_name = sync_name.as_deref();
+        let opts = PlanOptions {
+            no_stream: self.cfg.no_stream,
+            force_delete: self.cfg.force_delete,
+            resume: self.cfg.resume && self.src.caps.resume_tokens && self.dst.caps.resume_tokens,
+        };
+        let mut bytes = attached;
+        let mut last_round_steps: Vec<Step> = Vec::new();
+        for round in 1..=MAX_ROUNDS {
+            let mut source = self.src.source_state(src)?;
+            source.snapshots.extend(self.src_changes.pending(src));
+            let target = self.dst.target_state(dst)?;
+            match plan::plan(&source, &target, &opts) {
+                // A dry run shows the plan and stops there.
+                Plan::UpToDate { snapshot } if self.cfg.dry_run => {
+                    println!("{label}: up to date at @{}", snapshot.name);
+                    return Ok(());
+                }
+                Plan::UpToDate { snapshot } => {
+                    self.protect(src, dst, &source, &target, &snapshot);
+                    self.prune(src, dst, sync_name);
+                    let summary = if bytes == 0 {
+                        format!("{label}: up to date at @{}", snapshot.name)
+                    } else {
+                        format!(
+                            "{label}: {} in {} ({}), now at @{}",
+                            human_bytes(bytes),
+                            human_duration(watch.elapsed()),
+                            human_rate(bytes, watch.elapsed()),
+                            snapshot.name
+                        )
+                    };
+                    self.ui.info(&summary);
+                    return Ok(());
+                }
+                Plan::Conflict(conflict) => {
+                    bail!("{conflict}");
+                }
+                Plan::Replicate(steps) if self.cfg.dry_run => {
+                    for step in &steps {
+                        println!("{label}: would {}", self.explain(dst, step)?);
+                    }
+                    return Ok(());
+                }
+                Plan::Replicate(steps) => {
+                    if round > 1 && steps == last_round_steps {
+                        bail!(
+                            "the target did not change after executing the plan ({}); refusing to loop",
+                            describe_all(&steps)
+                        );
+                    }
+                    let mut discarded = false;
+                    for step in &steps {
+                        match self.execute(src, dst, step) {
+                            Ok(n) => bytes += n,
+                            Err(e) if self.discarded_after(src, dst, step, &e)? => {
+                                // The target changed: the same plan may
+                                // rightly come again.
+                                discarded = true;
+                                break;
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    last_round_steps = if discarded { Vec::new() } else { steps };
+                }
+            }
+        }
+        bail!(
+            "still not up to date after {MAX_ROUNDS} rounds (last plan: {}); this is a bug, please report it",
+            describe_all(&last_round_steps)
+        )
+    }
+
+    /// Takes this run's sync snapshot on `src` and returns its name. Names
+    /// have one-second resolution: if a run a moment ago took the same name,
+    /// wait for the next second and take a fresh one.
+    fn take_sync_snapshot(&self, src: &Dataset) -> Result<String> {
+        let id = self.cfg.identifier.as_deref();
+        for _ in 0..3 {
+            let name = syncsnap::new_name(id, &self.hostname, SystemTime::now());
+            if self.src_changes.snapshot(src, &name)? == Taken::Created {
+                return Ok(name);
+            }
+            let into_second = SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            std::thread::sleep(std::time::Duration::from_nanos(
+                1_000_000_000 - u64::from(into_second) + 10_000_000,
+            ));
+        }
+        bail!(
+            "cannot take a sync snapshot of {}: each name taken already exists",
+            self.src.label(src)
+        )
+    }
+
+    /// A clear error instead of zfs receive's when the target's parent is missing.
+    fn check_target_parent(&self, dst: &Dataset) -> Result<()> {
+        let Some((parent, _)) = dst.as_str().rsplit_once('/') else {
+            return Ok(());
+        };
+        let parent = Dataset::parse(parent)?;
+        if !self.dst.exists(&parent)? {
+            bail!(
+                "the target's parent {} does not exist; create it first (zfs create -p {})",
+                self.dst.label(&parent),
+                parent
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The stream a chunked session moves, as its manifest records it.
+fn identity(src: &Dataset, dst: &Dataset, stream: session::Stream) -> session::Identity {
+    session::Identity {
+        source: src.to_string(),
+        target: dst.to_string(),
+        stream,
+    }
+}
+
+fn describe(step: &Step) -> String {
+    match step {
+        Step::AbortPartial => "discard the partial receive on the target".into(),
+        Step::Resume { .. } => "resume the interrupted receive from its token".into(),
+        Step::DiscardPartial { why } => {
+            format!("discard the partial receive (its resume token {why})")
+        }
+        Step::DestroyTarget => "destroy the target (--force-delete)".into(),
+        Step::Rollback { to } => format!("roll the target back to @{} (--force-delete)", to.name),
+        Step::Full { to } => format!("send @{} in full", to.name),
+        Step::Incremental {
+            from,
+            to,
+            intermediates,
+        } => format!(
+            "send @{}..@{} incrementally ({})",
+            from.name,
+            to.name,
+            if *intermediates { "-I" } else { "-i" }
+        ),
+        Step::FromBookmark { bookmark, to } => format!(
+            "send #{}..@{} incrementally from the bookmark (-i)",
+            bookmark.name, to.name
+        ),
+    }
+}
+
+fn describe_all(steps: &[Step]) -> String {
+    steps
+        .iter()
+        .map(describe)
+        .collect::<Vec<_>>()
+        .join(", then ")
+}

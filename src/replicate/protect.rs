@@ -1,0 +1,202 @@
+//! After a pair is up to date: `--use-hold` moves this job's hold to the
+//! newest common snapshot on both sides, `--create-bookmark` bookmarks it
+//! on the source, and older sync snapshots of this job are pruned on both
+//! sides. Names and policy come from `protect` (pure); every change goes
+//! through the sides' [`Changes`](crate::endpoint::Changes). Failures here
+//! warn: the data is already safe.
+
+use anyhow::{bail, Result};
+
+use super::Run;
+use crate::cli::Location;
+use crate::endpoint::{Changes, ZfsHost};
+use crate::plan::protect::{self, HoldSide};
+use crate::plan::syncsnap;
+use crate::plan::{SourceState, TargetState};
+use crate::zfs::{Dataset, Snapshot};
+
+impl Run<'_> {
+    /// One line per run for each protection the ZFS cannot give.
+    pub(super) fn announce_missing_protection(&self) {
+        if self.cfg.use_hold {
+            for (side, what) in [(self.src, "source"), (self.dst, "target")] {
+                if !side.caps.holds {
+                    self.ui.info(&format!(
+                        "--use-hold: the {what}'s ZFS on {} has no holds (zfs hold); going on without them there",
+                        side.host().label()
+                    ));
+                }
+            }
+        }
+        if self.cfg.create_bookmark && !self.src.caps.bookmarks {
+            self.ui.info(&format!(
+                "--create-bookmark: the source's ZFS on {} has no bookmarks; going on without them",
+                self.src.host().label()
+            ));
+        }
+    }
+
+    /// This job's hold tag on one side of the pair `src -> dst`.
+    fn hold_tag(&self, on: HoldSide, src: &Dataset, dst: &Dataset) -> String {
+        let (peer, peer_ds) = match on {
+            HoldSide::Source => (self.dst, dst),
+            HoldSide::Target => (self.src, src),
+        };
+        let peer_host = match &peer.location {
+            Location::Local => self.hostname.as_str(),
+            Location::Remote { host, .. } => host.as_str(),
+        };
+        protect::hold_tag(self.cfg.identifier.as_deref(), on, peer_host, peer_ds)
+    }
+
+    /// `--use-hold`: holds a step's base and target snapshots on the source
+    /// for the transfer. A failure warns; the transfer says what is wrong.
+    pub(super) fn hold_for_step(&self, src: &Dataset, dst: &Dataset, snaps: &[&Snapshot]) {
+        if !self.cfg.use_hold || !self.src.caps.holds {
+            return;
+        }
+        let tag = self.hold_tag(HoldSide::Source, src, dst);
+        for s in snaps {
+            if let Err(e) = self.src_changes.hold(src, &s.name, &tag) {
+                self.ui.warn(&format!(
+                    "holding {}@{}: {e:#}",
+                    self.src.label(src),
+                    s.name
+                ));
+            }
+        }
+    }
+
+    /// After success: `--use-hold` keeps this job's hold on `newest` (by
+    /// GUID) on both sides and releases it everywhere else;
+    /// `--create-bookmark` bookmarks it on the source.
+    pub(super) fn protect(
+        &self,
+        src: &Dataset,
+        dst: &Dataset,
+        source: &SourceState,
+        target: &TargetState,
+        newest: &Snapshot,
+    ) {
+        let on = |snaps: &[Snapshot]| snaps.iter().find(|s| s.guid == newest.guid).cloned();
+        let (on_src, on_dst) = (on(&source.snapshots), on(&target.snapshots));
+        if self.cfg.use_hold {
+            for (on, side, changes, ds, keep) in [
+                (HoldSide::Source, self.src, self.src_changes, src, &on_src),
+                (HoldSide::Target, self.dst, self.dst_changes, dst, &on_dst),
+            ] {
+                if !side.caps.holds {
+                    continue;
+                }
+                let tag = self.hold_tag(on, src, dst);
+                if let Err(e) = self.move_hold(side, changes, ds, &tag, keep.as_ref()) {
+                    self.ui
+                        .warn(&format!("--use-hold on {}: {e:#}", side.label(ds)));
+                }
+            }
+        }
+        if let (true, true, Some(snap)) =
+            (self.cfg.create_bookmark, self.src.caps.bookmarks, &on_src)
+        {
+            if let Err(e) = self.bookmark(src, snap, &source.bookmarks) {
+                self.ui.warn(&format!(
+                    "--create-bookmark on {}: {e:#}",
+                    self.src.label(src)
+                ));
+            }
+        }
+    }
+
+    /// Holds `keep` with this job's tag and releases the tag from every
+    /// other held snapshot of `ds`.
+    fn move_hold(
+        &self,
+        side: &ZfsHost,
+        changes: &dyn Changes,
+        ds: &Dataset,
+        tag: &str,
+        keep: Option<&Snapshot>,
+    ) -> Result<()> {
+        if let Some(k) = keep {
+            changes.hold(ds, &k.name, tag)?;
+        }
+        let refs = side.userrefs(ds)?;
+        for name in protect::stale_holds(&refs, keep.map(|k| k.name.as_str())) {
+            if let Err(e) = changes.release(ds, name, tag) {
+                self.ui.warn(&format!(
+                    "releasing hold {tag} on {}@{name}: {e:#}",
+                    side.label(ds)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bookmarks `snap` on the source and destroys this job's older bookmarks.
+    fn bookmark(&self, src: &Dataset, snap: &Snapshot, bookmarks: &[Snapshot]) -> Result<()> {
+        let plan = protect::bookmark_plan(
+            snap,
+            bookmarks,
+            self.cfg.identifier.as_deref(),
+            &self.hostname,
+        );
+        if let Some(name) = &plan.create {
+            self.src_changes.bookmark(src, &snap.name, name)?;
+            self.ui.debug(&format!(
+                "bookmarked {}@{} as #{name}",
+                self.src.label(src),
+                snap.name
+            ));
+        }
+        for name in &plan.destroy {
+            self.src_changes.destroy_bookmark(src, name)?;
+        }
+        Ok(())
+    }
+
+    /// Destroys older sync snapshots of this job (exact identifier and
+    /// hostname) on both sides.
+    pub(super) fn prune(&self, src: &Dataset, dst: &Dataset, sync_name: Option<&str>) {
+        let Some(current) = sync_name else { return };
+        if self.cfg.keep_sync_snap {
+            return;
+        }
+        for (on, side, changes, ds) in [
+            (HoldSide::Source, self.src, self.src_changes, src),
+            (HoldSide::Target, self.dst, self.dst_changes, dst),
+        ] {
+            let tag = self.hold_tag(on, src, dst);
+            if let Err(e) = self.prune_side(side, changes, ds, current, &tag) {
+                self.ui.warn(&format!(
+                    "pruning sync snapshots on {}: {e:#}",
+                    side.label(ds)
+                ));
+            }
+        }
+    }
+
+    /// `tag`: this job's hold tag there, released from a snapshot we prune.
+    fn prune_side(
+        &self,
+        side: &ZfsHost,
+        changes: &dyn Changes,
+        ds: &Dataset,
+        current: &str,
+        tag: &str,
+    ) -> Result<()> {
+        let snaps = side.snapshots(ds)?;
+        if !snaps.iter().any(|s| s.name == current) {
+            bail!("@{current} is missing; not pruning");
+        }
+        let id = self.cfg.identifier.as_deref();
+        for s in snaps
+            .iter()
+            .filter(|s| s.name != current && syncsnap::is_ours(&s.name, id, &self.hostname))
+        {
+            self.ui
+                .debug(&format!("pruning {}@{}", side.label(ds), s.name));
+            changes.destroy_snapshot(ds, &s.name, Some(tag))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,605 @@
+//! The plain stream (default mode): `zfs send` on the source host piped
+//! through this process into `zfs receive` on the target host. [`Pipe`]
+//! starts both commands (each announcing its pid for the run lock), moves
+//! the bytes with [`pump`] (two threads, so reading on one side overlaps
+//! writing on the other; with a [`Limiter`] the writing side waits for the
+//! bucket, `--source/target-bwlimit`), drains the receiver's own output
+//! (`--recvoptions v` prints there), and bounds the whole by `--timeout`: a
+//! stream on which no byte moves for that long, or a command that does not
+//! exit that long after its stream ended, is stopped and reported, whether
+//! the hung process is local or remote.
+
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::bwlimit::Limiter;
+use super::{Mover, Request};
+use crate::host::quote::sh_join;
+use crate::host::{Child, ExitInfo, Host};
+use crate::progress::{human_bytes, Progress, Transfer};
+use crate::runlock::{self, RemoteProc, RunLock};
+use crate::zfs::ZfsError;
+
+/// Size of one buffer handed from the reading thread to the writing one.
+const BUF: usize = 256 * 1024;
+/// Buffers in flight between the threads (bounds memory to BUF * DEPTH).
+const DEPTH: usize = 16;
+
+/// Which end of the pump failed.
+#[derive(Debug)]
+pub enum PumpError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl std::fmt::Display for PumpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PumpError::Read(e) => write!(f, "reading the send stream failed: {e}"),
+            PumpError::Write(e) => write!(f, "writing the receive stream failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for PumpError {}
+
+/// Copies `reader` to `writer` until EOF, calling `on_bytes` after each write.
+/// Returns the byte count. With `limit`, writes are split into the limiter's
+/// chunk size and each waits for its tokens first, so the stream averages the
+/// limiter's rate; the throttled writer slows the reader in turn, through the
+/// bounded queue and then the producer's pipe. The writer is flushed and
+/// dropped (EOF to its process) before returning, on success and on failure
+/// alike. If writing
+/// fails the reading thread is left to end when its reader does: the caller
+/// kills the producing process so that it does.
+pub fn pump(
+    mut reader: Box<dyn Read + Send>,
+    mut writer: Box<dyn Write + Send>,
+    mut limit: Option<Limiter>,
+    on_bytes: &dyn Fn(u64),
+) -> Result<u64, PumpError> {
+    let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(DEPTH);
+    let reading = thread::spawn(move || loop {
+        let mut buf = vec![0u8; BUF];
+        let mut filled = 0;
+        // Fill the buffer as far as the reader gives without blocking twice on
+        // a slow producer: stop at the first short read after some data.
+        let result = loop {
+            match reader.read(&mut buf[filled..]) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    filled += n;
+                    if filled == BUF || filled >= BUF / 4 {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        match result {
+            Ok(()) if filled == 0 => return,
+            Ok(()) => {
+                buf.truncate(filled);
+                if tx.send(Ok(buf)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                if filled > 0 {
+                    buf.truncate(filled);
+                    let _ = tx.send(Ok(buf));
+                }
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
+    });
+
+    let mut total = 0u64;
+    let outcome = loop {
+        match rx.recv() {
+            Ok(Ok(buf)) => {
+                let chunk = limit.as_ref().map_or(buf.len(), Limiter::chunk).max(1);
+                let written = buf.chunks(chunk).try_for_each(|piece| {
+                    if let Some(l) = limit.as_mut() {
+                        l.wait_for(piece.len());
+                    }
+                    writer.write_all(piece)?;
+                    total += piece.len() as u64;
+                    on_bytes(piece.len() as u64);
+                    Ok(())
+                });
+                if let Err(e) = written {
+                    break Err(PumpError::Write(e));
+                }
+            }
+            Ok(Err(e)) => break Err(PumpError::Read(e)),
+            Err(mpsc::RecvError) => break Ok(total),
+        }
+    };
+    let outcome = match outcome {
+        Ok(n) => writer.flush().map(|()| n).map_err(PumpError::Write),
+        Err(e) => Err(e),
+    };
+    drop(writer);
+    drop(rx);
+    if outcome.is_ok() {
+        let _ = reading.join();
+    }
+    outcome
+}
+
+/// The plain stream between two hosts, as a [`Mover`].
+pub struct Pipe<'a> {
+    pub src: Arc<dyn Host>,
+    pub dst: Arc<dyn Host>,
+    /// Records the running zfs processes (not in tests).
+    pub lock: Option<&'a RunLock>,
+    /// Bytes per second (`--source/target-bwlimit`).
+    pub bwlimit: Option<u64>,
+    /// `--timeout`: how long nothing may move before the stream counts as hung.
+    pub stall: Duration,
+    pub ui: &'a dyn Progress,
+}
+
+/// No byte moved, or a command did not exit, for `--timeout`.
+#[derive(Debug)]
+pub struct Stalled {
+    pub what: String,
+    pub after: Duration,
+}
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} for {} (--timeout); stopped both zfs commands",
+            self.what,
+            humantime::format_duration(self.after)
+        )
+    }
+}
+
+impl std::error::Error for Stalled {}
+
+impl Mover for Pipe<'_> {
+    fn transfer(&self, req: &Request, bar: Box<dyn Transfer>) -> Result<u64> {
+        let (sh, th) = (&*self.src, &*self.dst);
+        self.ui
+            .debug(&format!("[{}] {}", sh.label(), sh_join(&req.send)));
+        self.ui
+            .debug(&format!("[{}] {}", th.label(), sh_join(&req.recv)));
+        // Both commands announce their pid first, for the run lock's record.
+        let mut receiver = th
+            .spawn(&runlock::announce_pid_argv(&req.recv))
+            .context("cannot start zfs receive")?;
+        let mut sender = match sh.spawn(&runlock::announce_pid_argv(&req.send)) {
+            Ok(s) => s,
+            Err(e) => {
+                receiver.kill();
+                return Err(e.context("cannot start zfs send"));
+            }
+        };
+        let (Some(mut reader), Some(writer), Some(mut recv_out)) = (
+            sender.take_stdout(),
+            receiver.take_stdin(),
+            receiver.take_stdout(),
+        ) else {
+            sender.kill();
+            receiver.kill();
+            bail!("internal error: zfs send/receive pipes are missing");
+        };
+        let mut started = Vec::new();
+        for (host, out, argv) in [(th, &mut recv_out, &req.recv), (sh, &mut reader, &req.send)] {
+            match runlock::read_announcement(&mut **out, host.label(), argv) {
+                Ok(p) => started.extend(p.map(|p| (host, p))),
+                Err(e) => {
+                    sender.kill();
+                    receiver.kill();
+                    return Err(e.context(format!("starting zfs on {}", host.label())));
+                }
+            }
+        }
+        let procs: Vec<RemoteProc> = started.iter().map(|(_, p)| p.clone()).collect();
+        if let Some(lock) = self.lock {
+            for p in &procs {
+                lock.record(p.clone())?;
+            }
+        }
+        // The receiver's own output (`zfs receive -v`) must be read, or it
+        // dies of SIGPIPE; it is shown once the receive is done.
+        let recv_lines = drain(recv_out);
+        if let Some(rate) = self.bwlimit {
+            self.ui
+                .debug(&format!("bandwidth limit: {}/s", human_bytes(rate)));
+        }
+        let limit = self.bwlimit.map(Limiter::new);
+        let bar: Arc<dyn Transfer> = Arc::from(bar);
+        let moved = Arc::new(AtomicU64::new(0));
+        let (done_tx, done_rx) = mpsc::channel();
+        {
+            let (bar, moved) = (bar.clone(), moved.clone());
+            thread::spawn(move || {
+                let pumped = pump(reader, writer, limit, &|n| {
+                    moved.fetch_add(n, Ordering::Relaxed);
+                    bar.add(n);
+                });
+                let _ = done_tx.send(pumped);
+            });
+        }
+        let pumped = match self.watch_stream(&done_rx, &moved) {
+            Ok(p) => p,
+            Err(stalled) => {
+                bar.finish();
+                sender.kill();
+                receiver.kill();
+                if let Some(lock) = self.lock {
+                    lock.forget(&procs)?;
+                }
+                return Err(anyhow!(Stalled {
+                    what: format!(
+                        "no data moved between zfs send on {} and zfs receive on {}",
+                        sh.label(),
+                        th.label()
+                    ),
+                    after: stalled,
+                }));
+            }
+        };
+        bar.finish();
+        if pumped.is_err() {
+            sender.kill();
+        }
+        // The receiver saw EOF (or a broken stream); its verdict comes first,
+        // since "cannot receive: ..." explains more than a broken pipe does.
+        let recv_exit = self.wait_bounded(receiver, "zfs receive", th, &started)?;
+        let send_exit = self.wait_bounded(sender, "zfs send", sh, &started)?;
+        if let Some(lock) = self.lock {
+            lock.forget(&procs)?;
+        }
+        if let Ok(lines) = recv_lines.recv_timeout(Duration::from_secs(1)) {
+            for line in lines.lines().filter(|l| !l.trim().is_empty()) {
+                self.ui.info(&format!("[{}] {line}", th.label()));
+            }
+        }
+        // Typed, so that the caller can tell a partial-state refusal.
+        for (exit, what, host) in [
+            (&recv_exit, "zfs receive", th.label()),
+            (&send_exit, "zfs send", sh.label()),
+        ] {
+            if !exit.success() {
+                return Err(ZfsError::exited(what, host, exit.status, &exit.stderr).into());
+            }
+        }
+        match pumped {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                Err(anyhow!(e).context("the stream broke although both zfs commands exited 0"))
+            }
+        }
+    }
+}
+
+impl Pipe<'_> {
+    /// Waits for the pump; `Err(how long)` when no byte moved for `stall`.
+    fn watch_stream(
+        &self,
+        done: &mpsc::Receiver<Result<u64, PumpError>>,
+        moved: &AtomicU64,
+    ) -> Result<Result<u64, PumpError>, Duration> {
+        let tick = (self.stall / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let (mut seen, mut since) = (0, Instant::now());
+        loop {
+            match done.recv_timeout(tick) {
+                Ok(pumped) => return Ok(pumped),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Ok(Err(PumpError::Read(io::Error::other(
+                        "the stream's thread ended without a result",
+                    ))))
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let now = moved.load(Ordering::Relaxed);
+            if now != seen {
+                (seen, since) = (now, Instant::now());
+            } else if since.elapsed() >= self.stall {
+                return Err(since.elapsed());
+            }
+        }
+    }
+
+    /// Waits for a command to exit, at most `--timeout` after its stream
+    /// ended; a command that hangs there is stopped by its recorded pid.
+    fn wait_bounded(
+        &self,
+        child: Box<dyn Child>,
+        what: &str,
+        host: &dyn Host,
+        started: &[(&dyn Host, RemoteProc)],
+    ) -> Result<ExitInfo> {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(self.stall) {
+            Ok(exit) => exit.with_context(|| format!("waiting for {what}")),
+            Err(_) => {
+                for (h, p) in started {
+                    let _ = h.run(&runlock::stop_argv(p));
+                }
+                if let Some(lock) = self.lock {
+                    let procs: Vec<_> = started.iter().map(|(_, p)| p.clone()).collect();
+                    lock.forget(&procs)?;
+                }
+                Err(anyhow!(Stalled {
+                    what: format!(
+                        "{what} on {} did not exit after its stream ended",
+                        host.label()
+                    ),
+                    after: self.stall,
+                }))
+            }
+        }
+    }
+}
+
+/// Reads `out` to its end on a thread (its last [`DRAIN_CAP`] bytes kept);
+/// the text arrives on the channel at EOF.
+fn drain(mut out: Box<dyn Read + Send>) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match out.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    kept.extend_from_slice(&buf[..n]);
+                    if kept.len() > DRAIN_CAP {
+                        kept.drain(..kept.len() - DRAIN_CAP);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let _ = tx.send(String::from_utf8_lossy(&kept).into_owned());
+    });
+    rx
+}
+
+/// How much of the receiver's own output is kept for display.
+const DRAIN_CAP: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Broken;
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::new(io::ErrorKind::BrokenPipe, "receiver died"))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct FailAfter(usize);
+    impl Read for FailAfter {
+        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+            if self.0 == 0 {
+                return Err(io::Error::other("sender died"));
+            }
+            let n = b.len().min(self.0).min(1000);
+            self.0 -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn copies_every_byte_in_order_and_counts_them() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let counted = AtomicU64::new(0);
+        let n = pump(
+            Box::new(io::Cursor::new(data.clone())),
+            Box::new(Sink(out.clone())),
+            None,
+            &|b| {
+                counted.fetch_add(b, Ordering::Relaxed);
+            },
+        )
+        .unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(counted.load(Ordering::Relaxed), n);
+        assert!(*out.lock().unwrap() == data);
+    }
+
+    #[test]
+    fn a_dead_writer_is_a_write_error() {
+        let r = pump(
+            Box::new(io::repeat(1).take(1 << 20)),
+            Box::new(Broken),
+            None,
+            &|_| {},
+        );
+        assert!(matches!(r, Err(PumpError::Write(_))));
+    }
+
+    #[test]
+    fn a_dead_reader_is_a_read_error_after_its_data() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let r = pump(
+            Box::new(FailAfter(5000)),
+            Box::new(Sink(out.clone())),
+            None,
+            &|_| {},
+        );
+        assert!(matches!(r, Err(PumpError::Read(_))));
+        assert_eq!(out.lock().unwrap().len(), 5000);
+    }
+
+    #[test]
+    fn a_limited_pump_copies_everything_at_about_the_rate() {
+        // 1.5 MiB at 2 MiB/s after a 104 KiB burst: about 0.7 s.
+        let data: Vec<u8> = (0..1_572_864u32).map(|i| (i * 13 % 241) as u8).collect();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let calls = AtomicU64::new(0);
+        let start = std::time::Instant::now();
+        let n = pump(
+            Box::new(io::Cursor::new(data.clone())),
+            Box::new(Sink(out.clone())),
+            Some(Limiter::new(2 << 20)),
+            &|_| {
+                calls.fetch_add(1, Ordering::Relaxed);
+            },
+        )
+        .unwrap();
+        let took = start.elapsed().as_secs_f64();
+        assert_eq!(n, data.len() as u64);
+        assert!(*out.lock().unwrap() == data);
+        let ideal = (data.len() as f64 - (2 << 20) as f64 / 20.0) / (2 << 20) as f64;
+        assert!(
+            took >= ideal * 0.95 && took < ideal + 1.0,
+            "{took}s, ideal {ideal}s"
+        );
+        // Writes were split: no more than a twentieth of a second's worth each.
+        assert!(calls.load(Ordering::Relaxed) >= 15);
+    }
+
+    #[test]
+    fn a_dead_writer_under_a_limit_is_still_a_write_error() {
+        let r = pump(
+            Box::new(io::repeat(1).take(1 << 20)),
+            Box::new(Broken),
+            Some(Limiter::new(1 << 30)),
+            &|_| {},
+        );
+        assert!(matches!(r, Err(PumpError::Write(_))));
+    }
+
+    /// Collects info lines; transfers count into nothing.
+    #[derive(Default)]
+    struct Lines(Mutex<Vec<String>>);
+    impl Progress for Lines {
+        fn info(&self, line: &str) {
+            self.0.lock().unwrap().push(line.to_string());
+        }
+        fn warn(&self, line: &str) {
+            self.0.lock().unwrap().push(line.to_string());
+        }
+        fn debug(&self, _: &str) {}
+        fn transfer(&self, _: &str, _: Option<u64>) -> Box<dyn Transfer> {
+            Box::new(NoBar)
+        }
+    }
+    struct NoBar;
+    impl Transfer for NoBar {
+        fn add(&self, _: u64) {}
+        fn finish(&self) {}
+    }
+
+    fn sh(script: &str) -> Vec<String> {
+        vec!["sh".into(), "-c".into(), script.into()]
+    }
+
+    fn request(send: &str, recv: &str) -> Request {
+        Request {
+            send: sh(send),
+            recv: sh(recv),
+            label: "test".into(),
+            session: crate::chunk::session::Identity {
+                source: "a/b".into(),
+                target: "c/d".into(),
+                stream: crate::chunk::session::Stream::Resume {
+                    token: "1-0-0".into(),
+                },
+            },
+        }
+    }
+
+    fn local_pipe(ui: &Lines, stall: Duration) -> Pipe<'_> {
+        let local: Arc<dyn Host> = Arc::new(crate::host::local::LocalHost::new());
+        Pipe {
+            src: local.clone(),
+            dst: local,
+            lock: None,
+            bwlimit: None,
+            stall,
+            ui,
+        }
+    }
+
+    #[test]
+    fn a_receiver_that_prints_is_drained_and_shown() {
+        // Like `zfs receive -v`: it prints while it reads. With its stdout
+        // dropped it died of SIGPIPE (exit 141) and the transfer failed.
+        let ui = Lines::default();
+        let pipe = local_pipe(&ui, Duration::from_secs(30));
+        let req = request(
+            "head -c 300000 /dev/zero",
+            "sleep 0.2; yes received | head -n 20; cat >/dev/null; echo done",
+        );
+        let n = pipe.transfer(&req, Box::new(NoBar)).unwrap();
+        assert_eq!(n, 300_000);
+        let lines = ui.0.lock().unwrap();
+        assert_eq!(lines.len(), 21, "{lines:?}");
+        assert_eq!(lines[20], "[local] done");
+    }
+
+    #[test]
+    fn a_sender_that_hangs_is_stopped_after_the_timeout() {
+        let ui = Lines::default();
+        let pipe = local_pipe(&ui, Duration::from_secs(1));
+        let req = request("head -c 1000; exec sleep 60", "cat >/dev/null");
+        let started = Instant::now();
+        let err = pipe.transfer(&req, Box::new(NoBar)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(err.is::<Stalled>(), "{err:#}");
+    }
+
+    #[test]
+    fn a_receiver_that_stops_reading_is_stopped_after_the_timeout() {
+        let ui = Lines::default();
+        let pipe = local_pipe(&ui, Duration::from_secs(1));
+        let req = request(
+            "exec cat /dev/zero",
+            "head -c 100000 >/dev/null; exec sleep 60",
+        );
+        let started = Instant::now();
+        let err = pipe.transfer(&req, Box::new(NoBar)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(err.is::<Stalled>(), "{err:#}");
+    }
+
+    #[test]
+    fn a_receiver_that_never_exits_is_stopped_after_the_timeout() {
+        let ui = Lines::default();
+        let pipe = local_pipe(&ui, Duration::from_secs(1));
+        let req = request("head -c 1000", "cat >/dev/null; exec sleep 60");
+        let started = Instant::now();
+        let err = pipe.transfer(&req, Box::new(NoBar)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(err.is::<Stalled>(), "{err:#}");
+    }
+}
