@@ -5,10 +5,6 @@
 //! are returned to the caller rather than replaced by a default, and every
 //! `unsafe` block carries its SAFETY note.
 
-// Callers move here module by module (issue 9); until the last one has, some
-// of these have no caller yet.
-#![allow(dead_code)]
-
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::io::AsRawFd;

@@ -362,7 +362,6 @@ pub fn list_snapshots_and_bookmarks_argv(ds: &Dataset) -> Vec<String> {
 /// `zfs list -H -o name -r -t filesystem,volume DS`: DS and every
 /// filesystem and volume below it, for checking what `zfs destroy -r DS`
 /// would take with it ([`parse_descendants`]).
-#[allow(dead_code)] // called by the endpoint layer (issue 9, fixes 1 and 2), landing from another branch
 pub fn list_descendants_argv(ds: &Dataset) -> Vec<String> {
     zfs(&[
         "list",
@@ -379,7 +378,6 @@ pub fn list_descendants_argv(ds: &Dataset) -> Vec<String> {
 /// The descendants of `ds` (not `ds` itself) in [`list_descendants_argv`]'s
 /// output, in listing order. Every name is validated; a line that is
 /// neither `ds` nor below it is an error, since `-r` lists nothing else.
-#[allow(dead_code)] // called by the endpoint layer (issue 9, fixes 1 and 2), landing from another branch
 pub fn parse_descendants(ds: &Dataset, stdout: &str) -> Result<Vec<Dataset>> {
     let mut out = Vec::new();
     for line in stdout.lines().filter(|l| !l.is_empty()) {
@@ -397,7 +395,6 @@ pub fn parse_descendants(ds: &Dataset, stdout: &str) -> Result<Vec<Dataset>> {
 /// What one `zfs get` tells about a receive target (see
 /// [`target_props_argv`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[allow(dead_code)] // called by the endpoint layer (issue 9, fixes 1 and 2), landing from another branch
 pub struct TargetProps {
     /// `written@BASE`: bytes written to the target since the snapshot
     /// `BASE`, 0 when it is unchanged (then an incremental receive from
@@ -413,7 +410,6 @@ pub struct TargetProps {
 /// [`Capabilities::resume_tokens`]) its resume token, in one call. Only
 /// where [`Capabilities::written_at`] holds; `base` must pass
 /// [`validate_snapshot_name`]. Parse with [`parse_target_props`].
-#[allow(dead_code)] // called by the endpoint layer (issue 9, fixes 1 and 2), landing from another branch
 pub fn target_props_argv(ds: &Dataset, base: &str, caps: &Capabilities) -> Result<Vec<String>> {
     validate_snapshot_name(base).with_context(|| format!("reading written@ of {ds}"))?;
     let mut props = format!("written@{base}");
@@ -432,7 +428,6 @@ pub fn target_props_argv(ds: &Dataset, base: &str, caps: &Capabilities) -> Resul
 
 /// Parses [`target_props_argv`]'s output for the same `base`: one
 /// `property<TAB>value` line per property, `written@BASE` required.
-#[allow(dead_code)] // called by the endpoint layer (issue 9, fixes 1 and 2), landing from another branch
 pub fn parse_target_props(base: &str, stdout: &str) -> Result<TargetProps> {
     let written = format!("written@{base}");
     let mut props = TargetProps::default();

@@ -103,9 +103,11 @@ fn run(cmd: HelperCommand) -> Result<i32> {
 /// detached with its log in D, prints its pid.
 fn start(dir: &Path, helper: &HelperCommand) -> Result<i32> {
     prepare_session_dir(dir)?;
-    let exe = std::env::current_exe().context("finding our own binary")?;
+    // The very image this process runs, even when the file at our path was
+    // replaced meanwhile (an upgrade): the helper must speak our protocol.
+    let exe = Path::new("/proc/self/exe");
     let args: Vec<OsString> = helper.args().into_iter().map(OsString::from).collect();
-    let pid = spawn_detached(&exe, &args, &dir.join(LOG))?;
+    let pid = spawn_detached(exe, &args, &dir.join(LOG))?;
     println!("{pid}");
     Ok(EXIT_OK)
 }
