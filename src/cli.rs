@@ -11,9 +11,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use regex::Regex;
 
+use crate::bwlimit;
 use crate::plan::syncsnap;
 use crate::progress::Verbosity;
-use crate::transfer::bwlimit;
 use crate::zfs::{self, Dataset};
 
 const EXAMPLES: &str = "\

@@ -3,6 +3,7 @@
 //! and maps the result to an exit code, in one place: 0 all done, 1 some
 //! datasets of a recursive run failed, 2 error (usage errors included).
 
+mod bwlimit;
 mod chunk;
 mod cli;
 mod endpoint;

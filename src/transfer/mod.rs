@@ -6,7 +6,6 @@
 //! entry into the chunk orchestrator (helpers on both hosts, deployed with
 //! retries). Neither knows what a plan or a dataset pair is.
 
-pub mod bwlimit;
 pub mod chunked;
 pub mod pipe;
 

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::bwlimit::Limiter;
 use super::{Mover, Request};
+use crate::bwlimit::Limiter;
 use crate::host::quote::sh_join;
 use crate::host::{Child, ExitInfo, Host};
 use crate::progress::{human_bytes, Progress, Transfer};

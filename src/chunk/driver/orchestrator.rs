@@ -26,6 +26,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use super::client::{is_no_space_error, Client, ServeError};
 use super::ownership::Ownership;
 use super::sessions::{self, Probe};
+use crate::bwlimit::Limiter;
 use crate::chunk::protocol::command::HelperCommand;
 use crate::chunk::protocol::folder::{chunk_name, md5_name};
 use crate::chunk::protocol::frames::{Folder, Op};
@@ -38,7 +39,6 @@ use crate::host::reconnect::Backoff;
 use crate::host::{is_connection_lost, stderr_tail, ConnectionLost, Host};
 use crate::progress::{human_bytes, Transfer};
 use crate::sys::{Unpoisoned, UnpoisonedRw};
-use crate::transfer::bwlimit::Limiter;
 use crate::zfs::ZfsError;
 
 /// Pause between polls right after something happened; it doubles while
