@@ -257,7 +257,7 @@ fn a_session_that_no_longer_fits_is_cancelled_and_the_run_plans_from_scratch() {
     cleanup(&p.dst);
 }
 
-/// Fix 10 of issue 9: the rerun says `--recvoptions=u`, so its `zfs
+/// Fix 10 of issue 9: the rerun says `--recvoptions=v`, so its `zfs
 /// receive` differs from the one the live session was started with. The
 /// session's step still fits, but re-attaching would finish the old receive
 /// with the old options: the session is cancelled with a line saying why,
@@ -279,7 +279,7 @@ fn a_rerun_with_other_receive_options_cancels_the_old_session() {
     assert_owner_released(&rdir);
 
     let mut args: Vec<&str> = p.args.iter().map(String::as_str).collect();
-    args.insert(0, "--recvoptions=u");
+    args.insert(0, "--recvoptions=v");
     let out = Resync::new(&args).run();
     out.assert_success();
     assert!(
