@@ -1,8 +1,13 @@
 //! The command line: every flag is defined here once, with its help text, and
 //! checked here. Two stages, as in ripgrep: clap validates what was typed, then
-//! [`Cli::resolve`] turns it into a [`Config`] (parsed endpoints, validated
-//! dataset names, compiled regexes, zfs option lists). No I/O happens here, so
-//! a bad argument is refused before any command runs on any host.
+//! [`Cli::resolve`] turns it into a [`Config`] (parsed addresses, validated
+//! dataset names, compiled regexes, zfs option lists), grouped by concern:
+//! [`SshSettings`], [`ChunkSettings`] (present only with `--chunked`) and
+//! [`Protection`]. Like ripgrep's `HiArgs`, the `Config` builds the options
+//! the layers below take ([`Config::ssh_options`], [`Config::chunk_options`]),
+//! so the rules that derive them live beside the flags. No I/O happens here
+//! ($HOME is passed in), so a bad argument is refused before any command runs
+//! on any host.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +17,8 @@ use clap::Parser;
 use regex::Regex;
 
 use crate::bwlimit;
+use crate::chunk::orchestrator;
+use crate::host::ssh::SshOptions;
 use crate::plan::syncsnap;
 use crate::progress::Verbosity;
 use crate::zfs::{self, Dataset};
@@ -226,14 +233,15 @@ pub enum Location {
     Remote { user: Option<String>, host: String },
 }
 
-/// One side of the replication.
+/// Where one side of the replication is: a host and a dataset on it. (The
+/// ZFS endpoint that runs commands there is `endpoint::ZfsHost`.)
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
+pub struct Address {
     pub location: Location,
     pub dataset: Dataset,
 }
 
-impl std::fmt::Display for Endpoint {
+impl std::fmt::Display for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.location {
             Location::Local => write!(f, "{}", self.dataset),
@@ -249,7 +257,7 @@ impl std::fmt::Display for Endpoint {
 /// Parses `pool/ds`, `host:pool/ds`, `user@host:pool/ds` or `[v6addr]:pool/ds`.
 /// ZFS allows ':' inside dataset names, so a side is remote only when the
 /// part before the first ':' contains no '/'.
-pub fn parse_endpoint(arg: &str) -> Result<Endpoint> {
+pub fn parse_address(arg: &str) -> Result<Address> {
     if arg.is_empty() {
         bail!("empty dataset argument");
     }
@@ -282,7 +290,7 @@ pub fn parse_endpoint(arg: &str) -> Result<Endpoint> {
         }
     };
     let dataset = Dataset::parse(dataset).with_context(|| format!("in {arg:?}"))?;
-    Ok(Endpoint { location, dataset })
+    Ok(Address { location, dataset })
 }
 
 fn remote(user: Option<String>, host: &str, arg: &str) -> Result<Location> {
@@ -312,30 +320,27 @@ fn remote(user: Option<String>, host: &str, arg: &str) -> Result<Location> {
 /// The resolved configuration of one run.
 #[derive(Debug)]
 pub struct Config {
-    pub source: Endpoint,
-    pub target: Endpoint,
+    pub source: Address,
+    pub target: Address,
     pub recursive: bool,
     pub skip_parent: bool,
     pub exclude: Vec<Regex>,
-    pub identifier: Option<String>,
-    pub sync_snap: bool,
-    pub keep_sync_snap: bool,
     pub no_stream: bool,
     pub send_options: Vec<String>,
     pub recv_options: Vec<String>,
     pub resume: bool,
     pub force_delete: bool,
     pub rollback: bool,
-    pub use_hold: bool,
-    pub create_bookmark: bool,
-    pub ssh_key: Option<PathBuf>,
-    pub ssh_port: Option<u16>,
-    pub accept_new_host_key: bool,
+    /// Sync snapshots, holds and bookmarks.
+    pub protection: Protection,
+    /// How to reach remote hosts.
+    pub ssh: SshSettings,
+    /// `--chunked`: `None` for the plain pipe.
+    pub chunk: Option<ChunkSettings>,
+    /// The budget without progress, for the whole run: the stall watchdog of
+    /// a transfer, the chunk orchestrator, reconnects, and (see
+    /// [`Config::ssh_options`]) how long an SSH link may stay silent.
     pub timeout: Duration,
-    pub chunked: bool,
-    pub chunk_size: u64,
-    pub chunk_window: u64,
-    pub tmpdir: String,
     /// Bytes per second, as given; see [`Config::bwlimit`].
     pub source_bwlimit: Option<u64>,
     pub target_bwlimit: Option<u64>,
@@ -343,19 +348,97 @@ pub struct Config {
     pub verbosity: Verbosity,
 }
 
+/// What a run leaves behind so the next incremental has a base, and how it
+/// names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Protection {
+    /// Take a sync snapshot (not `--no-sync-snap`).
+    pub sync_snap: bool,
+    /// `--keep-sync-snap`: don't prune older sync snapshots.
+    pub keep_sync_snap: bool,
+    /// `--identifier`: in sync snapshot names and hold tags.
+    pub identifier: Option<String>,
+    /// `--use-hold`.
+    pub use_hold: bool,
+    /// `--create-bookmark`.
+    pub create_bookmark: bool,
+}
+
+/// How to reach remote hosts over SSH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshSettings {
+    /// `--sshkey`.
+    pub key: Option<PathBuf>,
+    /// `--sshport`.
+    pub port: Option<u16>,
+    /// `--accept-new-host-key`.
+    pub accept_new_host_key: bool,
+}
+
+/// `--chunked` and its settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkSettings {
+    /// `--chunk-size`, bytes.
+    pub size: u64,
+    /// `--chunk-window`.
+    pub window: u64,
+    /// `--tmpdir`: absolute, no `..`.
+    pub tmpdir: String,
+}
+
+/// How long an SSH connection may stall before it counts as lost in
+/// `--chunked` mode; see [`Config::ssh_options`].
+const CHUNKED_IO_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// TCP connect, and each step of handshake and login.
+const SSH_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
 impl Config {
     /// The rate the stream is held to: both limits act on the one stream
     /// this process pumps, so the smaller one.
     pub fn bwlimit(&self) -> Option<u64> {
         bwlimit::effective(self.source_bwlimit, self.target_bwlimit)
     }
+
+    /// The SSH options the command line asked for; `home` is `$HOME`, where
+    /// `.ssh/` lives (the caller reads it: no I/O here).
+    ///
+    /// A connection counts as lost after `--timeout` of silence, except in
+    /// `--chunked` mode: there a lost connection is cheap (reconnect, read
+    /// the folders again) while `--timeout` is the budget without progress
+    /// for the whole transfer, so connections are declared dead much sooner.
+    pub fn ssh_options(&self, home: PathBuf) -> SshOptions {
+        let io_timeout = match self.chunk {
+            Some(_) => self.timeout.min(CHUNKED_IO_TIMEOUT),
+            None => self.timeout,
+        };
+        SshOptions {
+            port: self.ssh.port,
+            key: self.ssh.key.clone(),
+            accept_new_host_key: self.ssh.accept_new_host_key,
+            connect_timeout: SSH_CONNECT_TIMEOUT,
+            io_timeout,
+            home,
+        }
+    }
+
+    /// The chunk orchestrator's options; `None` without `--chunked`.
+    pub fn chunk_options(&self) -> Option<orchestrator::Options> {
+        self.chunk.as_ref().map(|c| orchestrator::Options {
+            chunk_size: c.size,
+            window: c.window,
+            timeout: self.timeout,
+            tmpdir: c.tmpdir.clone(),
+            bwlimit: self.bwlimit(),
+        })
+    }
 }
 
 impl Cli {
     /// Second stage: everything that needs more than clap's checks.
     pub fn resolve(self) -> Result<Config> {
-        let source = parse_endpoint(&self.source).context("invalid SOURCE")?;
-        let target = parse_endpoint(&self.target).context("invalid TARGET")?;
+        let source = parse_address(&self.source).context("invalid SOURCE")?;
+        let target = parse_address(&self.target).context("invalid TARGET")?;
         if source == target {
             bail!("SOURCE and TARGET are the same dataset ({source})");
         }
@@ -403,25 +486,30 @@ impl Cli {
             recursive: self.recursive,
             skip_parent: self.skip_parent,
             exclude,
-            identifier: self.identifier,
-            sync_snap: !self.no_sync_snap,
-            keep_sync_snap: self.keep_sync_snap,
             no_stream: self.no_stream,
             send_options,
             recv_options,
             resume: !self.no_resume,
             force_delete: self.force_delete,
             rollback: !self.no_rollback,
-            use_hold: self.use_hold,
-            create_bookmark: self.create_bookmark,
-            ssh_key: self.sshkey,
-            ssh_port: self.sshport,
-            accept_new_host_key: self.accept_new_host_key,
+            protection: Protection {
+                sync_snap: !self.no_sync_snap,
+                keep_sync_snap: self.keep_sync_snap,
+                identifier: self.identifier,
+                use_hold: self.use_hold,
+                create_bookmark: self.create_bookmark,
+            },
+            ssh: SshSettings {
+                key: self.sshkey,
+                port: self.sshport,
+                accept_new_host_key: self.accept_new_host_key,
+            },
+            chunk: self.chunked.then_some(ChunkSettings {
+                size: self.chunk_size,
+                window: self.chunk_window,
+                tmpdir: self.tmpdir,
+            }),
             timeout: self.timeout,
-            chunked: self.chunked,
-            chunk_size: self.chunk_size,
-            chunk_window: self.chunk_window,
-            tmpdir: self.tmpdir,
             source_bwlimit: self.source_bwlimit,
             target_bwlimit: self.target_bwlimit,
             dry_run: self.dry_run,
@@ -440,8 +528,8 @@ mod tests {
         Cli::try_parse_from(argv)?.resolve()
     }
 
-    fn remote_ep(user: Option<&str>, host: &str, ds: &str) -> Endpoint {
-        Endpoint {
+    fn remote_addr(user: Option<&str>, host: &str, ds: &str) -> Address {
+        Address {
             location: Location::Remote {
                 user: user.map(str::to_string),
                 host: host.to_string(),
@@ -451,31 +539,31 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_parse_local_remote_user_and_ipv6() {
-        let local = parse_endpoint("tank/vm").unwrap();
+    fn addresses_parse_local_remote_user_and_ipv6() {
+        let local = parse_address("tank/vm").unwrap();
         assert_eq!(local.location, Location::Local);
         assert_eq!(local.dataset.as_str(), "tank/vm");
         assert_eq!(
-            parse_endpoint("backup:pool/vm").unwrap(),
-            remote_ep(None, "backup", "pool/vm")
+            parse_address("backup:pool/vm").unwrap(),
+            remote_addr(None, "backup", "pool/vm")
         );
         assert_eq!(
-            parse_endpoint("root@10.213.0.3:pool/a b").unwrap(),
-            remote_ep(Some("root"), "10.213.0.3", "pool/a b")
+            parse_address("root@10.213.0.3:pool/a b").unwrap(),
+            remote_addr(Some("root"), "10.213.0.3", "pool/a b")
         );
         assert_eq!(
-            parse_endpoint("root@[fd00::1]:pool/x").unwrap(),
-            remote_ep(Some("root"), "fd00::1", "pool/x")
+            parse_address("root@[fd00::1]:pool/x").unwrap(),
+            remote_addr(Some("root"), "fd00::1", "pool/x")
         );
         assert_eq!(
-            parse_endpoint("[::1]:pool").unwrap(),
-            remote_ep(None, "::1", "pool")
+            parse_address("[::1]:pool").unwrap(),
+            remote_addr(None, "::1", "pool")
         );
     }
 
     #[test]
     fn a_colon_inside_a_dataset_name_stays_local() {
-        let ep = parse_endpoint("tank/a:b").unwrap();
+        let ep = parse_address("tank/a:b").unwrap();
         assert_eq!(ep.location, Location::Local);
         assert_eq!(ep.dataset.as_str(), "tank/a:b");
     }
@@ -495,7 +583,7 @@ mod tests {
             "",
             "[::1:tank",
         ] {
-            assert!(parse_endpoint(bad).is_err(), "{bad:?} must be refused");
+            assert!(parse_address(bad).is_err(), "{bad:?} must be refused");
         }
     }
 
@@ -521,10 +609,10 @@ mod tests {
         ])
         .unwrap();
         assert!(c.recursive && c.skip_parent && c.no_stream && c.force_delete && c.dry_run);
-        assert!(!c.resume && !c.rollback && c.sync_snap);
+        assert!(!c.resume && !c.rollback && c.protection.sync_snap);
         assert_eq!(c.exclude.len(), 2);
-        assert_eq!(c.identifier.as_deref(), Some("hourly"));
-        assert_eq!(c.ssh_port, Some(2222));
+        assert_eq!(c.protection.identifier.as_deref(), Some("hourly"));
+        assert_eq!(c.ssh.port, Some(2222));
         assert_eq!(c.timeout, Duration::from_secs(45));
         assert_eq!(c.verbosity, Verbosity::Debug);
     }
@@ -553,9 +641,9 @@ mod tests {
     #[test]
     fn protection_flags_are_off_unless_given() {
         let c = cli(&["a/b", "c/d"]).unwrap();
-        assert!(!c.use_hold && !c.create_bookmark);
+        assert!(!c.protection.use_hold && !c.protection.create_bookmark);
         let c = cli(&["--use-hold", "--create-bookmark", "a/b", "c/d"]).unwrap();
-        assert!(c.use_hold && c.create_bookmark);
+        assert!(c.protection.use_hold && c.protection.create_bookmark);
     }
 
     #[test]
@@ -613,10 +701,19 @@ mod tests {
     #[test]
     fn chunked_flags_parse_with_defaults() {
         let c = cli(&["a/b", "c/d"]).unwrap();
-        assert!(!c.chunked);
-        assert_eq!(c.chunk_size, 32 << 20);
-        assert_eq!(c.chunk_window, 8);
-        assert_eq!(c.tmpdir, "/tmp");
+        assert_eq!(c.chunk, None);
+        // The chunk flags are accepted without --chunked, and ignored.
+        let c = cli(&["--chunk-size=1M", "--tmpdir=/var/tmp", "a/b", "c/d"]).unwrap();
+        assert_eq!(c.chunk, None);
+        let c = cli(&["--chunked", "a/b", "c/d"]).unwrap();
+        assert_eq!(
+            c.chunk,
+            Some(ChunkSettings {
+                size: 32 << 20,
+                window: 8,
+                tmpdir: "/tmp".into(),
+            })
+        );
         let c = cli(&[
             "--chunked",
             "--chunk-size=1M",
@@ -627,10 +724,14 @@ mod tests {
             "c/d",
         ])
         .unwrap();
-        assert!(c.chunked);
-        assert_eq!(c.chunk_size, 1 << 20);
-        assert_eq!(c.chunk_window, 8);
-        assert_eq!(c.tmpdir, "/var/tmp");
+        assert_eq!(
+            c.chunk,
+            Some(ChunkSettings {
+                size: 1 << 20,
+                window: 8,
+                tmpdir: "/var/tmp".into(),
+            })
+        );
         for (s, n) in [
             ("1", 1),
             ("512k", 512 << 10),
@@ -660,5 +761,67 @@ mod tests {
             argv.extend_from_slice(bad);
             assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn ssh_options_carry_the_flags_and_home() {
+        let c = cli(&[
+            "--sshkey=/k/id",
+            "--sshport=2222",
+            "--accept-new-host-key",
+            "--timeout=45s",
+            "a/b",
+            "root@b:c/d",
+        ])
+        .unwrap();
+        let o = c.ssh_options(PathBuf::from("/home/alice"));
+        assert_eq!(o.port, Some(2222));
+        assert_eq!(o.key, Some(PathBuf::from("/k/id")));
+        assert!(o.accept_new_host_key);
+        assert_eq!(o.home, PathBuf::from("/home/alice"));
+        assert_eq!(o.connect_timeout, Duration::from_secs(15));
+        assert_eq!(o.io_timeout, Duration::from_secs(45));
+        let o = cli(&["a/b", "b:c/d"]).unwrap().ssh_options("/r".into());
+        assert_eq!((o.port, o.key, o.accept_new_host_key), (None, None, false));
+        assert_eq!(o.io_timeout, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn chunked_ssh_links_are_declared_dead_sooner_than_the_timeout() {
+        let io = |args: &[&str]| cli(args).unwrap().ssh_options("/r".into()).io_timeout;
+        assert_eq!(io(&["--chunked", "a/b", "b:c/d"]), Duration::from_secs(8));
+        // --timeout below the chunked link timeout wins.
+        assert_eq!(
+            io(&["--chunked", "--timeout=3s", "a/b", "b:c/d"]),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            io(&["--timeout=3s", "a/b", "b:c/d"]),
+            Duration::from_secs(3)
+        );
+    }
+
+    #[test]
+    fn chunk_options_exist_only_with_chunked() {
+        assert!(cli(&["a/b", "c/d"]).unwrap().chunk_options().is_none());
+        let o = cli(&[
+            "--chunked",
+            "--chunk-size=4M",
+            "--chunk-window=3",
+            "--tmpdir=/var/tmp",
+            "--timeout=2m",
+            "--source-bwlimit=10M",
+            "--target-bwlimit=1M",
+            "a/b",
+            "c/d",
+        ])
+        .unwrap()
+        .chunk_options()
+        .unwrap();
+        assert_eq!(o.chunk_size, 4 << 20);
+        assert_eq!(o.window, 3);
+        assert_eq!(o.tmpdir, "/var/tmp");
+        assert_eq!(o.timeout, Duration::from_secs(120));
+        assert_eq!(o.bwlimit, Some(1 << 20));
     }
 }

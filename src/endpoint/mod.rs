@@ -380,19 +380,13 @@ pub fn connect_reconnecting<'a>(
     Ok(Reconnecting::new(host, move || connect(location, cfg)))
 }
 
-/// The SSH options the command line asked for.
-pub fn ssh_options(cfg: &Config) -> Result<SshOptions> {
+/// The SSH options the command line asked for, with `$HOME` (where
+/// `.ssh/` lives) read here: `cli` does no I/O.
+fn ssh_options(cfg: &Config) -> Result<SshOptions> {
     let home = std::env::var_os("HOME")
         .map(Into::into)
         .ok_or_else(|| anyhow!("HOME is not set; cannot find ~/.ssh"))?;
-    Ok(SshOptions {
-        port: cfg.ssh_port,
-        key: cfg.ssh_key.clone(),
-        accept_new_host_key: cfg.accept_new_host_key,
-        connect_timeout: std::time::Duration::from_secs(15),
-        io_timeout: io_timeout(cfg),
-        home,
-    })
+    Ok(cfg.ssh_options(home))
 }
 
 /// Where a side of the run is on the network: the host and port its ssh
@@ -410,21 +404,6 @@ pub fn resolved_address(location: &Location, cfg: &Config) -> Result<Option<(Str
         }
     }
 }
-
-/// How long an SSH connection may stall before it counts as lost. In
-/// `--chunked` mode a lost connection is cheap (reconnect, read the folders
-/// again) while `--timeout` is the budget without progress for the whole
-/// transfer, so connections are declared dead much sooner.
-fn io_timeout(cfg: &Config) -> std::time::Duration {
-    if cfg.chunked {
-        cfg.timeout.min(CHUNKED_IO_TIMEOUT)
-    } else {
-        cfg.timeout
-    }
-}
-
-/// See [`io_timeout`].
-const CHUNKED_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
 
 /// Probes what the ZFS behind `host` supports, on `pool`, which must exist.
 fn detect(host: &dyn Host, pool: &str, ui: &dyn Progress) -> Result<Capabilities> {

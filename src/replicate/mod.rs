@@ -107,10 +107,10 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
         dst_changes,
         hostname: local_hostname(),
         lock: lock.as_ref(),
-        chunked: cfg.chunked.then(|| Chunked {
+        chunked: cfg.chunk_options().map(|opts| Chunked {
             src: chunked::Side::new(src.reconnecting(), &src.location),
             dst: chunked::Side::new(dst.reconnecting(), &dst.location),
-            cfg,
+            opts,
             lock: lock.as_ref(),
             ui,
         }),
@@ -180,7 +180,7 @@ impl Run<'_> {
         let _ = self
             .targets
             .set(pairs.iter().map(|(_, dst)| dst.clone()).collect());
-        if self.cfg.dry_run && self.cfg.sync_snap {
+        if self.cfg.dry_run && self.cfg.protection.sync_snap {
             self.ui.info("dry run: nothing will be changed");
         }
         let mut outcome = Outcome {
@@ -255,7 +255,7 @@ impl Run<'_> {
             (Some(chunked), false) => self.reattach(chunked, src, dst)?,
             _ => 0,
         };
-        let sync_name = match self.cfg.sync_snap {
+        let sync_name = match self.cfg.protection.sync_snap {
             true => Some(self.take_sync_snapshot(src)?),
             false => None,
         };
@@ -337,7 +337,7 @@ impl Run<'_> {
     /// have one-second resolution: if a run a moment ago took the same name,
     /// wait for the next second and take a fresh one.
     fn take_sync_snapshot(&self, src: &Dataset) -> Result<String> {
-        let id = self.cfg.identifier.as_deref();
+        let id = self.cfg.protection.identifier.as_deref();
         for _ in 0..3 {
             let name = syncsnap::new_name(id, &self.hostname, SystemTime::now());
             if self.src_changes.snapshot(src, &name)? == Taken::Created {

@@ -18,7 +18,7 @@ use crate::zfs::{Dataset, Snapshot};
 impl Run<'_> {
     /// One line per run for each protection the ZFS cannot give.
     pub(super) fn announce_missing_protection(&self) {
-        if self.cfg.use_hold {
+        if self.cfg.protection.use_hold {
             for (side, what) in [(self.src, "source"), (self.dst, "target")] {
                 if !side.caps.holds {
                     self.ui.info(&format!(
@@ -28,7 +28,7 @@ impl Run<'_> {
                 }
             }
         }
-        if self.cfg.create_bookmark && !self.src.caps.bookmarks {
+        if self.cfg.protection.create_bookmark && !self.src.caps.bookmarks {
             self.ui.info(&format!(
                 "--create-bookmark: the source's ZFS on {} has no bookmarks; going on without them",
                 self.src.host().label()
@@ -46,13 +46,18 @@ impl Run<'_> {
             Location::Local => self.hostname.as_str(),
             Location::Remote { host, .. } => host.as_str(),
         };
-        protect::hold_tag(self.cfg.identifier.as_deref(), on, peer_host, peer_ds)
+        protect::hold_tag(
+            self.cfg.protection.identifier.as_deref(),
+            on,
+            peer_host,
+            peer_ds,
+        )
     }
 
     /// `--use-hold`: holds a step's base and target snapshots on the source
     /// for the transfer. A failure warns; the transfer says what is wrong.
     pub(super) fn hold_for_step(&self, src: &Dataset, dst: &Dataset, snaps: &[&Snapshot]) {
-        if !self.cfg.use_hold || !self.src.caps.holds {
+        if !self.cfg.protection.use_hold || !self.src.caps.holds {
             return;
         }
         let tag = self.hold_tag(HoldSide::Source, src, dst);
@@ -80,7 +85,7 @@ impl Run<'_> {
     ) {
         let on = |snaps: &[Snapshot]| snaps.iter().find(|s| s.guid == newest.guid).cloned();
         let (on_src, on_dst) = (on(&source.snapshots), on(&target.snapshots));
-        if self.cfg.use_hold {
+        if self.cfg.protection.use_hold {
             for (on, side, changes, ds, keep) in [
                 (HoldSide::Source, self.src, self.src_changes, src, &on_src),
                 (HoldSide::Target, self.dst, self.dst_changes, dst, &on_dst),
@@ -95,9 +100,11 @@ impl Run<'_> {
                 }
             }
         }
-        if let (true, true, Some(snap)) =
-            (self.cfg.create_bookmark, self.src.caps.bookmarks, &on_src)
-        {
+        if let (true, true, Some(snap)) = (
+            self.cfg.protection.create_bookmark,
+            self.src.caps.bookmarks,
+            &on_src,
+        ) {
             if let Err(e) = self.bookmark(src, snap, &source.bookmarks) {
                 self.ui.warn(&format!(
                     "--create-bookmark on {}: {e:#}",
@@ -137,7 +144,7 @@ impl Run<'_> {
         let plan = protect::bookmark_plan(
             snap,
             bookmarks,
-            self.cfg.identifier.as_deref(),
+            self.cfg.protection.identifier.as_deref(),
             &self.hostname,
         );
         if let Some(name) = &plan.create {
@@ -158,7 +165,7 @@ impl Run<'_> {
     /// hostname) on both sides.
     pub(super) fn prune(&self, src: &Dataset, dst: &Dataset, sync_name: Option<&str>) {
         let Some(current) = sync_name else { return };
-        if self.cfg.keep_sync_snap {
+        if self.cfg.protection.keep_sync_snap {
             return;
         }
         for (on, side, changes, ds) in [
@@ -188,7 +195,7 @@ impl Run<'_> {
         if !snaps.iter().any(|s| s.name == current) {
             bail!("@{current} is missing; not pruning");
         }
-        let id = self.cfg.identifier.as_deref();
+        let id = self.cfg.protection.identifier.as_deref();
         for s in snaps
             .iter()
             .filter(|s| s.name != current && syncsnap::is_ours(&s.name, id, &self.hostname))

@@ -28,7 +28,7 @@ impl Run<'_> {
     pub(super) fn reattach(&self, c: &Chunked, src: &Dataset, dst: &Dataset) -> Result<u64> {
         let dst_exe = c.helper_exe(End::Target)?;
         let target = self.dst.label(dst);
-        let listing = session::list(&*self.dst.host(), &dst_exe, &self.cfg.tmpdir, dst.as_str())
+        let listing = session::list(&*self.dst.host(), &dst_exe, &c.opts.tmpdir, dst.as_str())
             .with_context(|| format!("looking for chunk sessions into {target}"))?;
         let removed = |f: &Found| listing.removed.contains(&f.dir);
         let owned = listing

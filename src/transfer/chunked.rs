@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 
 use super::{Mover, Request};
 use crate::chunk::{orchestrator, session};
-use crate::cli::{Config, Location};
+use crate::cli::Location;
 use crate::host::deploy;
 use crate::host::local::LocalHost;
 use crate::host::quote::sh_join;
@@ -58,7 +58,9 @@ pub enum End {
 pub struct Chunked<'a> {
     pub src: Side<'a>,
     pub dst: Side<'a>,
-    pub cfg: &'a Config,
+    /// From [`crate::cli::Config::chunk_options`]: chunk size, window,
+    /// tmpdir, timeout, bandwidth limit.
+    pub opts: orchestrator::Options,
     pub lock: Option<&'a RunLock>,
     pub ui: &'a dyn Progress,
 }
@@ -80,7 +82,7 @@ impl Chunked<'_> {
             return Ok(path.clone());
         }
         let path = match side.location {
-            Location::Local => local_helper(&self.cfg.tmpdir)?,
+            Location::Local => local_helper(&self.opts.tmpdir)?,
             Location::Remote { .. } => {
                 let d = self.deploy_retrying(side)?;
                 if d.uploaded {
@@ -100,10 +102,10 @@ impl Chunked<'_> {
     /// Deploys our binary to a side's host; a lost connection is replaced
     /// (with backoff) until `--timeout` passes.
     fn deploy_retrying(&self, side: &Side) -> Result<deploy::Deployed> {
-        let deadline = std::time::Instant::now() + self.cfg.timeout;
+        let deadline = std::time::Instant::now() + self.opts.timeout;
         side.host
             .retrying(deadline, &|note| self.ui.debug(note), |host| {
-                deploy::deploy(host, &self.cfg.tmpdir)
+                deploy::deploy(host, &self.opts.tmpdir)
                     .with_context(|| format!("installing resync on {}", host.label()))
             })
     }
@@ -118,13 +120,6 @@ impl Chunked<'_> {
     ) -> Result<orchestrator::Stats> {
         let src_exe = self.helper_exe(End::Source)?;
         let dst_exe = self.helper_exe(End::Target)?;
-        let opts = orchestrator::Options {
-            chunk_size: self.cfg.chunk_size,
-            window: self.cfg.chunk_window,
-            timeout: self.cfg.timeout,
-            tmpdir: self.cfg.tmpdir.clone(),
-            bwlimit: self.cfg.bwlimit(),
-        };
         let announce = |m: &session::Manifest| {
             let text = format!("{} on {}", m.session_id(), m.receiver_host);
             self.ui.debug(&format!("chunk session {text}"));
@@ -160,7 +155,7 @@ impl Chunked<'_> {
             },
             start,
             sess,
-            &opts,
+            &self.opts,
             &*bar,
             &debug,
         );
