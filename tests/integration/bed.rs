@@ -614,11 +614,13 @@ pub fn resync(args: &[&str]) -> Output {
 }
 
 /// A resync invocation with more control: extra environment, time limit,
-/// or started in the background (`spawn`) to cut a link under it.
+/// another copy of the binary, or started in the background (`spawn`) to cut
+/// a link under it.
 pub struct Resync {
     args: Vec<String>,
     envs: Vec<(String, String)>,
     timeout: Duration,
+    program: Option<PathBuf>,
 }
 
 impl Resync {
@@ -627,7 +629,15 @@ impl Resync {
             args: args.iter().map(|s| s.to_string()).collect(),
             envs: Vec::new(),
             timeout: RESYNC_TIMEOUT,
+            program: None,
         }
+    }
+
+    /// Runs the executable at `path` (a copy of `resync_bin()`, say)
+    /// instead of the one cargo built.
+    pub fn program(mut self, path: &Path) -> Resync {
+        self.program = Some(path.to_path_buf());
+        self
     }
 
     pub fn env(mut self, key: &str, value: &str) -> Resync {
@@ -642,7 +652,11 @@ impl Resync {
 
     fn command(&self) -> Command {
         let bed = Bed::get();
-        let mut c = Command::new(resync_bin());
+        let program = self
+            .program
+            .as_deref()
+            .unwrap_or_else(|| Path::new(resync_bin()));
+        let mut c = Command::new(program);
         c.args(&self.args)
             .env("HOME", &bed.home)
             .env_remove("SSH_AUTH_SOCK")

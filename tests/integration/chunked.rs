@@ -582,3 +582,103 @@ fn regex_free_session_tag() -> impl Fn(&str) -> bool {
         })
     }
 }
+
+/// Issue 9 fix 12: an upgrade that replaces resync's binary (by rename, as
+/// a package manager does) while a chunked run is under way must not change
+/// the binary its helpers run. Before the fix the local helpers started
+/// from `current_exe()`, which after the rename names "<path> (deleted)" or
+/// whatever now sits at the path; now they start from a copy of
+/// `/proc/self/exe`, which stays the image the run was started with.
+///
+/// The run starts from a fresh copy P of the binary; P is replaced by a
+/// script that records being run and exits 1 right after `spawn` returned
+/// (the kernel has exec'd P by then), so before the run first looks for
+/// its own binary (the helper copy is made once per run, when the first
+/// step is planned; an upgrade after that could not reach the helpers of
+/// either version). The helpers must still start (their session folders
+/// appear), the run must succeed, the target must hold the source's
+/// snapshot by GUID, and the script must never have run.
+fn upgrade_mid_run(src: &str, dst: &str, s_arg: &str, d_arg: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tmpdir();
+    let bin_dir = tempfile::Builder::new()
+        .prefix("upgrade")
+        .tempdir_in("/var/tmp")
+        .expect("tempdir");
+    let p = bin_dir.path().join("resync");
+    std::fs::copy(resync_bin(), &p).expect("copy the binary");
+    let marker = bin_dir.path().join("wrong-binary-ran");
+    let upgrade = bin_dir.path().join("resync.new");
+    std::fs::write(
+        &upgrade,
+        format!(
+            "#!/bin/sh\necho \"$0 $*\" >> '{}'\necho 'wrong binary' >&2\nexit 1\n",
+            marker.display()
+        ),
+    )
+    .expect("write the upgrade");
+    for f in [&p, &upgrade] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    create_dataset_with_data(src, &[("a.bin", 12 << 20)]);
+    snapshot(src, "first");
+    let tmp_arg = format!("--tmpdir={}", tmp.path().display());
+    let mut running = Resync::new(&[
+        "--chunked",
+        "--chunk-size=1M",
+        "--target-bwlimit=2M",
+        "--timeout=60s",
+        &tmp_arg,
+        s_arg,
+        d_arg,
+    ])
+    .program(&p)
+    .spawn();
+    // The upgrade: P now names another executable.
+    std::fs::rename(&upgrade, &p).expect("replace the binary by rename");
+    let helpers_ran = wait_until(Duration::from_secs(120), || {
+        !sessions(tmp.path()).is_empty() || !running.is_running()
+    }) && !sessions(tmp.path()).is_empty();
+    let out = running.wait();
+    let ran = std::fs::read_to_string(&marker).unwrap_or_default();
+    assert!(
+        ran.is_empty(),
+        "the replacement at {} was run: {ran}\n{out}",
+        p.display()
+    );
+    out.assert_success();
+    assert!(
+        helpers_ran,
+        "no session folder appeared after the upgrade:\n{out}"
+    );
+    let first = snapshots(src)
+        .into_iter()
+        .find(|(n, _)| n == "first")
+        .expect("source @first");
+    assert!(
+        snapshots(dst).contains(&first),
+        "target {dst} lacks @first with GUID {}: {:?}",
+        first.1,
+        snapshots(dst)
+    );
+    replica_then_cleanup(tmp.path(), src, dst);
+}
+
+/// Local source to local target: both sides' helpers are local copies.
+#[test]
+fn an_upgrade_of_the_binary_mid_run_does_not_change_the_helpers() {
+    let bed = Bed::get();
+    let src = bed.ds_a("cupgrade");
+    let dst = bed.ds_b("cupgrade");
+    upgrade_mid_run(&src, &dst, &src, &dst);
+}
+
+/// Local source to a remote target: the local sender's helper is a local
+/// copy, the receiver's an upload, both of the image that runs.
+#[test]
+fn an_upgrade_of_the_binary_mid_push_does_not_change_the_helpers() {
+    let bed = Bed::get();
+    let src = bed.ds_a("cupgradep");
+    let dst = bed.ds_b("cupgradep");
+    upgrade_mid_run(&src, &dst, &src, &remote(&bed.host_b, &dst));
+}
