@@ -137,15 +137,7 @@ impl Run<'_> {
     ) -> Result<u64> {
         self.hold_for_step(src, dst, &from.into_iter().chain([to]).collect::<Vec<_>>());
         let force = self.rollback_for(dst, from.map(|f| f.guid))?;
-        let send = zfs::send_argv(
-            src,
-            &SendArgs {
-                from: from.map(|f| f.name.as_str()),
-                to: &to.name,
-                intermediates,
-                options: &self.cfg.send_options,
-            },
-        );
+        let send = self.send_argv(src, from, to, intermediates);
         let label = match from {
             Some(f) => format!("{src}@{}..@{}", f.name, to.name),
             None => format!("{src}@{}", to.name),
@@ -170,6 +162,25 @@ impl Run<'_> {
         let n = self.transfer(&req, 0)?;
         self.dst.verify(dst, to)?;
         Ok(n)
+    }
+
+    /// `zfs send [-i|-I @from] OPTS src@to`.
+    pub(super) fn send_argv(
+        &self,
+        src: &Dataset,
+        from: Option<&Snapshot>,
+        to: &Snapshot,
+        intermediates: bool,
+    ) -> Vec<String> {
+        zfs::send_argv(
+            src,
+            &SendArgs {
+                from: from.map(|f| f.name.as_str()),
+                to: &to.name,
+                intermediates,
+                options: &self.cfg.send_options,
+            },
+        )
     }
 
     /// `zfs receive [-s] [-F] OPTS dst`, `-F` as `rollback` says.

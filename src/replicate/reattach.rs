@@ -16,7 +16,7 @@ use super::Run;
 use crate::chunk::orchestrator;
 use crate::chunk::session::{self, Found, Held, Manifest, Probe, Role, Stream};
 use crate::transfer::chunked::{Chunked, End};
-use crate::zfs::{self, Dataset, RecvArgs, SendArgs, Snapshot};
+use crate::zfs::{self, Dataset, RecvArgs};
 
 /// How long to wait for cancelled helpers to stop (zfs receive must let go
 /// of the target before the run plans).
@@ -162,17 +162,6 @@ impl Run<'_> {
             force,
             options: &self.cfg.recv_options,
         };
-        let send = |from: Option<&Snapshot>, to: &Snapshot, intermediates: bool| {
-            zfs::send_argv(
-                src,
-                &SendArgs {
-                    from: from.map(|f| f.name.as_str()),
-                    to: &to.name,
-                    intermediates,
-                    options: &self.cfg.send_options,
-                },
-            )
-        };
         match stream {
             Stream::Resume { token } => (
                 zfs::send_resume_argv(token, &self.cfg.send_options),
@@ -184,13 +173,16 @@ impl Run<'_> {
                     },
                 ),
             ),
-            Stream::Full { to } => (send(None, to, false), zfs::receive_argv(dst, &recv)),
+            Stream::Full { to } => (
+                self.send_argv(src, None, to, false),
+                zfs::receive_argv(dst, &recv),
+            ),
             Stream::Incremental {
                 from,
                 to,
                 intermediates,
             } => (
-                send(Some(from), to, *intermediates),
+                self.send_argv(src, Some(from), to, *intermediates),
                 zfs::receive_argv(dst, &recv),
             ),
         }
