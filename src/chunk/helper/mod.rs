@@ -15,7 +15,7 @@ pub mod sender;
 pub mod server;
 
 use std::ffi::OsString;
-use std::fs::OpenOptions;
+use std::fs::{self, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
@@ -23,11 +23,14 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 
 use crate::chunk::protocol::command::HelperCommand;
-use crate::chunk::protocol::{EXIT_OK, EXIT_USAGE, LOG, STALE_MIN_AGE, STDERR_MAX};
+use crate::chunk::protocol::{
+    EXIT_CANCELLED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, LOG, STALE_MIN_AGE, STDERR_MAX,
+};
 use files::{lock_session, prepare_session_dir, remove_stale_sessions, SessionLock};
 
 /// Entry point of the hidden helper subcommands: `args` is the whole argv
@@ -156,6 +159,28 @@ pub fn spawn_detached(program: &Path, args: &[OsString], log_path: &Path) -> Res
 pub enum Stop {
     Timeout,
     Cancelled,
+}
+
+impl Stop {
+    /// Ends a helper that stopped waiting: its folder goes (the other side
+    /// and the orchestrator see it gone), the log says why and what was
+    /// killed (`killed`: "zfs send"), and the exit code says which stop.
+    pub fn give_up(self, role: &str, dir: &Path, timeout: Duration, killed: &str) -> i32 {
+        let (code, why) = match self {
+            Stop::Timeout => (
+                EXIT_TIMEOUT,
+                format!("no progress for {}s: giving up", timeout.as_secs()),
+            ),
+            Stop::Cancelled => (EXIT_CANCELLED, "cancelled".to_string()),
+        };
+        let _ = fs::remove_dir_all(dir);
+        log(
+            role,
+            dir,
+            &format!("{why}; {killed} killed, folder removed"),
+        );
+        code
+    }
 }
 
 /// A helper's first step: create (or check) its session folder and take its

@@ -25,8 +25,8 @@ use crate::chunk::protocol::markers::{
     cap_stderr, parse_md5, End, Failure, Outcome, Progress, RecvResult, Resend, Status,
 };
 use crate::chunk::protocol::{
-    ABORT, ABORT_GRACE, CANCEL, END, EXIT_CANCELLED, EXIT_OK, EXIT_TIMEOUT, EXIT_ZFS_FAILED,
-    MAX_ATTEMPTS, POLL, PROGRESS, RESEND, RESULT,
+    ABORT, ABORT_GRACE, CANCEL, END, EXIT_OK, EXIT_ZFS_FAILED, MAX_ATTEMPTS, POLL, PROGRESS,
+    RESEND, RESULT,
 };
 use crate::sys::{hex, md5_reader};
 
@@ -522,20 +522,7 @@ impl Receiver {
     }
 
     fn give_up(&self, stop: Stop) -> i32 {
-        let (code, why) = match stop {
-            Stop::Timeout => (
-                EXIT_TIMEOUT,
-                format!("no progress for {}s: giving up", self.c.timeout.as_secs()),
-            ),
-            Stop::Cancelled => (EXIT_CANCELLED, "cancelled".to_string()),
-        };
-        let _ = fs::remove_dir_all(&self.c.dir);
-        log(
-            "receiver",
-            &self.c.dir,
-            &format!("{why}; zfs receive killed, folder removed"),
-        );
-        code
+        stop.give_up("receiver", &self.c.dir, self.c.timeout, "zfs receive")
     }
 }
 

@@ -22,9 +22,7 @@ use super::files::{create_nofollow, exists_nofollow, staged_indices, write_atomi
 use super::{drain, enter_session, log, Stop};
 use crate::chunk::protocol::folder::{chunk_name, md5_name};
 use crate::chunk::protocol::markers::{cap_stderr, render_md5, End, Failure, Status};
-use crate::chunk::protocol::{
-    CANCEL, END, ERROR, EXIT_CANCELLED, EXIT_OK, EXIT_TIMEOUT, EXIT_ZFS_FAILED, PART, POLL,
-};
+use crate::chunk::protocol::{CANCEL, END, ERROR, EXIT_OK, EXIT_ZFS_FAILED, PART, POLL};
 
 /// Bytes handed from the reading thread at a time.
 const BLOCK: usize = 1 << 20;
@@ -350,20 +348,7 @@ impl Sender {
     }
 
     fn give_up(&self, stop: Stop) -> i32 {
-        let (code, why) = match stop {
-            Stop::Timeout => (
-                EXIT_TIMEOUT,
-                format!("no progress for {}s: giving up", self.c.timeout.as_secs()),
-            ),
-            Stop::Cancelled => (EXIT_CANCELLED, "cancelled".to_string()),
-        };
-        let _ = fs::remove_dir_all(&self.c.dir);
-        log(
-            "sender",
-            &self.c.dir,
-            &format!("{why}; zfs send killed, folder removed"),
-        );
-        code
+        stop.give_up("sender", &self.c.dir, self.c.timeout, "zfs send")
     }
 }
 
