@@ -95,7 +95,7 @@ fi
 
 log "building the release binary"
 cargo build --release --quiet
-BIN=$PWD/target/x86_64-unknown-linux-gnu/release/resync
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/x86_64-unknown-linux-gnu/release/resync
 
 # ---------------------------------------------------------------------------
 # The bed, and cleanup on any exit

@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
 TB_ROOT=${TB_ROOT:-/var/tmp/resync-testbed}
-BIN=$PWD/target/x86_64-unknown-linux-gnu/release/resync
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/x86_64-unknown-linux-gnu/release/resync
 
 say() { printf '\n== %s\n' "$*"; }
 die() {
