@@ -251,38 +251,9 @@ fn changes(log: &Log) -> Vec<String> {
         .collect()
 }
 
-// zfs-fuse: zfs get -Hp -d 1 -o name,property,value guid,createtxg corehelp/a
-// (the same listing as zfs.rs's parser tests).
-const FUSE_A: &str = "\
-corehelp/a\tguid\t14892150305651023025
-corehelp/a\tcreatetxg\t7
-corehelp/a@s1\tguid\t15434711050884566143
-corehelp/a@s1\tcreatetxg\t16
-corehelp/a@s2\tguid\t4703203791645338451
-corehelp/a@s2\tcreatetxg\t21
-corehelp/a@s3\tguid\t4008992829936022921
-corehelp/a@s3\tcreatetxg\t32
-corehelp/a/b\tguid\t15066538972175158467
-corehelp/a/b\tcreatetxg\t9
-corehelp/a/with space\tguid\t10535632112476657855
-corehelp/a/with space\tcreatetxg\t11
-";
-
-// zfs-fuse, after receiving s1, s3, snapshotting `extra`, then `zfs send -I
-// corehelp/a@s1 corehelp/a@s3 | zfs receive -F corehelp/c`:
-// zfs get -Hp -d 1 -o name,property,value guid,createtxg corehelp/c
-const FUSE_C_DIVERGED: &str = "\
-corehelp/c\tguid\t337123721809533565
-corehelp/c\tcreatetxg\t41
-corehelp/c@s1\tguid\t15434711050884566143
-corehelp/c@s1\tcreatetxg\t45
-corehelp/c@s3\tguid\t4008992829936022921
-corehelp/c@s3\tcreatetxg\t55
-corehelp/c@extra\tguid\t9535134434245482847
-corehelp/c@extra\tcreatetxg\t68
-corehelp/c@s2\tguid\t4703203791645338451
-corehelp/c@s2\tcreatetxg\t84
-";
+// zfs-fuse listings of corehelp/a and of a diverged corehelp/c: the ones
+// zfs/'s parser tests read.
+use crate::zfs::tests::{FUSE_OUT_OF_ORDER as FUSE_C_DIVERGED, FUSE_SNAPSHOTS as FUSE_A};
 
 /// The target `corehelp/c` as zfs-fuse lists it after receiving `snaps` of
 /// corehelp/a (the GUIDs of FUSE_A, createtxgs from the diverged listing).

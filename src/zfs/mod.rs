@@ -956,7 +956,8 @@ pub(crate) mod tests {
     }
 
     // zfs-fuse: zfs get -Hp -d 1 -o name,property,value guid,createtxg corehelp/a
-    const FUSE_SNAPSHOTS: &str = "\
+    // (replicate's decision tests read it too)
+    pub(crate) const FUSE_SNAPSHOTS: &str = "\
 corehelp/a\tguid\t14892150305651023025
 corehelp/a\tcreatetxg\t7
 corehelp/a@s1\tguid\t15434711050884566143
@@ -975,7 +976,7 @@ corehelp/a/with space\tcreatetxg\t11
     // corehelp/a@s1 corehelp/a@s3 | zfs receive -F corehelp/c` (zfs-fuse then
     // received s2 after the others):
     // zfs get -Hp -d 1 -o name,property,value guid,createtxg corehelp/c
-    const FUSE_OUT_OF_ORDER: &str = "\
+    pub(crate) const FUSE_OUT_OF_ORDER: &str = "\
 corehelp/c\tguid\t337123721809533565
 corehelp/c\tcreatetxg\t41
 corehelp/c@s1\tguid\t15434711050884566143
