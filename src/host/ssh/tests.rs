@@ -748,3 +748,64 @@ fn live_kill_while_writing() {
         assert_eq!(host.run(&argv(&["echo", "ok"])).unwrap().stdout, "ok\n");
     }
 }
+
+/// What each cipher costs the client: 1 GiB read through one channel,
+/// wall speed and this thread's CPU time (getrusage RUSAGE_THREAD), so the
+/// preference in `CIPHERS` is chosen by measurement.
+#[test]
+#[ignore]
+fn live_cipher_cost() {
+    let bed = TestSshd::start();
+    for cipher in [
+        "chacha20-poly1305@openssh.com",
+        "aes128-gcm@openssh.com",
+        "aes256-gcm@openssh.com",
+        "aes128-ctr",
+    ] {
+        for (what, cmd) in [
+            ("read", "head -c 1G /dev/zero"),
+            ("write", "cat >/dev/null"),
+        ] {
+            let tcp = TcpStream::connect(("127.0.0.1", bed.port)).unwrap();
+            let mut sess = Session::new().unwrap();
+            sess.set_tcp_stream(tcp);
+            sess.method_pref(MethodType::CryptCs, cipher).unwrap();
+            sess.method_pref(MethodType::CryptSc, cipher).unwrap();
+            sess.handshake().unwrap();
+            sess.userauth_pubkey_file("root", None, &bed.path("home/.ssh/id_ed25519"), None)
+                .unwrap();
+            let mut ch = sess
+                .channel_open("session", MAX_WINDOW, PACKET, None)
+                .unwrap();
+            ch.exec(cmd).unwrap();
+            let cpu0 = thread_cpu();
+            let started = Instant::now();
+            let mut buf = vec![0u8; CHUNK];
+            if what == "read" {
+                while ch.read(&mut buf).unwrap() > 0 {}
+            } else {
+                for _ in 0..(1usize << 30) / CHUNK {
+                    ch.write_all(&buf).unwrap();
+                }
+                ch.send_eof().unwrap();
+                ch.wait_eof().unwrap();
+            }
+            let took = started.elapsed();
+            eprintln!(
+                "{cipher} {what}: {:.0} MB/s, client CPU {:.2} s/GiB",
+                mb_per_s(1 << 30, took),
+                thread_cpu() - cpu0
+            );
+        }
+    }
+}
+
+fn thread_cpu() -> f64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: ru is a valid, writable rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    ru.ru_utime.tv_sec as f64
+        + ru.ru_utime.tv_usec as f64 / 1e6
+        + ru.ru_stime.tv_sec as f64
+        + ru.ru_stime.tv_usec as f64 / 1e6
+}
