@@ -18,7 +18,7 @@ use regex::Regex;
 
 use crate::bwlimit;
 use crate::chunk::orchestrator;
-use crate::host::ssh::SshOptions;
+use crate::host::ssh::{DataPath, SshOptions};
 use crate::plan::syncsnap;
 use crate::progress::Verbosity;
 use crate::zfs::{self, Dataset};
@@ -129,6 +129,14 @@ pub struct Cli {
     /// Add an unknown host key to ~/.ssh/known_hosts instead of refusing (a changed key is still refused).
     #[arg(long)]
     pub accept_new_host_key: bool,
+
+    /// What carries the stream of default mode to and from a remote: `auto` runs it
+    /// through the system's OpenSSH `ssh` when installed (one master connection per
+    /// host per run, same host, user, keys and known_hosts; far less CPU per byte),
+    /// falling back to libssh2, which carries everything else; `libssh2` never
+    /// uses `ssh`.
+    #[arg(long, value_name = "HOW", default_value = "auto", value_parser = ["auto", "libssh2"])]
+    pub ssh_data: String,
 
     /// Limit the stream read from the source to RATE bytes/s, e.g. 800k, 10M, 1.5G
     /// (k/M/G/T are powers of 1024). resync moves the stream through one process, so
@@ -373,6 +381,8 @@ pub struct SshSettings {
     pub port: Option<u16>,
     /// `--accept-new-host-key`.
     pub accept_new_host_key: bool,
+    /// `--ssh-data`.
+    pub data_path: DataPath,
 }
 
 /// `--chunked` and its settings.
@@ -419,6 +429,7 @@ impl Config {
             connect_timeout: SSH_CONNECT_TIMEOUT,
             io_timeout,
             home,
+            data_path: self.ssh.data_path,
         }
     }
 
@@ -503,6 +514,10 @@ impl Cli {
                 key: self.sshkey,
                 port: self.sshport,
                 accept_new_host_key: self.accept_new_host_key,
+                data_path: match self.ssh_data.as_str() {
+                    "libssh2" => DataPath::Libssh2,
+                    _ => DataPath::Auto,
+                },
             },
             chunk: self.chunked.then_some(ChunkSettings {
                 size: self.chunk_size,

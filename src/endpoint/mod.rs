@@ -65,6 +65,28 @@ impl<'a> ZfsHost<'a> {
         self.host.get()
     }
 
+    /// The connection that carries a stream's data to or from this host:
+    /// OpenSSH's master connection when the host has one (see
+    /// `host::ssh::openssh`), else the connection itself.
+    pub fn bulk_host(&self) -> Arc<dyn Host> {
+        let host = self.host();
+        match host.bulk() {
+            Some(Ok(bulk)) => {
+                self.ui
+                    .debug(&format!("[{}] stream through OpenSSH's ssh", host.label()));
+                bulk
+            }
+            Some(Err(why)) => {
+                self.ui.debug(&format!(
+                    "[{}] streams stay on libssh2: {why}",
+                    host.label()
+                ));
+                host
+            }
+            None => host,
+        }
+    }
+
     /// The swappable connection and how to reconnect it (`--chunked`
     /// reconnects after a lost connection).
     pub fn reconnecting(&self) -> &Reconnecting<'a> {

@@ -37,6 +37,13 @@ pub trait Host: Send + Sync {
     /// Start argv with piped stdin and stdout. Stderr is collected in the
     /// background and returned by [`Child::wait`].
     fn spawn(&self, argv: &[String]) -> anyhow::Result<Box<dyn Child>>;
+
+    /// Another way to reach this host that carries bulk data (the two ends
+    /// of a stream) more cheaply: `None` when there is none to try, `Err`
+    /// saying why the one there is could not be used (`--debug`).
+    fn bulk(&self) -> Option<Result<std::sync::Arc<dyn Host>, String>> {
+        None
+    }
 }
 
 /// What a finished command printed, and how it ended. `status` is the exit

@@ -312,8 +312,8 @@ impl Run<'_> {
         match &self.chunked {
             Some(chunked) => chunked.transfer(req, bar),
             None => Pipe {
-                src: self.src.host(),
-                dst: self.dst.host(),
+                src: self.src.bulk_host(),
+                dst: self.dst.bulk_host(),
                 lock: self.lock,
                 bwlimit: self.cfg.bwlimit(),
                 stall: self.cfg.timeout,

@@ -239,9 +239,10 @@ impl Mover for Pipe<'_> {
                 bar.finish();
                 sender.kill();
                 receiver.kill();
-                if let Some(lock) = self.lock {
-                    lock.forget(&procs)?;
-                }
+                // Killing a remote command only closes its end of the
+                // connection; over a dead link the process lives on. It stays
+                // recorded, and the next run stops it (its record names the
+                // exact process, so one that did exit is left alone).
                 return Err(anyhow!(Stalled {
                     what: format!(
                         "no data moved between zfs send on {} and zfs receive on {}",

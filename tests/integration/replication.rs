@@ -118,6 +118,41 @@ fn sync_snaps(ds: &str) -> Vec<String> {
         .collect()
 }
 
+/// Where `ssh` is installed, default mode's streams go through OpenSSH's
+/// master connection (both directions), and arrive whole.
+#[test]
+fn streams_go_through_openssh_in_both_directions() {
+    let bed = Bed::get();
+    let src = format!("{}/{}", bed.pool_a, unique_name("ossh"));
+    let mid = format!("{}/{}", bed.pool_b, unique_name("ossh"));
+    let back = format!("{}/{}", bed.pool_a, unique_name("ossh"));
+    create_dataset_with_data(&src, &[("a.bin", 3 << 20)]);
+    let push = resync(&["--debug", &src, &remote(&bed.host_b, &mid)]);
+    push.assert_success();
+    assert!(
+        push.stderr.contains("stream through OpenSSH's ssh"),
+        "{push}"
+    );
+    assert_replica(&src, &mid);
+    let pull = resync(&["--debug", &remote(&bed.host_b, &mid), &back]);
+    pull.assert_success();
+    assert!(
+        pull.stderr.contains("stream through OpenSSH's ssh"),
+        "{pull}"
+    );
+    assert_replica(&mid, &back);
+    let other = format!("{}/{}", bed.pool_b, unique_name("ossh"));
+    let forced = resync(&[
+        "--debug",
+        "--ssh-data=libssh2",
+        &src,
+        &remote(&bed.host_b, &other),
+    ]);
+    forced.assert_success();
+    assert!(!forced.stderr.contains("OpenSSH"), "{forced}");
+    assert_replica(&src, &other);
+}
+
 #[test]
 fn push_full_then_incremental_over_ssh() {
     let bed = Bed::get();
@@ -607,8 +642,25 @@ fn a_killed_transfer_leaves_a_target_the_next_run_completes() {
     assert_replica(&src, &dst);
 }
 
+/// The control connection (libssh2, with `TCP_USER_TIMEOUT`) carries the
+/// stream: its orphaned receive lives on after the cut, as it would for
+/// hours after a real cut whose client machine rebooted, and the next run
+/// must stop it by itself.
 #[test]
 fn a_cut_link_fails_the_run_and_the_next_run_completes() {
+    cut_link_then_rerun("--ssh-data=libssh2");
+}
+
+/// The same cut with the stream on OpenSSH's master connection (the
+/// default where `ssh` is installed): the run fails the same way, leaves
+/// nothing partial, its orphan stays recorded, and the next run stops it
+/// and completes.
+#[test]
+fn a_cut_link_under_openssh_fails_the_run_and_the_next_run_completes() {
+    cut_link_then_rerun("--ssh-data=auto");
+}
+
+fn cut_link_then_rerun(data_path: &str) {
     let bed = Bed::get();
     let src = format!("{}/{}", bed.pool_a, unique_name("cut"));
     let dst = format!("{}/{}", bed.pool_b, unique_name("cut"));
@@ -624,6 +676,7 @@ fn a_cut_link_fails_the_run_and_the_next_run_completes() {
     let run = Resync::new(&[
         "--timeout=5s",
         "--target-bwlimit=8M",
+        data_path,
         &src,
         &remote(&bed.host_b, &dst),
     ])
@@ -638,19 +691,35 @@ fn a_cut_link_fails_the_run_and_the_next_run_completes() {
     assert!(!out.timed_out, "resync gave up by itself: {out}");
     assert_eq!(out.code, Some(2), "a cut run fails with exit 2: {out}");
     assert_eq!(out.stderr.trim().lines().count(), 1, "{out}");
-    // The remote zfs receive outlives the dead connection (sshd cannot tell);
-    // the next run must stop it by itself and then complete.
-    assert!(
-        receiving(&dst),
-        "the orphaned receive is still there before the rerun"
-    );
     assert!(
         !snaps(&dst).iter().any(|(n, _)| n.starts_with("resync_")),
         "no partial snapshot on the target"
     );
-    let rerun = resync(&[&src, &remote(&bed.host_b, &dst)]);
+    // The remote zfs receive outlives the dead connection (sshd cannot
+    // tell); the next run must stop it by itself and then complete. Under
+    // OpenSSH, whose socket has no user timeout, the closed connection's
+    // FIN may still reach host B once the link is back (or the kernel gives
+    // up on it first): then sshd ends the receive itself. Either way the
+    // next run completes; give that FIN its chance first.
+    let orphan_stays = match data_path {
+        "--ssh-data=libssh2" => true,
+        _ => {
+            std::thread::sleep(Duration::from_secs(10));
+            receiving(&dst)
+        }
+    };
+    assert_eq!(
+        receiving(&dst),
+        orphan_stays,
+        "the orphaned receive is still there before the rerun"
+    );
+    let rerun = resync(&[data_path, &src, &remote(&bed.host_b, &dst)]);
     rerun.assert_success();
-    assert!(rerun.stderr.contains("stopped a zfs process"), "{rerun}");
+    assert_eq!(
+        rerun.stderr.contains("stopped a zfs process"),
+        orphan_stays,
+        "{rerun}"
+    );
     assert!(!receiving(&dst));
     assert_replica(&src, &dst);
 }

@@ -48,18 +48,21 @@ mod auth;
 mod child;
 mod connect;
 pub mod knownhosts;
+pub mod openssh;
 mod reactor;
 pub mod sshconfig;
 
 use self::auth::{KnownHostsSet, Target};
 use self::child::{io_to_anyhow, Flags, Shared, SshChild, SshStdin, SshStdout};
+pub use self::openssh::DataPath;
+use self::openssh::OpenSsh;
 use self::reactor::{ChanIo, Cmd, Pending, QUEUE};
 use super::{quote, Child, CmdOutput, Host};
 use anyhow::{bail, Context};
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::Duration;
 
 /// `user@host` from the command line (user optional).
@@ -101,6 +104,8 @@ pub struct SshOptions {
     pub io_timeout: Duration,
     /// `$HOME`, where `.ssh/` lives.
     pub home: PathBuf,
+    /// `--ssh-data`: what carries the streams of default mode.
+    pub data_path: DataPath,
 }
 
 impl SshOptions {
@@ -115,6 +120,7 @@ impl SshOptions {
             connect_timeout: Duration::from_secs(15),
             io_timeout: Duration::from_secs(30),
             home,
+            data_path: DataPath::Auto,
         }
     }
 }
@@ -132,6 +138,10 @@ pub fn resolve_address(spec: &SshSpec, opts: &SshOptions) -> anyhow::Result<(Str
 pub struct SshHost {
     label: String,
     shared: Arc<Shared>,
+    /// What `bulk` needs to start OpenSSH's master connection.
+    target: Target,
+    opts: SshOptions,
+    openssh: OnceLock<Result<Arc<dyn Host>, String>>,
 }
 
 impl SshHost {
@@ -143,13 +153,30 @@ impl SshHost {
         auth::verify_host_key(&sess, &target, &known_hosts, opts)?;
         auth::authenticate(&sess, &target, opts)?;
         let shared = reactor::start(sess, fd, &label, opts.io_timeout)?;
-        Ok(SshHost { label, shared })
+        Ok(SshHost {
+            label,
+            shared,
+            target,
+            opts: opts.clone(),
+            openssh: OnceLock::new(),
+        })
     }
 }
 
 impl Host for SshHost {
     fn label(&self) -> &str {
         &self.label
+    }
+
+    fn bulk(&self) -> Option<Result<Arc<dyn Host>, String>> {
+        if self.opts.data_path == DataPath::Libssh2 {
+            return None;
+        }
+        let started = self.openssh.get_or_init(|| {
+            OpenSsh::start(&self.label, &self.target, &self.opts)
+                .map(|o| Arc::new(o) as Arc<dyn Host>)
+        });
+        Some(started.clone())
     }
 
     fn run(&self, argv: &[String]) -> anyhow::Result<CmdOutput> {
