@@ -67,32 +67,35 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
         true => None,
         false => Some(lock_target(cfg)?),
     };
-    let src_host = endpoint::connect_reconnecting(&cfg.source.location, cfg)?;
-    let dst_host = if cfg.target.location == cfg.source.location {
-        Reconnecting::new(src_host.get(), || {
-            endpoint::connect(&cfg.target.location, cfg)
-        })
+    // Both sides connect and probe at once: each costs several round trips.
+    let (src, dst) = if cfg.target.location == cfg.source.location {
+        let src = open_side(
+            endpoint::connect_reconnecting(&cfg.source.location, cfg)?,
+            cfg,
+            ui,
+            Side::Source,
+        )?;
+        let dst_host =
+            Reconnecting::new(src.host(), || endpoint::connect(&cfg.target.location, cfg));
+        (src, open_side(dst_host, cfg, ui, Side::Target)?)
     } else {
-        endpoint::connect_reconnecting(&cfg.target.location, cfg)?
+        std::thread::scope(|scope| {
+            let dst = scope.spawn(|| {
+                open_side(
+                    endpoint::connect_reconnecting(&cfg.target.location, cfg)?,
+                    cfg,
+                    ui,
+                    Side::Target,
+                )
+            });
+            let src = endpoint::connect_reconnecting(&cfg.source.location, cfg)
+                .and_then(|host| open_side(host, cfg, ui, Side::Source));
+            let dst = dst
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("connecting to the target panicked")));
+            Ok::<_, anyhow::Error>((src?, dst?))
+        })?
     };
-    let (src_label, dst_label) = (
-        src_host.get().label().to_string(),
-        dst_host.get().label().to_string(),
-    );
-    let src = ZfsHost::open(
-        src_host,
-        cfg.source.location.clone(),
-        cfg.source.dataset.pool(),
-        ui,
-    )
-    .map_err(|e| e.context(format!("on source host {src_label}")))?;
-    let dst = ZfsHost::open(
-        dst_host,
-        cfg.target.location.clone(),
-        cfg.target.dataset.pool(),
-        ui,
-    )
-    .map_err(|e| e.context(format!("on target host {dst_label}")))?;
     let (src_dry, dst_dry) = (DryRun::new(&src), DryRun::new(&dst));
     let (src_changes, dst_changes): (&dyn Changes, &dyn Changes) = match cfg.dry_run {
         true => (&src_dry, &dst_dry),
@@ -119,6 +122,28 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
     run.stop_leftovers()?;
     run.announce_missing_protection();
     run.all()
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Source,
+    Target,
+}
+
+/// One side's endpoint: its ZFS probed on its pool.
+fn open_side<'a>(
+    host: Reconnecting<'a>,
+    cfg: &'a Config,
+    ui: &'a dyn Progress,
+    side: Side,
+) -> Result<ZfsHost<'a>> {
+    let (address, what) = match side {
+        Side::Source => (&cfg.source, "source"),
+        Side::Target => (&cfg.target, "target"),
+    };
+    let label = host.get().label().to_string();
+    ZfsHost::open(host, address.location.clone(), address.dataset.pool(), ui)
+        .map_err(|e| e.context(format!("on {what} host {label}")))
 }
 
 /// The run lock for the target, keyed by the host it resolves to (ssh
