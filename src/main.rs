@@ -43,6 +43,9 @@ fn run() -> i32 {
         }
     };
     let ui = progress::reporter(config.verbosity);
+    for notice in &config.notices {
+        ui.info(&format!("note: {notice}"));
+    }
     match replicate::run(&config, &*ui) {
         Ok(outcome) if outcome.failed.is_empty() => 0,
         Ok(outcome) => {

@@ -28,6 +28,7 @@ use crate::zfs::Dataset;
 mod execute;
 mod protect;
 mod reattach;
+mod snapshots;
 #[cfg(test)]
 mod tests;
 
@@ -118,6 +119,7 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
     };
     run.stop_leftovers()?;
     run.announce_missing_protection();
+    run.announce_filtered_sync_snap();
     run.all()
 }
 
@@ -255,7 +257,7 @@ impl Run<'_> {
             (Some(chunked), false) => self.reattach(chunked, src, dst)?,
             _ => 0,
         };
-        let sync_name = match self.cfg.protection.sync_snap {
+        let sync_name = match self.cfg.protection.sync_snap && !self.sync_snap_filtered_out() {
             true => Some(self.take_sync_snapshot(src)?),
             false => None,
         };
@@ -270,8 +272,16 @@ impl Run<'_> {
         for round in 1..=MAX_ROUNDS {
             let mut source = self.src.source_state(src)?;
             source.snapshots.extend(self.src_changes.pending(src));
+            self.filter_source(src, &mut source)?;
             let target = self.dst.target_state(dst)?;
-            match plan::plan(&source, &target, &opts) {
+            if round == 1 {
+                self.dump_snapshots(src, dst, &source, &target);
+            }
+            let mut planned = plan::plan(&source, &target, &opts);
+            if self.cfg.snap_filter.is_active() {
+                planned = plan::one_at_a_time(planned, &source);
+            }
+            match planned {
                 // A dry run shows the plan and stops there.
                 Plan::UpToDate { snapshot } if self.cfg.dry_run => {
                     println!("{label}: up to date at @{}", snapshot.name);
@@ -280,6 +290,7 @@ impl Run<'_> {
                 Plan::UpToDate { snapshot } => {
                     self.protect(src, dst, &source, &target, &snapshot);
                     self.prune(src, dst, sync_name);
+                    self.delete_stale_target_snapshots(src, dst, &snapshot);
                     let summary = if bytes == 0 {
                         format!("{label}: up to date at @{}", snapshot.name)
                     } else {

@@ -32,7 +32,7 @@ pub mod token;
 
 pub use caps::{capabilities_from, capability_probes, Capabilities, ProbeResult};
 pub use error::{ZfsError, ZfsErrorKind};
-pub use options::{parse_recv_options, parse_send_options};
+pub use options::{parse_recv_options, parse_send_options, ParsedOptions};
 
 /// Longest name ZFS accepts, in bytes, exclusive (`ZFS_MAX_DATASET_NAME_LEN`).
 const MAX_NAME_LEN: usize = 256;
@@ -602,7 +602,9 @@ pub fn is_tag_exists_error(stderr: &str) -> bool {
 
 /// `zfs send OPTS -i DS#BOOKMARK DS@TO`: an incremental stream from a
 /// bookmark. ZFS sends no intermediate snapshots from a bookmark (`-I` is
-/// refused: "multiple snapshots cannot be sent from a bookmark").
+/// refused: "multiple snapshots cannot be sent from a bookmark"). Of the
+/// options only those syncoid passes on with a bookmark go (`-L -c -e -w`:
+/// `-p`, `-h`, `-b` describe a snapshot the bookmark no longer has).
 pub fn send_from_bookmark_argv(
     ds: &Dataset,
     bookmark: &str,
@@ -610,7 +612,12 @@ pub fn send_from_bookmark_argv(
     options: &[String],
 ) -> Vec<String> {
     let mut argv = zfs(&["send"]);
-    argv.extend(options.iter().cloned());
+    argv.extend(
+        options
+            .iter()
+            .filter(|o| RESUME_SEND_FLAGS.contains(&o.as_str()))
+            .cloned(),
+    );
     argv.extend(["-i".into(), format!("{ds}#{bookmark}"), ds.snapshot(to)]);
     argv
 }
@@ -1128,7 +1135,7 @@ tank/data@before upgrade\tcreatetxg\t900
 
     #[test]
     fn resume_send_keeps_only_flags_that_minus_t_accepts() {
-        let opts = parse_send_options("L c e w p D h b").unwrap();
+        let opts = parse_send_options("L c e w p D h b", false).unwrap().argv;
         assert_eq!(
             send_resume_argv("tok", &opts),
             strings(&["zfs", "send", "-L", "-c", "-e", "-w", "-t", "tok"])
