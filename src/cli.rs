@@ -235,6 +235,11 @@ pub struct Cli {
     #[arg(long)]
     pub debug: bool,
 
+    /// Write one JSON document about the run to stdout (schema in README);
+    /// everything else goes to stderr as usual.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub json: bool,
+
     /// syncoid's mbuffer size: no effect (resync buffers the stream itself).
     #[arg(long, value_name = "SIZE")]
     pub mbuffer_size: Option<String>,
@@ -473,6 +478,8 @@ pub struct Config {
     pub source_bwlimit: Option<u64>,
     pub target_bwlimit: Option<u64>,
     pub dry_run: bool,
+    /// `--json`: a report on stdout; `--dumpsnaps` goes to stderr then.
+    pub json: bool,
     pub verbosity: Verbosity,
 }
 
@@ -750,6 +757,7 @@ impl Cli {
             source_bwlimit: self.source_bwlimit,
             target_bwlimit: self.target_bwlimit,
             dry_run: self.dry_run,
+            json: self.json,
             verbosity,
         })
     }

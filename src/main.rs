@@ -11,6 +11,7 @@ mod host;
 mod plan;
 mod progress;
 mod replicate;
+mod report;
 mod runlock;
 mod sys;
 mod transfer;
@@ -46,8 +47,10 @@ fn run() -> i32 {
     for notice in &config.notices {
         ui.info(&format!("note: {notice}"));
     }
-    match replicate::run(&config, &*ui) {
-        Ok(outcome) if outcome.failed.is_empty() => 0,
+    let reports = report::Reports::default();
+    let started = std::time::Instant::now();
+    let (code, error) = match replicate::run(&config, &*ui, &reports) {
+        Ok(outcome) if outcome.failed.is_empty() => (0, None),
         Ok(outcome) => {
             eprintln!(
                 "resync: {} of {} datasets failed:",
@@ -57,13 +60,27 @@ fn run() -> i32 {
             for (label, err) in &outcome.failed {
                 eprintln!("  {label}: {err:#}");
             }
-            1
+            (1, None)
         }
         Err(e) => {
             eprintln!("resync: error: {e:#}");
-            2
+            (2, Some(format!("{e:#}")))
         }
+    };
+    if config.json {
+        println!(
+            "{}",
+            report::to_json(
+                &config.source.to_string(),
+                &config.target.to_string(),
+                &reports.take(),
+                started.elapsed(),
+                error.as_deref(),
+                code,
+            )
+        );
     }
+    code
 }
 
 /// `--help` and `--version` print and exit 0; anything else is one line and 2.

@@ -21,6 +21,7 @@ use crate::host::reconnect::Reconnecting;
 use crate::plan::syncsnap;
 use crate::plan::{self, Plan, PlanOptions, Step};
 use crate::progress::{human_bytes, human_duration, human_rate, Progress, Stopwatch};
+use crate::report::{DatasetReport, Reports, Status};
 use crate::runlock::{self, RunLock};
 use crate::transfer::chunked::{self, Chunked};
 use crate::zfs::Dataset;
@@ -58,12 +59,14 @@ struct Run<'a> {
     chunked: Option<Chunked<'a>>,
     /// The target datasets of this run's pairs (see `--force-delete`).
     targets: OnceLock<Vec<Dataset>>,
+    /// Each pair's result, for `--json`.
+    reports: &'a Reports,
 }
 
 /// Replicates according to `cfg`. An `Err` is a failure of the whole run
 /// (exit 2); failures of single datasets in a recursive run are collected in
-/// the `Outcome` (exit 1).
-pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
+/// the `Outcome` (exit 1). Each pair's result also goes to `reports`.
+pub fn run(cfg: &Config, ui: &dyn Progress, reports: &Reports) -> Result<Outcome> {
     let lock = match cfg.dry_run {
         true => None,
         false => Some(lock_target(cfg)?),
@@ -114,8 +117,10 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
             opts,
             lock: lock.as_ref(),
             ui,
+            totals: Default::default(),
         }),
         targets: OnceLock::new(),
+        reports,
     };
     run.stop_leftovers()?;
     run.announce_missing_protection();
@@ -198,11 +203,16 @@ impl Run<'_> {
             {
                 let err = anyhow!("skipped because its parent {parent} failed");
                 self.ui.warn(&format!("{label}: {err}"));
+                self.report_failed(src, dst, Status::Skipped, &err);
                 outcome.failed.push((label, err));
                 failed_sources.push(src.clone());
                 continue;
             }
-            match self.one(src, dst) {
+            let result = self.one(src, dst);
+            if let Err(e) = &result {
+                self.report_failed(src, dst, Status::Failed, e);
+            }
+            match result {
                 Ok(()) => outcome.replicated += 1,
                 Err(e) if !self.cfg.recursive => return Err(e.context(label)),
                 Err(e) => {
@@ -213,6 +223,12 @@ impl Run<'_> {
             }
         }
         Ok(outcome)
+    }
+
+    fn report_failed(&self, src: &Dataset, dst: &Dataset, status: Status, e: &anyhow::Error) {
+        let mut r = DatasetReport::bare(self.src.label(src), self.dst.label(dst), status);
+        r.error = Some(format!("{e:#}"));
+        self.reports.push(r);
     }
 
     fn pair_label(&self, src: &Dataset, dst: &Dataset) -> String {
@@ -268,6 +284,10 @@ impl Run<'_> {
             resume: self.cfg.resume && self.src.caps.resume_tokens && self.dst.caps.resume_tokens,
         };
         let mut bytes = attached;
+        let mut sent = Sent {
+            first: None,
+            resumed: attached > 0,
+        };
         let mut last_round_steps: Vec<Step> = Vec::new();
         for round in 1..=MAX_ROUNDS {
             let mut source = self.src.source_state(src)?;
@@ -291,6 +311,7 @@ impl Run<'_> {
                     self.protect(src, dst, &source, &target, &snapshot);
                     self.prune(src, dst, sync_name);
                     self.delete_stale_target_snapshots(src, dst, &snapshot);
+                    self.report_done(src, dst, &sent, bytes, &watch, &snapshot);
                     let summary = if bytes == 0 {
                         format!("{label}: up to date at @{}", snapshot.name)
                     } else {
@@ -324,7 +345,10 @@ impl Run<'_> {
                     let mut discarded = false;
                     for step in &steps {
                         match self.execute(src, dst, step) {
-                            Ok(n) => bytes += n,
+                            Ok(n) => {
+                                bytes += n;
+                                sent.note(step, &source);
+                            }
                             Err(e) if self.discarded_after(src, dst, step, &e)? => {
                                 // The target changed: the same plan may
                                 // rightly come again.
@@ -382,6 +406,76 @@ impl Run<'_> {
             );
         }
         Ok(())
+    }
+}
+
+/// What one pair's rounds sent, for `--json`.
+struct Sent {
+    /// The first snapshot a stream carried.
+    first: Option<String>,
+    /// A resume token or an earlier run's chunk session was picked up.
+    resumed: bool,
+}
+
+impl Sent {
+    /// Notes an executed step; `source` is what the planner saw.
+    fn note(&mut self, step: &Step, source: &plan::SourceState) {
+        let first = match step {
+            Step::Resume { .. } => {
+                self.resumed = true;
+                return;
+            }
+            Step::Full { to } | Step::FromBookmark { to, .. } => to,
+            Step::Incremental {
+                from,
+                to,
+                intermediates,
+            } => match intermediates {
+                // -I carries every snapshot after `from` up to `to`.
+                true => source
+                    .snapshots
+                    .iter()
+                    .filter(|s| s.createtxg > from.createtxg && s.createtxg <= to.createtxg)
+                    .min_by_key(|s| s.createtxg)
+                    .unwrap_or(to),
+                false => to,
+            },
+            _ => return,
+        };
+        if self.first.is_none() {
+            self.first = Some(first.name.clone());
+        }
+    }
+}
+
+impl Run<'_> {
+    /// A pair that is up to date at `snapshot` after this run.
+    fn report_done(
+        &self,
+        src: &Dataset,
+        dst: &Dataset,
+        sent: &Sent,
+        bytes: u64,
+        watch: &Stopwatch,
+        snapshot: &crate::zfs::Snapshot,
+    ) {
+        let moved = bytes > 0 || sent.first.is_some() || sent.resumed;
+        let status = match moved {
+            true => Status::Replicated,
+            false => Status::UpToDate,
+        };
+        let mut r = DatasetReport::bare(self.src.label(src), self.dst.label(dst), status);
+        r.bytes = bytes;
+        r.duration = watch.elapsed();
+        r.first_snapshot = sent.first.clone();
+        r.last_snapshot = moved.then(|| snapshot.name.clone());
+        r.resumed = sent.resumed;
+        if let Some(chunked) = &self.chunked {
+            let (chunks, resent) = chunked.totals.of(dst.as_str()).unwrap_or((0, 0));
+            r.chunks = Some(chunks);
+            r.resent_bytes = Some(resent);
+        }
+        self.reports.push(r);
     }
 }
 

@@ -64,7 +64,7 @@ impl Run<'_> {
     }
 
     /// `--dumpsnaps`: one line per snapshot and bookmark, tab-separated:
-    /// side, name, guid, createtxg.
+    /// side, name, guid, createtxg; on stdout (stderr with `--json`).
     pub(super) fn dump_snapshots(
         &self,
         src: &Dataset,
@@ -91,7 +91,10 @@ impl Run<'_> {
         if lines.is_empty() {
             lines.push(format!("{src}: no snapshots on either side"));
         }
-        println!("{}", lines.join("\n"));
+        match self.cfg.json {
+            true => eprintln!("{}", lines.join("\n")),
+            false => println!("{}", lines.join("\n")),
+        }
     }
 
     /// `--delete-target-snapshots`, after the pair is up to date at `base`:
