@@ -101,13 +101,12 @@ pub struct Cli {
     #[arg(long)]
     pub no_clone_handling: bool,
 
-    /// Keep the source's locally set properties, set locally on the target
-    /// (zfs receive -o), as syncoid does. Not supported yet: refused.
+    /// Set the source's locally set properties on the target, locally
+    /// (zfs receive -o, or zfs set after it where receive cannot), as syncoid does.
     #[arg(long)]
     pub preserve_properties: bool,
 
-    /// Keep the source's recordsize on the target (zfs receive -o
-    /// recordsize=...). Not supported yet: refused.
+    /// Set the source's recordsize on the target (filesystems), as syncoid does.
     #[arg(long)]
     pub preserve_recordsize: bool,
 
@@ -453,6 +452,8 @@ pub struct Config {
     pub snap_filter: SnapFilter,
     /// `--delete-target-snapshots`.
     pub delete_target_snapshots: bool,
+    /// `--preserve-properties`, `--preserve-recordsize`.
+    pub preserve: Preserve,
     /// `--dumpsnaps`.
     pub dumpsnaps: bool,
     /// Lines to print once at the start of the run: options that have no
@@ -481,6 +482,17 @@ pub struct Config {
     /// `--json`: a report on stdout; `--dumpsnaps` goes to stderr then.
     pub json: bool,
     pub verbosity: Verbosity,
+}
+
+/// Which source properties are set on the target, as syncoid picks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preserve {
+    Nothing,
+    /// `--preserve-recordsize`: the recordsize of a filesystem.
+    Recordsize,
+    /// `--preserve-properties`: every locally set property but those
+    /// syncoid leaves out (`zfs::parse_local_properties`).
+    Properties,
 }
 
 /// What a run leaves behind so the next incremental has a base, and how it
@@ -601,16 +613,12 @@ impl Cli {
                  over SSH only; drop the option"
             );
         }
-        if self.preserve_properties || self.preserve_recordsize {
-            let flag = match self.preserve_properties {
-                true => "--preserve-properties",
-                false => "--preserve-recordsize",
-            };
-            bail!(
-                "{flag} is not supported yet; set the properties on the target \
-                 (zfs set), or pass --recvoptions=\"o NAME=VALUE\""
-            );
-        }
+        // As in syncoid, --preserve-properties includes the recordsize.
+        let preserve = match (self.preserve_properties, self.preserve_recordsize) {
+            (true, _) => Preserve::Properties,
+            (false, true) => Preserve::Recordsize,
+            (false, false) => Preserve::Nothing,
+        };
         let (exclude_flag, exclude_datasets) = match (
             self.exclude_datasets.is_empty(),
             self.exclude_old.is_empty(),
@@ -732,6 +740,7 @@ impl Cli {
             exclude,
             snap_filter,
             delete_target_snapshots: self.delete_target_snapshots,
+            preserve,
             dumpsnaps: self.dumpsnaps,
             notices,
             no_stream: self.no_stream,
@@ -1180,6 +1189,16 @@ mod tests {
             // resync sends clones in full: what --no-clone-handling asks.
             ("syncoid -r --no-clone-handling a/b c/d", |c| c.recursive),
             ("syncoid --dumpsnaps a/b c/d", |c| c.dumpsnaps),
+            ("syncoid --preserve-recordsize a/b c/d", |c| {
+                c.preserve == Preserve::Recordsize
+            }),
+            ("syncoid --preserve-properties a/b c/d", |c| {
+                c.preserve == Preserve::Properties
+            }),
+            // syncoid: properties win (they include a local recordsize).
+            ("syncoid --preserve-properties --preserve-recordsize a/b c/d", |c| {
+                c.preserve == Preserve::Properties
+            }),
             ("syncoid --sshport=2222 a/b root@h:c/d", |c| {
                 c.ssh_options("/r".into()).port == Some(2222)
             }),
@@ -1251,14 +1270,6 @@ mod tests {
             (
                 "syncoid --insecure-direct-connection=192.168.1.2:1234 a/b h:c/d",
                 "--insecure-direct-connection is not supported yet",
-            ),
-            (
-                "syncoid --preserve-properties a/b c/d",
-                "--preserve-properties is not supported yet",
-            ),
-            (
-                "syncoid --preserve-recordsize a/b c/d",
-                "--preserve-recordsize is not supported yet",
             ),
             (
                 "syncoid -r --sendoptions=R a/b c/d",

@@ -27,6 +27,7 @@ use crate::transfer::chunked::{self, Chunked};
 use crate::zfs::Dataset;
 
 mod execute;
+mod properties;
 mod protect;
 mod reattach;
 mod snapshots;
@@ -125,6 +126,7 @@ pub fn run(cfg: &Config, ui: &dyn Progress, reports: &Reports) -> Result<Outcome
     run.stop_leftovers()?;
     run.announce_missing_protection();
     run.announce_filtered_sync_snap();
+    run.announce_preserve_fallback();
     run.all()
 }
 
@@ -311,6 +313,7 @@ impl Run<'_> {
                     self.protect(src, dst, &source, &target, &snapshot);
                     self.prune(src, dst, sync_name);
                     self.delete_stale_target_snapshots(src, dst, &snapshot);
+                    self.set_preserved_properties(src, dst);
                     self.report_done(src, dst, &sent, bytes, &watch, &snapshot);
                     let summary = if bytes == 0 {
                         format!("{label}: up to date at @{}", snapshot.name)

@@ -186,7 +186,7 @@ fn options_resync_cannot_honour_are_refused_before_anything_runs() {
     for args in [
         vec!["-o", "ProxyJump=bastion"],
         vec!["--insecure-direct-connection=10.213.0.3:9000"],
-        vec!["--preserve-properties"],
+        vec!["-c", "blowfish-cbc"],
         vec!["-r", "--sendoptions=R"],
     ] {
         let mut argv = args.clone();
@@ -198,4 +198,57 @@ fn options_resync_cannot_honour_are_refused_before_anything_runs() {
         assert!(names(&src).is_empty(), "{args:?} took a snapshot");
     }
     destroy(&src);
+}
+
+/// `value<TAB>source` of a property.
+fn prop(ds: &str, name: &str) -> (String, String) {
+    let out = zfs(&["get", "-H", "-o", "value,source", name, ds]);
+    let (v, s) = out.trim_end().split_once('\t').expect("value and source");
+    (v.to_string(), s.to_string())
+}
+
+#[test]
+fn preserve_properties_sets_the_sources_local_properties_locally_on_zfs_fuse() {
+    let bed = Bed::get();
+    let (src, dst, dst2) = (
+        bed.ds_a("presprop"),
+        bed.ds_b("presprop"),
+        bed.ds_b("presrs"),
+    );
+    create_dataset_with_data(&src, &[("a.bin", 128 << 10)]);
+    zfs(&["set", "compression=on", &src]);
+    zfs(&["set", "recordsize=16K", &src]);
+    zfs(&["set", "com.example:tag=kept here", &src]);
+    let target = remote(&bed.host_b, &dst);
+
+    let out = resync(&["--preserve-properties", &src, &target]);
+    out.assert_success();
+    assert_replica(&src, &dst);
+    // zfs-fuse's receive has no -o: set afterwards, and said once.
+    assert_eq!(
+        out.stderr.matches("has no zfs receive -o").count(),
+        1,
+        "{out}"
+    );
+    for (name, value) in [
+        ("compression", "on"),
+        ("recordsize", "16K"),
+        ("com.example:tag", "kept here"),
+    ] {
+        assert_eq!(
+            prop(&dst, name),
+            (value.to_string(), "local".to_string()),
+            "{name}\n{out}"
+        );
+    }
+
+    // --preserve-recordsize: only the recordsize.
+    let out = resync(&["--preserve-recordsize", &src, &dst2]);
+    out.assert_success();
+    assert_eq!(prop(&dst2, "recordsize"), ("16K".into(), "local".into()));
+    assert_ne!(prop(&dst2, "compression").1, "local", "{out}");
+    assert_eq!(prop(&dst2, "com.example:tag").0, "-", "{out}");
+    destroy(&src);
+    destroy(&dst);
+    destroy(&dst2);
 }
