@@ -42,6 +42,8 @@ Examples:
   A cron line (quiet unless something fails; exit 1 = some datasets failed):
     17 * * * * /usr/local/bin/resync -r --quiet --identifier=hourly tank/vm root@backup:pool/vm
 
+Man page and shell completions: resync generate man|bash|zsh|fish (see INSTALL.md).
+
 Exit status: 0 all done, 1 some datasets failed in a recursive run, 2 error.";
 
 /// resync replicates ZFS datasets between hosts, syncoid-style.

@@ -7,6 +7,7 @@ mod bwlimit;
 mod chunk;
 mod cli;
 mod endpoint;
+mod generate;
 mod host;
 mod plan;
 mod progress;
@@ -31,6 +32,9 @@ fn run() -> i32 {
         .is_some_and(|a| chunk::SUBCOMMANDS.contains(&a))
     {
         return chunk::helper_main(&args);
+    }
+    if args.first().and_then(|a| a.to_str()) == Some(generate::SUBCOMMAND) {
+        return generate::main(&args[1..]);
     }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
