@@ -18,7 +18,9 @@ use regex::Regex;
 
 use crate::bwlimit;
 use crate::chunk::orchestrator;
-use crate::host::ssh::{DataPath, SshOptions};
+use crate::host::ssh::sshconfig::{self, CommandLineOption};
+use crate::host::ssh::{DataPath, SshOptions, SshOverrides};
+use crate::plan::snapfilter::SnapFilter;
 use crate::plan::syncsnap;
 use crate::progress::Verbosity;
 use crate::zfs::{self, Dataset};
@@ -39,6 +41,8 @@ Examples:
 
   A cron line (quiet unless something fails; exit 1 = some datasets failed):
     17 * * * * /usr/local/bin/resync -r --quiet --identifier=hourly tank/vm root@backup:pool/vm
+
+Man page and shell completions: resync generate man|bash|zsh|fish (see INSTALL.md).
 
 Exit status: 0 all done, 1 some datasets failed in a recursive run, 2 error.";
 
@@ -70,6 +74,48 @@ pub struct Cli {
     /// Skip source datasets whose full name matches REGEX (repeatable).
     #[arg(long = "exclude-datasets", value_name = "REGEX")]
     pub exclude_datasets: Vec<String>,
+
+    /// Old spelling of --exclude-datasets (syncoid's, deprecated there too);
+    /// ignored when --exclude-datasets is given, as in syncoid.
+    #[arg(long = "exclude", value_name = "REGEX")]
+    pub exclude_old: Vec<String>,
+
+    /// Send only snapshots whose name matches REGEX (repeatable; a name that
+    /// also matches --exclude-snaps is left out).
+    #[arg(long = "include-snaps", value_name = "REGEX")]
+    pub include_snaps: Vec<String>,
+
+    /// Don't send snapshots whose name matches REGEX (repeatable).
+    #[arg(long = "exclude-snaps", value_name = "REGEX")]
+    pub exclude_snaps: Vec<String>,
+
+    /// After success, destroy target snapshots that no longer exist on the
+    /// source (never the next incremental base, never one another job holds).
+    #[arg(long)]
+    pub delete_target_snapshots: bool,
+
+    /// Print the snapshots of both sides of each dataset as the run sees them.
+    #[arg(long)]
+    pub dumpsnaps: bool,
+
+    /// Send clones in full instead of as clones (resync does not recreate
+    /// clones yet, so this is how it always sends them).
+    #[arg(long)]
+    pub no_clone_handling: bool,
+
+    /// Set the source's locally set properties on the target, locally
+    /// (zfs receive -o, or zfs set after it where receive cannot), as syncoid does.
+    #[arg(long)]
+    pub preserve_properties: bool,
+
+    /// Set the source's recordsize on the target (filesystems), as syncoid does.
+    #[arg(long)]
+    pub preserve_recordsize: bool,
+
+    /// syncoid's plain-TCP data stream (IP:PORT[,IP:PORT]). Not supported
+    /// yet: refused; resync moves the stream over SSH.
+    #[arg(long, value_name = "IP:PORT[,IP:PORT]")]
+    pub insecure_direct_connection: Option<String>,
 
     /// Tag sync snapshots with ID so several jobs on one dataset don't prune each other's.
     #[arg(long, value_name = "ID")]
@@ -125,6 +171,20 @@ pub struct Cli {
     /// SSH port for remote hosts (overrides ~/.ssh/config).
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub sshport: Option<u16>,
+
+    /// Read this ssh_config(5) file instead of ~/.ssh/config (ssh -F).
+    #[arg(long, value_name = "FILE")]
+    pub sshconfig: Option<PathBuf>,
+
+    /// The SSH ciphers to offer, comma-separated (ssh -c), e.g. aes128-gcm@openssh.com.
+    #[arg(short = 'c', long, value_name = "CIPHER")]
+    pub sshcipher: Option<String>,
+
+    /// An ssh option KEY=VALUE (repeatable): Port, User, IdentityFile,
+    /// IdentitiesOnly, ConnectTimeout, ServerAliveInterval,
+    /// StrictHostKeyChecking, UserKnownHostsFile, HostKeyAlias.
+    #[arg(short = 'o', long, value_name = "KEY=VALUE")]
+    pub sshoption: Vec<String>,
 
     /// Add an unknown host key to ~/.ssh/known_hosts instead of refusing (a changed key is still refused).
     #[arg(long)]
@@ -183,6 +243,55 @@ pub struct Cli {
     /// Print every command run on every host.
     #[arg(long)]
     pub debug: bool,
+
+    /// Write one JSON document about the run to stdout (schema in README);
+    /// everything else goes to stderr as usual.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub json: bool,
+
+    /// syncoid's mbuffer size: no effect (resync buffers the stream itself).
+    #[arg(long, value_name = "SIZE")]
+    pub mbuffer_size: Option<String>,
+
+    /// syncoid's pv options: no effect (resync draws its own progress).
+    #[arg(long, value_name = "OPTIONS", allow_hyphen_values = true)]
+    pub pv_options: Option<String>,
+
+    /// syncoid's skip of its helper-command checks: no effect (resync runs no helper commands).
+    #[arg(long)]
+    pub no_command_checks: bool,
+
+    /// syncoid's --monitor-version: no effect (it does nothing in syncoid either).
+    #[arg(long)]
+    pub monitor_version: bool,
+}
+
+/// The ciphers libssh2 (as built here) can offer, for `--sshcipher`.
+const SSH_CIPHERS: &[&str] = &[
+    "chacha20-poly1305@openssh.com",
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+    "aes128-cbc",
+    "aes192-cbc",
+    "aes256-cbc",
+    "3des-cbc",
+];
+
+/// `--sshcipher`: a comma-separated list of ciphers libssh2 knows.
+fn parse_ciphers(s: &str) -> Result<String> {
+    let names: Vec<&str> = s.split(',').map(str::trim).collect();
+    for name in &names {
+        if !SSH_CIPHERS.contains(name) {
+            bail!(
+                "invalid --sshcipher {s:?}: {name:?} is not a cipher resync can offer ({})",
+                SSH_CIPHERS.join(", ")
+            );
+        }
+    }
+    Ok(names.join(","))
 }
 
 /// A chunk size: a whole number of bytes with an optional k/M/G suffix
@@ -232,6 +341,22 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
         return Err(format!("timeout {s:?} is too short; use at least 1s"));
     }
     Ok(d)
+}
+
+/// Compiles each REGEX given to `flag`; a bad one is a one-line error.
+fn compile_all(flag: &str, patterns: &[String]) -> Result<Vec<Regex>> {
+    patterns
+        .iter()
+        .map(|r| {
+            Regex::new(r).map_err(|e| {
+                // regex's message draws a caret under the pattern on
+                // several lines; its last line says what is wrong.
+                let text = e.to_string();
+                let why = text.lines().last().unwrap_or_default().trim().to_string();
+                anyhow::anyhow!("invalid {flag} regex {r:?}: {why}")
+            })
+        })
+        .collect()
 }
 
 /// Where a dataset lives: this machine, or a host reached over SSH.
@@ -333,6 +458,17 @@ pub struct Config {
     pub recursive: bool,
     pub skip_parent: bool,
     pub exclude: Vec<Regex>,
+    /// `--include-snaps`/`--exclude-snaps`.
+    pub snap_filter: SnapFilter,
+    /// `--delete-target-snapshots`.
+    pub delete_target_snapshots: bool,
+    /// `--preserve-properties`, `--preserve-recordsize`.
+    pub preserve: Preserve,
+    /// `--dumpsnaps`.
+    pub dumpsnaps: bool,
+    /// Lines to print once at the start of the run: options that have no
+    /// effect, or parts of an option that were left out, and why.
+    pub notices: Vec<String>,
     pub no_stream: bool,
     pub send_options: Vec<String>,
     pub recv_options: Vec<String>,
@@ -353,7 +489,20 @@ pub struct Config {
     pub source_bwlimit: Option<u64>,
     pub target_bwlimit: Option<u64>,
     pub dry_run: bool,
+    /// `--json`: a report on stdout; `--dumpsnaps` goes to stderr then.
+    pub json: bool,
     pub verbosity: Verbosity,
+}
+
+/// Which source properties are set on the target, as syncoid picks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preserve {
+    Nothing,
+    /// `--preserve-recordsize`: the recordsize of a filesystem.
+    Recordsize,
+    /// `--preserve-properties`: every locally set property but those
+    /// syncoid leaves out (`zfs::parse_local_properties`).
+    Properties,
 }
 
 /// What a run leaves behind so the next incremental has a base, and how it
@@ -379,10 +528,17 @@ pub struct SshSettings {
     pub key: Option<PathBuf>,
     /// `--sshport`.
     pub port: Option<u16>,
-    /// `--accept-new-host-key`.
+    /// `--accept-new-host-key`, or `-o StrictHostKeyChecking=accept-new`.
     pub accept_new_host_key: bool,
     /// `--ssh-data`.
     pub data_path: DataPath,
+    /// `-o ConnectTimeout`.
+    pub connect_timeout: Option<Duration>,
+    /// `-o ServerAliveInterval`: the link counts as lost after three
+    /// unanswered intervals, as with ssh's default ServerAliveCountMax.
+    pub server_alive_interval: Option<Duration>,
+    /// `--sshconfig`, `--sshcipher` and the rest of `--sshoption`.
+    pub overrides: SshOverrides,
 }
 
 /// `--chunked` and its settings.
@@ -418,18 +574,22 @@ impl Config {
     /// the folders again) while `--timeout` is the budget without progress
     /// for the whole transfer, so connections are declared dead much sooner.
     pub fn ssh_options(&self, home: PathBuf) -> SshOptions {
-        let io_timeout = match self.chunk {
+        let mut io_timeout = match self.chunk {
             Some(_) => self.timeout.min(CHUNKED_IO_TIMEOUT),
             None => self.timeout,
         };
+        if let Some(interval) = self.ssh.server_alive_interval {
+            io_timeout = io_timeout.min(interval * 3);
+        }
         SshOptions {
             port: self.ssh.port,
             key: self.ssh.key.clone(),
             accept_new_host_key: self.ssh.accept_new_host_key,
-            connect_timeout: SSH_CONNECT_TIMEOUT,
+            connect_timeout: self.ssh.connect_timeout.unwrap_or(SSH_CONNECT_TIMEOUT),
             io_timeout,
             home,
             data_path: self.ssh.data_path,
+            overrides: self.ssh.overrides.clone(),
         }
     }
 
@@ -459,16 +619,71 @@ impl Cli {
         {
             bail!("TARGET {target} overlaps SOURCE {source}; replicate into a separate tree");
         }
-        let exclude = self
-            .exclude_datasets
-            .iter()
-            .map(|r| {
-                Regex::new(r)
-                    .map_err(|e| anyhow::anyhow!("invalid --exclude-datasets regex {r:?}: {e}"))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut notices = Vec::new();
+        if self.insecure_direct_connection.is_some() {
+            bail!(
+                "--insecure-direct-connection is not supported yet: resync moves the stream \
+                 over SSH only; drop the option"
+            );
+        }
+        // As in syncoid, --preserve-properties includes the recordsize.
+        let preserve = match (self.preserve_properties, self.preserve_recordsize) {
+            (true, _) => Preserve::Properties,
+            (false, true) => Preserve::Recordsize,
+            (false, false) => Preserve::Nothing,
+        };
+        let (exclude_flag, exclude_datasets) = match (
+            self.exclude_datasets.is_empty(),
+            self.exclude_old.is_empty(),
+        ) {
+            (true, false) => {
+                notices.push(
+                    "--exclude is deprecated (in syncoid too); use --exclude-datasets".to_string(),
+                );
+                ("--exclude", &self.exclude_old)
+            }
+            (false, false) => {
+                notices.push(
+                    "--exclude is ignored because --exclude-datasets is given (as in syncoid)"
+                        .to_string(),
+                );
+                ("--exclude-datasets", &self.exclude_datasets)
+            }
+            _ => ("--exclude-datasets", &self.exclude_datasets),
+        };
+        let exclude = compile_all(exclude_flag, exclude_datasets)?;
         if !exclude.is_empty() && !self.recursive {
-            bail!("--exclude-datasets only makes sense with -r/--recursive");
+            bail!("{exclude_flag} only makes sense with -r/--recursive");
+        }
+        let snap_filter = SnapFilter::new(
+            compile_all("--include-snaps", &self.include_snaps)?,
+            compile_all("--exclude-snaps", &self.exclude_snaps)?,
+        );
+        for (given, flag, why) in [
+            (
+                self.mbuffer_size.is_some(),
+                "--mbuffer-size",
+                "resync buffers the stream itself and runs no mbuffer",
+            ),
+            (
+                self.pv_options.is_some(),
+                "--pv-options",
+                "resync draws its own progress and runs no pv",
+            ),
+            (
+                self.no_command_checks,
+                "--no-command-checks",
+                "resync needs only zfs on each host and checks nothing else",
+            ),
+            (
+                self.monitor_version,
+                "--monitor-version",
+                "it does nothing in syncoid either",
+            ),
+        ] {
+            if given {
+                notices.push(format!("{flag} has no effect: {why}"));
+            }
         }
         if let Some(id) = &self.identifier {
             syncsnap::validate_identifier(id).context("invalid --identifier")?;
@@ -477,13 +692,56 @@ impl Cli {
             bail!("--keep-sync-snap has no effect with --no-sync-snap; pass only one");
         }
         let send_options = match &self.sendoptions {
-            Some(s) => zfs::parse_send_options(s).context("invalid --sendoptions")?,
-            None => Vec::new(),
+            Some(s) => {
+                zfs::parse_send_options(s, self.recursive).context("invalid --sendoptions")?
+            }
+            None => zfs::ParsedOptions::default(),
         };
         let recv_options = match &self.recvoptions {
             Some(s) => zfs::parse_recv_options(s).context("invalid --recvoptions")?,
-            None => Vec::new(),
+            None => zfs::ParsedOptions::default(),
         };
+        notices.extend(send_options.dropped);
+        notices.extend(recv_options.dropped);
+        let mut ssh = SshSettings {
+            key: self.sshkey,
+            port: self.sshport,
+            accept_new_host_key: self.accept_new_host_key,
+            data_path: match self.ssh_data.as_str() {
+                "libssh2" => DataPath::Libssh2,
+                _ => DataPath::Auto,
+            },
+            connect_timeout: None,
+            server_alive_interval: None,
+            overrides: SshOverrides {
+                config_file: self.sshconfig,
+                ciphers: self.sshcipher.as_deref().map(parse_ciphers).transpose()?,
+                ..SshOverrides::default()
+            },
+        };
+        for option in &self.sshoption {
+            match sshconfig::parse_command_line_option(option)? {
+                CommandLineOption::ConfigLine(line) => ssh.overrides.config_lines.push(line),
+                CommandLineOption::IdentitiesOnly(on) => ssh.overrides.identities_only = on,
+                CommandLineOption::ConnectTimeout(0) => {}
+                CommandLineOption::ConnectTimeout(secs) => {
+                    ssh.connect_timeout = Some(Duration::from_secs(secs));
+                }
+                CommandLineOption::ServerAliveInterval(0) => {}
+                CommandLineOption::ServerAliveInterval(secs) => {
+                    ssh.server_alive_interval = Some(Duration::from_secs(secs));
+                }
+                CommandLineOption::AcceptNewHostKey { on, narrowed } => {
+                    if narrowed {
+                        notices.push(format!(
+                            "--sshoption {option}: resync accepts unknown host keys \
+                             but still refuses a changed one"
+                        ));
+                    }
+                    ssh.accept_new_host_key |= on;
+                }
+            }
+        }
         let verbosity = if self.quiet {
             Verbosity::Quiet
         } else if self.debug {
@@ -497,9 +755,14 @@ impl Cli {
             recursive: self.recursive,
             skip_parent: self.skip_parent,
             exclude,
+            snap_filter,
+            delete_target_snapshots: self.delete_target_snapshots,
+            preserve,
+            dumpsnaps: self.dumpsnaps,
+            notices,
             no_stream: self.no_stream,
-            send_options,
-            recv_options,
+            send_options: send_options.argv,
+            recv_options: recv_options.argv,
             resume: !self.no_resume,
             force_delete: self.force_delete,
             rollback: !self.no_rollback,
@@ -510,15 +773,7 @@ impl Cli {
                 use_hold: self.use_hold,
                 create_bookmark: self.create_bookmark,
             },
-            ssh: SshSettings {
-                key: self.sshkey,
-                port: self.sshport,
-                accept_new_host_key: self.accept_new_host_key,
-                data_path: match self.ssh_data.as_str() {
-                    "libssh2" => DataPath::Libssh2,
-                    _ => DataPath::Auto,
-                },
-            },
+            ssh,
             chunk: self.chunked.then_some(ChunkSettings {
                 size: self.chunk_size,
                 window: self.chunk_window,
@@ -528,6 +783,7 @@ impl Cli {
             source_bwlimit: self.source_bwlimit,
             target_bwlimit: self.target_bwlimit,
             dry_run: self.dry_run,
+            json: self.json,
             verbosity,
         })
     }
@@ -814,6 +1070,253 @@ mod tests {
             io(&["--timeout=3s", "a/b", "b:c/d"]),
             Duration::from_secs(3)
         );
+    }
+
+    /// Splits a command line as sh would for these simple cases (double
+    /// quotes group words; no escapes), dropping the leading `syncoid`.
+    fn words(line: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cur = String::new();
+        let (mut quoted, mut any) = (false, false);
+        for c in line.chars() {
+            match c {
+                '"' => {
+                    quoted = !quoted;
+                    any = true;
+                }
+                c if c.is_whitespace() && !quoted => {
+                    if any {
+                        out.push(std::mem::take(&mut cur));
+                        any = false;
+                    }
+                }
+                c => {
+                    cur.push(c);
+                    any = true;
+                }
+            }
+        }
+        if any {
+            out.push(cur);
+        }
+        assert_eq!(out.first().map(String::as_str), Some("syncoid"), "{line}");
+        out.remove(0);
+        out
+    }
+
+    fn syncoid_line(line: &str) -> Result<Config> {
+        let w = words(line);
+        cli(&w.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// syncoid 2.3 command lines, from its README ("Syncoid" examples and
+    /// "Syncoid Command Line Options") and its --help text, each with the
+    /// meaning syncoid gives it, as resync's Config must hold it.
+    #[test]
+    fn syncoid_command_lines_mean_what_they_mean_to_syncoid() {
+        type Check = fn(&Config) -> bool;
+        let cases: &[(&str, Check)] = &[
+            // README: a typical command (local to local).
+            ("syncoid data/images/vm backup/images/vm", |c| {
+                c.source.location == Location::Local
+                    && c.target.dataset.as_str() == "backup/images/vm"
+                    && c.protection.sync_snap
+                    && !c.no_stream
+                    && c.rollback
+            }),
+            // README: push over SSH.
+            ("syncoid data/images/vm root@remotehost:backup/images/vm", |c| {
+                c.target.location
+                    == Location::Remote {
+                        user: Some("root".into()),
+                        host: "remotehost".into(),
+                    }
+            }),
+            // README: pull over SSH.
+            ("syncoid root@remotehost:data/images/vm backup/images/vm", |c| {
+                matches!(&c.source.location, Location::Remote { host, .. } if host == "remotehost")
+                    && c.target.location == Location::Local
+            }),
+            // --help: --sendoptions="Lc e" sets zfs send -L -c -e.
+            ("syncoid --sendoptions=\"Lc e\" a/b c/d", |c| {
+                c.send_options == ["-L", "-c", "-e"]
+            }),
+            // --help: --recvoptions="ux recordsize o compression=lz4".
+            (
+                "syncoid --recvoptions=\"ux recordsize o compression=lz4\" a/b c/d",
+                |c| c.recv_options == ["-u", "-x", "recordsize", "-o", "compression=lz4"],
+            ),
+            ("syncoid --identifier=offsite a/b c/d", |c| {
+                c.protection.identifier.as_deref() == Some("offsite")
+            }),
+            ("syncoid -r a/b c/d", |c| c.recursive && !c.skip_parent),
+            ("syncoid --recursive --skip-parent a/b c/d", |c| {
+                c.recursive && c.skip_parent
+            }),
+            // README: --source-bwlimit <limit t|g|m|k>.
+            ("syncoid --source-bwlimit=10m a/b c/d", |c| {
+                c.bwlimit() == Some(10 << 20)
+            }),
+            ("syncoid --target-bwlimit=512k a/b c/d", |c| {
+                c.bwlimit() == Some(512 << 10)
+            }),
+            ("syncoid --no-stream a/b c/d", |c| c.no_stream),
+            ("syncoid --no-sync-snap a/b c/d", |c| !c.protection.sync_snap),
+            ("syncoid --keep-sync-snap a/b c/d", |c| {
+                c.protection.keep_sync_snap
+            }),
+            ("syncoid --no-sync-snap --create-bookmark a/b c/d", |c| {
+                c.protection.create_bookmark && !c.protection.sync_snap
+            }),
+            ("syncoid --use-hold --identifier=b1 a/b c/d", |c| {
+                c.protection.use_hold && c.protection.identifier.as_deref() == Some("b1")
+            }),
+            ("syncoid --no-rollback a/b c/d", |c| !c.rollback),
+            ("syncoid --delete-target-snapshots a/b c/d", |c| {
+                c.delete_target_snapshots
+            }),
+            ("syncoid -r --exclude=scratch a/b c/d", |c| {
+                c.exclude.len() == 1
+                    && c.exclude[0].as_str() == "scratch"
+                    && c.notices.iter().any(|n| n.contains("--exclude is deprecated"))
+            }),
+            // README: --exclude is ignored if --exclude-datasets is given.
+            (
+                "syncoid -r --exclude=old --exclude-datasets=tmp --exclude-datasets=cache a/b c/d",
+                |c| {
+                    c.exclude.iter().map(Regex::as_str).collect::<Vec<_>>() == ["tmp", "cache"]
+                        && c.notices.iter().any(|n| n.contains("--exclude is ignored"))
+                },
+            ),
+            ("syncoid --exclude-snaps=hourly a/b c/d", |c| {
+                !c.snap_filter.includes("autosnap_2024-01-01_00:00:00_hourly")
+                    && c.snap_filter.includes("autosnap_2024-01-01_00:00:00_daily")
+            }),
+            (
+                "syncoid --include-snaps=daily --include-snaps=weekly --exclude-snaps=2023 a/b c/d",
+                |c| {
+                    c.snap_filter.includes("autosnap_2024-01-01_daily")
+                        && c.snap_filter.includes("autosnap_2024-01-07_weekly")
+                        && !c.snap_filter.includes("autosnap_2024-01-01_hourly")
+                        && !c.snap_filter.includes("autosnap_2023-12-31_daily")
+                },
+            ),
+            ("syncoid --no-resume a/b c/d", |c| !c.resume),
+            ("syncoid --force-delete a/b c/d", |c| c.force_delete),
+            // resync sends clones in full: what --no-clone-handling asks.
+            ("syncoid -r --no-clone-handling a/b c/d", |c| c.recursive),
+            ("syncoid --dumpsnaps a/b c/d", |c| c.dumpsnaps),
+            ("syncoid --preserve-recordsize a/b c/d", |c| {
+                c.preserve == Preserve::Recordsize
+            }),
+            ("syncoid --preserve-properties a/b c/d", |c| {
+                c.preserve == Preserve::Properties
+            }),
+            // syncoid: properties win (they include a local recordsize).
+            ("syncoid --preserve-properties --preserve-recordsize a/b c/d", |c| {
+                c.preserve == Preserve::Properties
+            }),
+            ("syncoid --sshport=2222 a/b root@h:c/d", |c| {
+                c.ssh_options("/r".into()).port == Some(2222)
+            }),
+            ("syncoid --sshkey=/root/.ssh/backup a/b root@h:c/d", |c| {
+                c.ssh.key.as_deref() == Some(std::path::Path::new("/root/.ssh/backup"))
+            }),
+            ("syncoid --sshcipher=aes128-gcm@openssh.com a/b h:c/d", |c| {
+                c.ssh.overrides.ciphers.as_deref() == Some("aes128-gcm@openssh.com")
+            }),
+            ("syncoid -c chacha20-poly1305@openssh.com,aes128-ctr a/b h:c/d", |c| {
+                c.ssh.overrides.ciphers.as_deref()
+                    == Some("chacha20-poly1305@openssh.com,aes128-ctr")
+            }),
+            ("syncoid --sshconfig=/etc/backup/ssh_config a/b h:c/d", |c| {
+                c.ssh.overrides.config_file.as_deref()
+                    == Some(std::path::Path::new("/etc/backup/ssh_config"))
+            }),
+            (
+                "syncoid --sshoption=StrictHostKeyChecking=accept-new -o ConnectTimeout=5 a/b h:c/d",
+                |c| {
+                    let o = c.ssh_options("/r".into());
+                    o.accept_new_host_key && o.connect_timeout == Duration::from_secs(5)
+                },
+            ),
+            (
+                "syncoid -o Port=2200 -o User=backup -o IdentitiesOnly=yes a/b h:c/d",
+                |c| {
+                    c.ssh.overrides.config_lines == ["Port 2200", "User backup"]
+                        && c.ssh.overrides.identities_only
+                },
+            ),
+            ("syncoid -o ServerAliveInterval=2 a/b h:c/d", |c| {
+                c.ssh_options("/r".into()).io_timeout == Duration::from_secs(6)
+            }),
+            ("syncoid --quiet a/b c/d", |c| c.verbosity == Verbosity::Quiet),
+            ("syncoid --debug a/b c/d", |c| c.verbosity == Verbosity::Debug),
+            // No effect in resync: one line each, saying why.
+            ("syncoid --mbuffer-size=128M a/b c/d", |c| {
+                c.notices == ["--mbuffer-size has no effect: resync buffers the stream itself and runs no mbuffer"]
+            }),
+            ("syncoid --pv-options=\"-p -t -e -r -b\" a/b c/d", |c| {
+                c.notices.len() == 1 && c.notices[0].starts_with("--pv-options has no effect")
+            }),
+            ("syncoid --no-command-checks a/b c/d", |c| {
+                c.notices.len() == 1 && c.notices[0].starts_with("--no-command-checks has no effect")
+            }),
+            ("syncoid --monitor-version a/b c/d", |c| {
+                c.notices.len() == 1 && c.notices[0].starts_with("--monitor-version has no effect")
+            }),
+            // The example the issue names: syncoid filters -R, resync says so.
+            ("syncoid --sendoptions=Rw a/b c/d", |c| {
+                c.send_options == ["-w"] && c.notices[0].contains("leaving out -R")
+            }),
+            ("syncoid --sendoptions=\"w P\" --recvoptions=Fu a/b c/d", |c| {
+                c.send_options == ["-w"] && c.recv_options == ["-u"] && c.notices.len() == 2
+            }),
+        ];
+        assert!(cases.len() >= 25);
+        for (line, check) in cases {
+            let c = syncoid_line(line).unwrap_or_else(|e| panic!("{line}: {e:#}"));
+            assert!(check(&c), "{line}: {c:#?}");
+        }
+    }
+
+    /// syncoid lines resync refuses, with one line saying why.
+    #[test]
+    fn syncoid_lines_resync_cannot_honour_are_refused_in_one_line() {
+        for (line, want) in [
+            (
+                "syncoid --insecure-direct-connection=192.168.1.2:1234 a/b h:c/d",
+                "--insecure-direct-connection is not supported yet",
+            ),
+            (
+                "syncoid -r --sendoptions=R a/b c/d",
+                "-R and --recursive aren't compatible",
+            ),
+            (
+                "syncoid -o ProxyJump=bastion a/b h:c/d",
+                "ProxyJump is not supported",
+            ),
+            (
+                "syncoid -o Compression=yes a/b h:c/d",
+                "Compression is not supported",
+            ),
+            (
+                "syncoid -c blowfish-cbc a/b h:c/d",
+                "\"blowfish-cbc\" is not a cipher",
+            ),
+            (
+                "syncoid --include-snaps=( a/b c/d",
+                "invalid --include-snaps regex",
+            ),
+            (
+                "syncoid --exclude=x a/b c/d",
+                "--exclude only makes sense with -r",
+            ),
+        ] {
+            let e = format!("{:#}", syncoid_line(line).unwrap_err());
+            assert!(e.contains(want), "{line}: {e}");
+            assert!(!e.contains('\n'), "{line}: {e}");
+        }
     }
 
     #[test]

@@ -7,10 +7,12 @@ mod bwlimit;
 mod chunk;
 mod cli;
 mod endpoint;
+mod generate;
 mod host;
 mod plan;
 mod progress;
 mod replicate;
+mod report;
 mod runlock;
 mod sys;
 mod transfer;
@@ -31,6 +33,9 @@ fn run() -> i32 {
     {
         return chunk::helper_main(&args);
     }
+    if args.first().and_then(|a| a.to_str()) == Some(generate::SUBCOMMAND) {
+        return generate::main(&args[1..]);
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
@@ -43,8 +48,13 @@ fn run() -> i32 {
         }
     };
     let ui = progress::reporter(config.verbosity);
-    match replicate::run(&config, &*ui) {
-        Ok(outcome) if outcome.failed.is_empty() => 0,
+    for notice in &config.notices {
+        ui.info(&format!("note: {notice}"));
+    }
+    let reports = report::Reports::default();
+    let started = std::time::Instant::now();
+    let (code, error) = match replicate::run(&config, &*ui, &reports) {
+        Ok(outcome) if outcome.failed.is_empty() => (0, None),
         Ok(outcome) => {
             eprintln!(
                 "resync: {} of {} datasets failed:",
@@ -54,13 +64,27 @@ fn run() -> i32 {
             for (label, err) in &outcome.failed {
                 eprintln!("  {label}: {err:#}");
             }
-            1
+            (1, None)
         }
         Err(e) => {
             eprintln!("resync: error: {e:#}");
-            2
+            (2, Some(format!("{e:#}")))
         }
+    };
+    if config.json {
+        println!(
+            "{}",
+            report::to_json(
+                &config.source.to_string(),
+                &config.target.to_string(),
+                &reports.take(),
+                started.elapsed(),
+                error.as_deref(),
+                code,
+            )
+        );
     }
+    code
 }
 
 /// `--help` and `--version` print and exit 0; anything else is one line and 2.

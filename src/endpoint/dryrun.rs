@@ -43,6 +43,14 @@ impl<'e, 'a> DryRun<'e, 'a> {
 }
 
 impl Changes for DryRun<'_, '_> {
+    fn set_property(&self, ds: &Dataset, prop: &str, value: &str) -> Result<()> {
+        self.would(format!(
+            "would set {prop}={value} on {}",
+            self.inner.label(ds)
+        ));
+        Ok(())
+    }
+
     fn snapshot(&self, ds: &Dataset, name: &str) -> Result<Taken> {
         self.would(format!("would snapshot {}@{name}", self.inner.label(ds)));
         self.taken.locked().push((ds.to_string(), name.to_string()));

@@ -265,6 +265,18 @@ impl<'a> ZfsHost<'a> {
             .flatten()
     }
 
+    /// The properties set locally on `ds` that `--preserve-properties` carries.
+    pub fn local_properties(&self, ds: &Dataset) -> Result<Vec<(String, String)>> {
+        let out = self.exec_ok(&zfs::local_properties_argv(ds), "zfs get")?;
+        Ok(zfs::parse_local_properties(&out))
+    }
+
+    /// The values of `props` on `ds`, in the order given.
+    pub fn properties(&self, ds: &Dataset, props: &[&str]) -> Result<Vec<(String, String)>> {
+        let out = self.exec_ok(&zfs::get_properties_argv(ds, props), "zfs get")?;
+        Ok(zfs::parse_property_values(&out))
+    }
+
     /// Snapshots of `ds` with user holds, and how many each has.
     pub fn userrefs(&self, ds: &Dataset) -> Result<Vec<(String, u64)>> {
         let out = self.exec_ok(&zfs::userrefs_argv(ds, &self.caps), "listing holds")?;
@@ -306,9 +318,16 @@ pub trait Changes {
     fn rollback(&self, ds: &Dataset, snap: &str) -> Result<()>;
     /// `zfs receive -A ds`: discards a partial receive.
     fn abort_partial(&self, ds: &Dataset) -> Result<()>;
+    /// `zfs set prop=value ds` (set locally).
+    fn set_property(&self, ds: &Dataset, prop: &str, value: &str) -> Result<()>;
 }
 
 impl Changes for ZfsHost<'_> {
+    fn set_property(&self, ds: &Dataset, prop: &str, value: &str) -> Result<()> {
+        self.exec_ok(&zfs::set_property_argv(ds, prop, value), "zfs set")
+            .map(drop)
+    }
+
     fn snapshot(&self, ds: &Dataset, name: &str) -> Result<Taken> {
         let out = self.exec(&zfs::create_snapshot_argv(ds, name))?;
         if !out.success() && zfs::error::kind_of(&out.stderr) == ZfsErrorKind::AlreadyExists {

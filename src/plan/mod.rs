@@ -53,6 +53,7 @@ use crate::zfs::Snapshot;
 
 pub mod protect;
 pub mod resume;
+pub mod snapfilter;
 mod state;
 pub mod syncsnap;
 
@@ -246,6 +247,43 @@ pub fn plan(source: &SourceState, target: &TargetState, opts: &PlanOptions) -> P
         intermediates: !opts.no_stream,
     });
     Plan::Replicate(steps)
+}
+
+/// With `--include-snaps`/`--exclude-snaps` the source list the planner saw
+/// is filtered, but a `-I` stream would carry every snapshot between its
+/// ends, left-out ones too. So, as syncoid does, each `-I` step becomes one
+/// `-i` step per pair of neighbouring listed snapshots.
+pub fn one_at_a_time(plan: Plan, source: &SourceState) -> Plan {
+    let Plan::Replicate(steps) = plan else {
+        return plan;
+    };
+    let src = sorted(&source.snapshots);
+    let mut out = Vec::new();
+    for step in steps {
+        match step {
+            Step::Incremental {
+                from,
+                to,
+                intermediates: true,
+            } => {
+                let chain: Vec<&Snapshot> = src
+                    .iter()
+                    .filter(|s| s.createtxg > from.createtxg && s.createtxg <= to.createtxg)
+                    .collect();
+                let mut prev = from;
+                for next in chain {
+                    out.push(Step::Incremental {
+                        from: prev,
+                        to: next.clone(),
+                        intermediates: false,
+                    });
+                    prev = next.clone();
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    Plan::Replicate(out)
 }
 
 /// Rules 6 and 7 when the base is a source bookmark whose GUID the target
@@ -513,6 +551,34 @@ mod tests {
 
     fn full(spec: &str) -> Step {
         Step::Full { to: snap(spec) }
+    }
+
+    #[test]
+    fn filtered_snapshots_go_one_incremental_at_a_time() {
+        // The source as --include-snaps left it (b:2:20 was filtered out).
+        let src = source("a:1:10 c:3:30 d:4:40");
+        let p = one_at_a_time(plan(&src, &no_target(), &DEFAULT), &src);
+        assert_eq!(
+            p,
+            Plan::Replicate(vec![
+                full("a:1:10"),
+                incr("a:1:10", "c:3:30", false),
+                incr("c:3:30", "d:4:40", false),
+            ])
+        );
+        let p = one_at_a_time(plan(&src, &target("a:1:10"), &DEFAULT), &src);
+        assert_eq!(
+            p,
+            Plan::Replicate(vec![
+                incr("a:1:10", "c:3:30", false),
+                incr("c:3:30", "d:4:40", false),
+            ])
+        );
+        // -i steps and up-to-date plans are left as they are.
+        let p = plan(&src, &target("a:1:10"), &NO_STREAM);
+        assert_eq!(one_at_a_time(p.clone(), &src), p);
+        let p = plan(&src, &target("d:4:40"), &DEFAULT);
+        assert_eq!(one_at_a_time(p.clone(), &src), p);
     }
 
     fn incr(from: &str, to: &str, intermediates: bool) -> Step {

@@ -83,7 +83,7 @@ impl Run<'_> {
                 let force = self.rollback_for(dst, base)?;
                 let req = Request {
                     send: zfs::send_resume_argv(token, &self.cfg.send_options),
-                    recv: self.receive_argv(dst, true, &force),
+                    recv: self.receive_argv(src, dst, true, &force)?,
                     label: format!("{src} (resume)"),
                     session: identity(
                         src,
@@ -111,7 +111,7 @@ impl Run<'_> {
                         &to.name,
                         &self.cfg.send_options,
                     ),
-                    recv: self.receive_argv(dst, self.dst.caps.resume_tokens, &force),
+                    recv: self.receive_argv(src, dst, self.dst.caps.resume_tokens, &force)?,
                     label: format!("{src}#{}..@{}", bookmark.name, to.name),
                     // The manifest has no bookmark stream: a session of
                     // this step never fits a later run's command lines, so
@@ -144,7 +144,7 @@ impl Run<'_> {
         };
         let req = Request {
             send,
-            recv: self.receive_argv(dst, self.dst.caps.resume_tokens, &force),
+            recv: self.receive_argv(src, dst, self.dst.caps.resume_tokens, &force)?,
             label,
             session: identity(
                 src,
@@ -183,16 +183,23 @@ impl Run<'_> {
         )
     }
 
-    /// `zfs receive [-s] [-F] OPTS dst`, `-F` as `rollback` says.
-    fn receive_argv(&self, dst: &Dataset, resumable: bool, rollback: &Rollback) -> Vec<String> {
-        zfs::receive_argv(
+    /// `zfs receive [-s] [-F] OPTS dst`, `-F` as `rollback` says; OPTS
+    /// include `--preserve-properties`' `-o PROP=VALUE`.
+    fn receive_argv(
+        &self,
+        src: &Dataset,
+        dst: &Dataset,
+        resumable: bool,
+        rollback: &Rollback,
+    ) -> Result<Vec<String>> {
+        Ok(zfs::receive_argv(
             dst,
             &RecvArgs {
                 resumable,
                 force: *rollback != Rollback::No,
-                options: &self.cfg.recv_options,
+                options: &self.receive_options(src)?,
             },
-        )
+        ))
     }
 
     /// Whether a receive onto the target snapshot with GUID `base` must

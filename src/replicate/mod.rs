@@ -21,13 +21,16 @@ use crate::host::reconnect::Reconnecting;
 use crate::plan::syncsnap;
 use crate::plan::{self, Plan, PlanOptions, Step};
 use crate::progress::{human_bytes, human_duration, human_rate, Progress, Stopwatch};
+use crate::report::{DatasetReport, Reports, Status};
 use crate::runlock::{self, RunLock};
 use crate::transfer::chunked::{self, Chunked};
 use crate::zfs::Dataset;
 
 mod execute;
+mod properties;
 mod protect;
 mod reattach;
+mod snapshots;
 #[cfg(test)]
 mod tests;
 
@@ -57,12 +60,14 @@ struct Run<'a> {
     chunked: Option<Chunked<'a>>,
     /// The target datasets of this run's pairs (see `--force-delete`).
     targets: OnceLock<Vec<Dataset>>,
+    /// Each pair's result, for `--json`.
+    reports: &'a Reports,
 }
 
 /// Replicates according to `cfg`. An `Err` is a failure of the whole run
 /// (exit 2); failures of single datasets in a recursive run are collected in
-/// the `Outcome` (exit 1).
-pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
+/// the `Outcome` (exit 1). Each pair's result also goes to `reports`.
+pub fn run(cfg: &Config, ui: &dyn Progress, reports: &Reports) -> Result<Outcome> {
     let lock = match cfg.dry_run {
         true => None,
         false => Some(lock_target(cfg)?),
@@ -116,11 +121,15 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
             opts,
             lock: lock.as_ref(),
             ui,
+            totals: Default::default(),
         }),
         targets: OnceLock::new(),
+        reports,
     };
     run.stop_leftovers()?;
     run.announce_missing_protection();
+    run.announce_filtered_sync_snap();
+    run.announce_preserve_fallback();
     run.all()
 }
 
@@ -221,11 +230,16 @@ impl Run<'_> {
             {
                 let err = anyhow!("skipped because its parent {parent} failed");
                 self.ui.warn(&format!("{label}: {err}"));
+                self.report_failed(src, dst, Status::Skipped, &err);
                 outcome.failed.push((label, err));
                 failed_sources.push(src.clone());
                 continue;
             }
-            match self.one(src, dst) {
+            let result = self.one(src, dst);
+            if let Err(e) = &result {
+                self.report_failed(src, dst, Status::Failed, e);
+            }
+            match result {
                 Ok(()) => outcome.replicated += 1,
                 Err(e) if !self.cfg.recursive => return Err(e.context(label)),
                 Err(e) => {
@@ -236,6 +250,12 @@ impl Run<'_> {
             }
         }
         Ok(outcome)
+    }
+
+    fn report_failed(&self, src: &Dataset, dst: &Dataset, status: Status, e: &anyhow::Error) {
+        let mut r = DatasetReport::bare(self.src.label(src), self.dst.label(dst), status);
+        r.error = Some(format!("{e:#}"));
+        self.reports.push(r);
     }
 
     fn pair_label(&self, src: &Dataset, dst: &Dataset) -> String {
@@ -280,7 +300,7 @@ impl Run<'_> {
             (Some(chunked), false) => self.reattach(chunked, src, dst)?,
             _ => 0,
         };
-        let sync_name = match self.cfg.protection.sync_snap {
+        let sync_name = match self.cfg.protection.sync_snap && !self.sync_snap_filtered_out() {
             true => Some(self.take_sync_snapshot(src)?),
             false => None,
         };
@@ -291,12 +311,24 @@ impl Run<'_> {
             resume: self.cfg.resume && self.src.caps.resume_tokens && self.dst.caps.resume_tokens,
         };
         let mut bytes = attached;
+        let mut sent = Sent {
+            first: None,
+            resumed: attached > 0,
+        };
         let mut last_round_steps: Vec<Step> = Vec::new();
         for round in 1..=MAX_ROUNDS {
             let mut source = self.src.source_state(src)?;
             source.snapshots.extend(self.src_changes.pending(src));
+            self.filter_source(src, &mut source)?;
             let target = self.dst.target_state(dst)?;
-            match plan::plan(&source, &target, &opts) {
+            if round == 1 {
+                self.dump_snapshots(src, dst, &source, &target);
+            }
+            let mut planned = plan::plan(&source, &target, &opts);
+            if self.cfg.snap_filter.is_active() {
+                planned = plan::one_at_a_time(planned, &source);
+            }
+            match planned {
                 // A dry run shows the plan and stops there.
                 Plan::UpToDate { snapshot } if self.cfg.dry_run => {
                     println!("{label}: up to date at @{}", snapshot.name);
@@ -305,6 +337,9 @@ impl Run<'_> {
                 Plan::UpToDate { snapshot } => {
                     self.protect(src, dst, &source, &target, &snapshot);
                     self.prune(src, dst, sync_name);
+                    self.delete_stale_target_snapshots(src, dst, &snapshot);
+                    self.set_preserved_properties(src, dst);
+                    self.report_done(src, dst, &sent, bytes, &watch, &snapshot);
                     let summary = if bytes == 0 {
                         format!("{label}: up to date at @{}", snapshot.name)
                     } else {
@@ -338,7 +373,10 @@ impl Run<'_> {
                     let mut discarded = false;
                     for step in &steps {
                         match self.execute(src, dst, step) {
-                            Ok(n) => bytes += n,
+                            Ok(n) => {
+                                bytes += n;
+                                sent.note(step, &source);
+                            }
                             Err(e) if self.discarded_after(src, dst, step, &e)? => {
                                 // The target changed: the same plan may
                                 // rightly come again.
@@ -396,6 +434,76 @@ impl Run<'_> {
             );
         }
         Ok(())
+    }
+}
+
+/// What one pair's rounds sent, for `--json`.
+struct Sent {
+    /// The first snapshot a stream carried.
+    first: Option<String>,
+    /// A resume token or an earlier run's chunk session was picked up.
+    resumed: bool,
+}
+
+impl Sent {
+    /// Notes an executed step; `source` is what the planner saw.
+    fn note(&mut self, step: &Step, source: &plan::SourceState) {
+        let first = match step {
+            Step::Resume { .. } => {
+                self.resumed = true;
+                return;
+            }
+            Step::Full { to } | Step::FromBookmark { to, .. } => to,
+            Step::Incremental {
+                from,
+                to,
+                intermediates,
+            } => match intermediates {
+                // -I carries every snapshot after `from` up to `to`.
+                true => source
+                    .snapshots
+                    .iter()
+                    .filter(|s| s.createtxg > from.createtxg && s.createtxg <= to.createtxg)
+                    .min_by_key(|s| s.createtxg)
+                    .unwrap_or(to),
+                false => to,
+            },
+            _ => return,
+        };
+        if self.first.is_none() {
+            self.first = Some(first.name.clone());
+        }
+    }
+}
+
+impl Run<'_> {
+    /// A pair that is up to date at `snapshot` after this run.
+    fn report_done(
+        &self,
+        src: &Dataset,
+        dst: &Dataset,
+        sent: &Sent,
+        bytes: u64,
+        watch: &Stopwatch,
+        snapshot: &crate::zfs::Snapshot,
+    ) {
+        let moved = bytes > 0 || sent.first.is_some() || sent.resumed;
+        let status = match moved {
+            true => Status::Replicated,
+            false => Status::UpToDate,
+        };
+        let mut r = DatasetReport::bare(self.src.label(src), self.dst.label(dst), status);
+        r.bytes = bytes;
+        r.duration = watch.elapsed();
+        r.first_snapshot = sent.first.clone();
+        r.last_snapshot = moved.then(|| snapshot.name.clone());
+        r.resumed = sent.resumed;
+        if let Some(chunked) = &self.chunked {
+            let (chunks, resent) = chunked.totals.of(dst.as_str()).unwrap_or((0, 0));
+            r.chunks = Some(chunks);
+            r.resent_bytes = Some(resent);
+        }
+        self.reports.push(r);
     }
 }
 

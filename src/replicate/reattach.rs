@@ -157,10 +157,15 @@ impl Run<'_> {
         stream: &Stream,
         force: bool,
     ) -> (Vec<String>, Vec<String>) {
+        // As `execute` builds them; when the source's properties cannot be
+        // read, the command lines differ and the session is not re-attached.
+        let options = self
+            .receive_options(src)
+            .unwrap_or_else(|_| self.cfg.recv_options.clone());
         let recv = RecvArgs {
             resumable: self.dst.caps.resume_tokens,
             force,
-            options: &self.cfg.recv_options,
+            options: &options,
         };
         match stream {
             Stream::Resume { token } => (

@@ -209,6 +209,7 @@ fn run(
         true => (&src_dry, &dst_dry),
         false => (&src, &dst),
     };
+    let reports = crate::report::Reports::default();
     let r = Run {
         cfg,
         ui: &said,
@@ -220,6 +221,7 @@ fn run(
         lock: None,
         chunked: None,
         targets: OnceLock::new(),
+        reports: &reports,
     };
     let result = r.all();
     let mut recorded = src_dry.recorded();

@@ -63,6 +63,34 @@ pub struct Chunked<'a> {
     pub opts: orchestrator::Options,
     pub lock: Option<&'a RunLock>,
     pub ui: &'a dyn Progress,
+    /// Chunks moved and bytes re-sent, per target dataset, for `--json`.
+    pub totals: ChunkTotals,
+}
+
+/// Chunk counts summed per target dataset over a run's sessions.
+#[derive(Debug, Default)]
+pub struct ChunkTotals(Mutex<Vec<(String, u64, u64)>>);
+
+impl ChunkTotals {
+    fn add(&self, target: &str, stats: &orchestrator::Stats) {
+        let mut all = self.0.locked();
+        match all.iter_mut().find(|(t, _, _)| t == target) {
+            Some((_, chunks, resent)) => {
+                *chunks += stats.chunks;
+                *resent += stats.resent;
+            }
+            None => all.push((target.to_string(), stats.chunks, stats.resent)),
+        }
+    }
+
+    /// `(chunks, bytes re-sent)` of the sessions into `target`, if any ran.
+    pub fn of(&self, target: &str) -> Option<(u64, u64)> {
+        self.0
+            .locked()
+            .iter()
+            .find(|(t, _, _)| t == target)
+            .map(|&(_, chunks, resent)| (chunks, resent))
+    }
 }
 
 impl Chunked<'_> {
@@ -130,6 +158,7 @@ impl Chunked<'_> {
                 }
             }
         };
+        let target = identity.as_ref().map(|i| i.target.clone());
         let sess = identity.map(|identity| orchestrator::Session {
             target_label: match (Dataset::parse(&identity.target), self.dst.location) {
                 (Ok(ds), Location::Remote { .. }) => {
@@ -161,6 +190,9 @@ impl Chunked<'_> {
         );
         bar.finish();
         let stats = result?;
+        if let Some(target) = target {
+            self.totals.add(&target, &stats);
+        }
         let took = watch.elapsed();
         self.ui.info(&format!(
             "chunked: {} ({} bytes) in {} chunks, {} reconnects, {} re-sent ({} bytes), {} ({})",

@@ -35,6 +35,17 @@ pub struct Capabilities {
     pub written_at: bool,
 }
 
+impl Capabilities {
+    /// `zfs receive -o PROP=VALUE`. Not probed: it came with the same
+    /// OpenZFS release (0.7) as the `receive_resume_token` property, so a
+    /// ZFS with resume tokens has it; without them resync sets preserved
+    /// properties after the receive (`zfs set`) instead, which zfs-fuse
+    /// (no `receive -o`) needs.
+    pub fn receive_sets_properties(&self) -> bool {
+        self.resume_tokens
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Probe {
     ResumeProperty,

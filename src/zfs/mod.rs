@@ -32,7 +32,7 @@ pub mod token;
 
 pub use caps::{capabilities_from, capability_probes, Capabilities, ProbeResult};
 pub use error::{ZfsError, ZfsErrorKind};
-pub use options::{parse_recv_options, parse_send_options};
+pub use options::{parse_recv_options, parse_send_options, ParsedOptions};
 
 /// Longest name ZFS accepts, in bytes, exclusive (`ZFS_MAX_DATASET_NAME_LEN`).
 const MAX_NAME_LEN: usize = 256;
@@ -510,6 +510,97 @@ pub fn parse_resume_token(stdout: &str) -> Option<String> {
     }
 }
 
+/// `zfs get -H -s local -o property,value all DS`: the properties set
+/// locally on DS (syncoid's `getlocalzfsvalues`, for `--preserve-properties`).
+pub fn local_properties_argv(ds: &Dataset) -> Vec<String> {
+    zfs(&[
+        "get",
+        "-H",
+        "-s",
+        "local",
+        "-o",
+        "property,value",
+        "all",
+        ds.as_str(),
+    ])
+}
+
+/// Properties `--preserve-properties` never copies, as syncoid 2.3 lists
+/// them: read-only ones, those fixed at creation, and the target's own.
+const NOT_PRESERVED: &[&str] = &[
+    "available",
+    "compressratio",
+    "createtxg",
+    "creation",
+    "clones",
+    "defer_destroy",
+    "encryptionroot",
+    "filesystem_count",
+    "keystatus",
+    "guid",
+    "logicalreferenced",
+    "logicalused",
+    "mounted",
+    "objsetid",
+    "origin",
+    "receive_resume_token",
+    "redact_snaps",
+    "referenced",
+    "refcompressratio",
+    "snapshot_count",
+    "type",
+    "used",
+    "usedbychildren",
+    "usedbydataset",
+    "usedbyrefreservation",
+    "usedbysnapshots",
+    "userrefs",
+    "snapshots_changed",
+    "volblocksize",
+    "written",
+    "version",
+    "volsize",
+    "casesensitivity",
+    "normalization",
+    "utf8only",
+    "encryption",
+];
+
+/// `property<TAB>value` lines (from `zfs get -H -o property,value`), in order.
+pub fn parse_property_values(stdout: &str) -> Vec<(String, String)> {
+    stdout
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(p, v)| (p.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The locally set properties in [`local_properties_argv`]'s output that
+/// `--preserve-properties` carries to the target.
+pub fn parse_local_properties(stdout: &str) -> Vec<(String, String)> {
+    parse_property_values(stdout)
+        .into_iter()
+        .filter(|(p, _)| !NOT_PRESERVED.contains(&p.as_str()))
+        .collect()
+}
+
+/// `zfs get -H -o property,value PROPS DS`
+pub fn get_properties_argv(ds: &Dataset, props: &[&str]) -> Vec<String> {
+    zfs(&[
+        "get",
+        "-H",
+        "-o",
+        "property,value",
+        &props.join(","),
+        ds.as_str(),
+    ])
+}
+
+/// `zfs set PROP=VALUE DS`
+pub fn set_property_argv(ds: &Dataset, prop: &str, value: &str) -> Vec<String> {
+    zfs(&["set", &format!("{prop}={value}"), ds.as_str()])
+}
+
 /// `zfs snapshot DS@SNAP`
 pub fn create_snapshot_argv(ds: &Dataset, snap: &str) -> Vec<String> {
     zfs(&["snapshot", &ds.snapshot(snap)])
@@ -602,7 +693,9 @@ pub fn is_tag_exists_error(stderr: &str) -> bool {
 
 /// `zfs send OPTS -i DS#BOOKMARK DS@TO`: an incremental stream from a
 /// bookmark. ZFS sends no intermediate snapshots from a bookmark (`-I` is
-/// refused: "multiple snapshots cannot be sent from a bookmark").
+/// refused: "multiple snapshots cannot be sent from a bookmark"). Of the
+/// options only those syncoid passes on with a bookmark go (`-L -c -e -w`:
+/// `-p`, `-h`, `-b` describe a snapshot the bookmark no longer has).
 pub fn send_from_bookmark_argv(
     ds: &Dataset,
     bookmark: &str,
@@ -610,7 +703,12 @@ pub fn send_from_bookmark_argv(
     options: &[String],
 ) -> Vec<String> {
     let mut argv = zfs(&["send"]);
-    argv.extend(options.iter().cloned());
+    argv.extend(
+        options
+            .iter()
+            .filter(|o| RESUME_SEND_FLAGS.contains(&o.as_str()))
+            .cloned(),
+    );
     argv.extend(["-i".into(), format!("{ds}#{bookmark}"), ds.snapshot(to)]);
     argv
 }
@@ -1126,9 +1224,62 @@ tank/data@before upgrade\tcreatetxg\t900
         );
     }
 
+    // zfs-fuse 0.7.0: zfs set compression=on rsa/p; zfs set com.example:tag=x rsa/p
+    //   $ zfs get -H -s local -o property,value all rsa/p
+    const LOCAL_PROPS: &str = "compression\ton\nquota\t100M\nmountpoint\t/mnt/p\n\
+                               volsize\t1G\ncom.example:tag\ta b\n";
+
+    #[test]
+    fn local_properties_leave_out_what_syncoid_never_preserves() {
+        let d = ds("rsa/p");
+        assert_eq!(
+            local_properties_argv(&d),
+            strings(&[
+                "zfs",
+                "get",
+                "-H",
+                "-s",
+                "local",
+                "-o",
+                "property,value",
+                "all",
+                "rsa/p"
+            ])
+        );
+        let got = parse_local_properties(LOCAL_PROPS);
+        let want = [
+            ("compression", "on"),
+            ("quota", "100M"),
+            ("mountpoint", "/mnt/p"),
+            ("com.example:tag", "a b"),
+        ];
+        assert_eq!(
+            got,
+            want.iter()
+                .map(|(p, v)| (p.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            set_property_argv(&d, "com.example:tag", "a b"),
+            strings(&["zfs", "set", "com.example:tag=a b", "rsa/p"])
+        );
+        assert_eq!(
+            get_properties_argv(&d, &["type", "recordsize"]),
+            strings(&[
+                "zfs",
+                "get",
+                "-H",
+                "-o",
+                "property,value",
+                "type,recordsize",
+                "rsa/p"
+            ])
+        );
+    }
+
     #[test]
     fn resume_send_keeps_only_flags_that_minus_t_accepts() {
-        let opts = parse_send_options("L c e w p D h b").unwrap();
+        let opts = parse_send_options("L c e w p D h b", false).unwrap().argv;
         assert_eq!(
             send_resume_argv("tok", &opts),
             strings(&["zfs", "send", "-L", "-c", "-e", "-w", "-t", "tok"])

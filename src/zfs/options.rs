@@ -1,44 +1,49 @@
 //! `--sendoptions` and `--recvoptions`: syncoid's letter syntax (`"Lc e"`,
 //! `"u o compression=lz4"`) parsed into `zfs send`/`zfs receive` flags.
-//! Only flags that leave resync's own arguments intact pass; the rest are
-//! refused with the reason, in one line.
+//! What syncoid accepts is accepted; as syncoid does, flags a step cannot
+//! use are left out (progress output, flags that only go with `-R`,
+//! receive flags resync decides itself), and resync says which and why.
+//! `-R` is left out too (resync replicates dataset by dataset; `-r` is how
+//! children come along), and refused together with `-r`, as syncoid does.
 
 use anyhow::{anyhow, bail, Result};
 
-/// `zfs send` flags a user may add, with what they do.
-const SEND_FLAGS: &[(char, &str)] = &[
-    ('L', "large blocks"),
-    ('c', "compressed"),
-    ('e', "embedded data"),
-    ('w', "raw"),
-    ('p', "properties"),
-    ('D', "dedup"),
-    ('h', "holds"),
-    ('b', "backup (received properties)"),
-];
+/// Options parsed from `--sendoptions` or `--recvoptions`: the flags passed
+/// on, and one line per flag left out, saying why.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParsedOptions {
+    pub argv: Vec<String>,
+    pub dropped: Vec<String>,
+}
 
-/// `zfs send` flags we refuse, and why.
-const SEND_REFUSED: &[(char, &str)] = &[
+/// `zfs send` flags passed on.
+const SEND_FLAGS: &[char] = &['L', 'c', 'e', 'w', 'p', 'D', 'h', 'b'];
+
+/// `zfs send` flags left out, and why.
+const SEND_DROPPED: &[(char, &str)] = &[
     (
         'R',
-        "resync replicates datasets one by one; use its recursive option",
+        "resync sends dataset by dataset; add -r/--recursive to replicate the children",
     ),
+    ('P', "resync shows its own progress"),
+    ('v', "resync shows its own progress"),
+    ('V', "resync shows its own progress"),
+    ('n', "a dry-run send sends nothing (use resync --dry-run)"),
+    ('s', "it only goes with -R"),
+    ('X', "it only goes with -R"),
     ('I', "resync chooses incremental sources itself"),
     ('i', "resync chooses incremental sources itself"),
     ('t', "resync resumes interrupted transfers itself"),
-    ('n', "a dry-run send sends nothing"),
-    ('v', "it writes to the stream's terminal channel"),
-    ('P', "it writes to the stream's terminal channel"),
 ];
 
-/// `zfs receive` flags a user may add (`o` and `x` take an argument).
+/// `zfs receive` flags passed on (`o` and `x` take an argument).
 const RECV_FLAGS: &[char] = &['u', 'h', 'M', 'v', 'o', 'x'];
 
-/// `zfs receive` flags we refuse, and why.
-const RECV_REFUSED: &[(char, &str)] = &[
+/// `zfs receive` flags left out, and why.
+const RECV_DROPPED: &[(char, &str)] = &[
     (
         'F',
-        "resync decides when to force a receive (see --force-delete)",
+        "resync decides when to force a receive (see --force-delete, --no-rollback)",
     ),
     ('s', "resync decides when a receive is resumable"),
     ('A', "resync aborts partial receives itself"),
@@ -57,10 +62,13 @@ const RECV_REFUSED: &[(char, &str)] = &[
     ('c', "corrective receive is not replication"),
 ];
 
+/// Letters that take the next word as their argument in syncoid's parser.
+const TAKES_ARG: &[char] = &['o', 'x', 'X'];
+
 /// Splits syncoid's option syntax: whitespace-separated groups of letters,
-/// each optionally led by one `-`. Returns `(letter, argument)` pairs, where
-/// a letter in `takes_arg` must end its group and takes the next group.
-fn split_letter_options(s: &str, takes_arg: &[char]) -> Result<Vec<(char, Option<String>)>> {
+/// each optionally led by one `-`. Returns `(letter, argument)` pairs: `o`,
+/// `x` and `X` must end their group and take the next group.
+fn split_letter_options(s: &str) -> Result<Vec<(char, Option<String>)>> {
     let mut out = Vec::new();
     let mut tokens = s.split_whitespace();
     while let Some(token) = tokens.next() {
@@ -73,7 +81,7 @@ fn split_letter_options(s: &str, takes_arg: &[char]) -> Result<Vec<(char, Option
             if !c.is_ascii_alphabetic() {
                 bail!("option {token:?}: {c:?} is not an option letter");
             }
-            if takes_arg.contains(&c) {
+            if TAKES_ARG.contains(&c) {
                 if chars.peek().is_some() {
                     bail!("option {token:?}: -{c} takes an argument, so it must end its group");
                 }
@@ -89,51 +97,64 @@ fn split_letter_options(s: &str, takes_arg: &[char]) -> Result<Vec<(char, Option
     Ok(out)
 }
 
+fn dropped_line(which: &str, c: char, arg: Option<&str>, why: &str) -> String {
+    let shown = match arg {
+        Some(a) => format!("-{c} {a}"),
+        None => format!("-{c}"),
+    };
+    format!("{which}: leaving out {shown}: {why}")
+}
+
 /// Parses `--sendoptions` in syncoid's syntax: `"Lc e"` -> `["-L", "-c",
-/// "-e"]`. Only flags that leave resync's own send arguments intact are
-/// accepted; anything else is a one-line error.
-pub fn parse_send_options(s: &str) -> Result<Vec<String>> {
-    let parse = || -> Result<Vec<String>> {
-        split_letter_options(s, &[])?
-            .into_iter()
-            .map(|(c, _)| {
-                if SEND_FLAGS.iter().any(|&(f, _)| f == c) {
-                    Ok(format!("-{c}"))
-                } else if let Some((_, why)) = SEND_REFUSED.iter().find(|&&(f, _)| f == c) {
-                    Err(anyhow!("-{c} is not allowed: {why}"))
-                } else {
-                    let known: String = SEND_FLAGS.iter().map(|&(f, _)| f).collect();
-                    Err(anyhow!(
-                        "-{c} is not a send option resync passes on (allowed: {known})"
-                    ))
-                }
-            })
-            .collect()
+/// "-e"]`. Flags resync cannot pass on are left out (see [`ParsedOptions`]);
+/// `-R` with `recursive` is refused, as syncoid refuses it.
+pub fn parse_send_options(s: &str, recursive: bool) -> Result<ParsedOptions> {
+    let parse = || -> Result<ParsedOptions> {
+        let mut out = ParsedOptions::default();
+        for (c, arg) in split_letter_options(s)? {
+            if c == 'R' && recursive {
+                bail!("zfs send -R and --recursive aren't compatible (as in syncoid)");
+            }
+            if SEND_FLAGS.contains(&c) {
+                out.argv.push(format!("-{c}"));
+                continue;
+            }
+            let why = SEND_DROPPED.iter().find(|&&(f, _)| f == c).map_or(
+                "not a zfs send flag syncoid or resync passes on",
+                |&(_, w)| w,
+            );
+            out.dropped
+                .push(dropped_line("--sendoptions", c, arg.as_deref(), why));
+        }
+        Ok(out)
     };
     parse().map_err(|e| anyhow!("invalid send options {s:?}: {e}"))
 }
 
 /// Parses `--recvoptions` in syncoid's syntax: `"u o compression=lz4 x
 /// mountpoint"` -> `["-u", "-o", "compression=lz4", "-x", "mountpoint"]`.
-/// `o` takes `property=value`, `x` takes `property`.
-pub fn parse_recv_options(s: &str) -> Result<Vec<String>> {
-    let parse = || -> Result<Vec<String>> {
-        let mut argv = Vec::new();
-        for (c, arg) in split_letter_options(s, &['o', 'x'])? {
-            if let Some((_, why)) = RECV_REFUSED.iter().find(|&&(f, _)| f == c) {
-                bail!("-{c} is not allowed: {why}");
-            }
+/// `o` takes `property=value`, `x` takes `property`. Flags resync decides
+/// itself are left out (see [`ParsedOptions`]).
+pub fn parse_recv_options(s: &str) -> Result<ParsedOptions> {
+    let parse = || -> Result<ParsedOptions> {
+        let mut out = ParsedOptions::default();
+        for (c, arg) in split_letter_options(s)? {
             if !RECV_FLAGS.contains(&c) {
-                let known: String = RECV_FLAGS.iter().collect();
-                bail!("-{c} is not a receive option resync passes on (allowed: {known})");
+                let why = RECV_DROPPED.iter().find(|&&(f, _)| f == c).map_or(
+                    "not a zfs receive flag syncoid or resync passes on",
+                    |&(_, w)| w,
+                );
+                out.dropped
+                    .push(dropped_line("--recvoptions", c, arg.as_deref(), why));
+                continue;
             }
-            argv.push(format!("-{c}"));
+            out.argv.push(format!("-{c}"));
             if let Some(arg) = arg {
                 check_property_arg(c, &arg)?;
-                argv.push(arg);
+                out.argv.push(arg);
             }
         }
-        Ok(argv)
+        Ok(out)
     };
     parse().map_err(|e| anyhow!("invalid receive options {s:?}: {e}"))
 }
@@ -175,35 +196,36 @@ mod tests {
         format!("{:#}", r.unwrap_err())
     }
 
+    fn argv(r: Result<ParsedOptions>) -> Vec<String> {
+        r.unwrap().argv
+    }
+
     #[test]
     fn send_options_use_syncoid_syntax() {
         assert_eq!(
-            parse_send_options("Lc e").unwrap(),
+            argv(parse_send_options("Lc e", false)),
             strings(&["-L", "-c", "-e"])
         );
-        assert_eq!(parse_send_options(" w ").unwrap(), strings(&["-w"]));
+        assert_eq!(argv(parse_send_options(" w ", false)), strings(&["-w"]));
         assert_eq!(
-            parse_send_options("-Lc -p").unwrap(),
+            argv(parse_send_options("-Lc -p", false)),
             strings(&["-L", "-c", "-p"])
         );
         assert_eq!(
-            parse_send_options("D h b").unwrap(),
+            argv(parse_send_options("D h b", false)),
             strings(&["-D", "-h", "-b"])
         );
-        assert_eq!(parse_send_options("").unwrap(), Vec::<String>::new());
+        assert_eq!(
+            parse_send_options("", false).unwrap(),
+            ParsedOptions::default()
+        );
         for (input, want) in [
-            ("R", "-R is not allowed"),
-            ("LI", "-I is not allowed"),
-            ("i", "-i is not allowed"),
-            ("t", "-t is not allowed"),
-            ("nv", "-n is not allowed"),
-            ("P", "-P is not allowed"),
-            ("q", "-q is not a send option"),
             ("L;", "';' is not an option letter"),
             ("--raw", "give single letters"),
             ("-", "give single letters"),
+            ("X", "-X needs an argument"),
         ] {
-            let got = err(parse_send_options(input));
+            let got = err(parse_send_options(input, false));
             assert!(
                 got.starts_with(&format!("invalid send options {input:?}: ")),
                 "{got}"
@@ -214,26 +236,59 @@ mod tests {
     }
 
     #[test]
+    fn send_flags_a_step_cannot_use_are_left_out_and_said() {
+        // -R: left out and said without -r, refused with it (syncoid).
+        let o = parse_send_options("Rw", false).unwrap();
+        assert_eq!(o.argv, strings(&["-w"]));
+        assert_eq!(
+            o.dropped,
+            strings(&[
+                "--sendoptions: leaving out -R: resync sends dataset by dataset; \
+                       add -r/--recursive to replicate the children"
+            ])
+        );
+        let e = err(parse_send_options("Rw", true));
+        assert!(e.contains("-R and --recursive aren't compatible"), "{e}");
+        let o = parse_send_options("wPv LI s X pool/x q", false).unwrap();
+        assert_eq!(o.argv, strings(&["-w", "-L"]));
+        assert_eq!(
+            o.dropped,
+            strings(&[
+                "--sendoptions: leaving out -P: resync shows its own progress",
+                "--sendoptions: leaving out -v: resync shows its own progress",
+                "--sendoptions: leaving out -I: resync chooses incremental sources itself",
+                "--sendoptions: leaving out -s: it only goes with -R",
+                "--sendoptions: leaving out -X pool/x: it only goes with -R",
+                "--sendoptions: leaving out -q: not a zfs send flag syncoid or resync passes on",
+            ])
+        );
+    }
+
+    #[test]
     fn recv_options_use_syncoid_syntax() {
         assert_eq!(
-            parse_recv_options("u o compression=lz4 x mountpoint").unwrap(),
+            argv(parse_recv_options("u o compression=lz4 x mountpoint")),
             strings(&["-u", "-o", "compression=lz4", "-x", "mountpoint"])
         );
         assert_eq!(
-            parse_recv_options("uo com.example:tag=a,b x org:prop").unwrap(),
+            argv(parse_recv_options("uo com.example:tag=a,b x org:prop")),
             strings(&["-u", "-o", "com.example:tag=a,b", "-x", "org:prop"])
         );
+        // syncoid's --help example.
         assert_eq!(
-            parse_recv_options("h M v").unwrap(),
+            argv(parse_recv_options("ux recordsize o compression=lz4")),
+            strings(&["-u", "-x", "recordsize", "-o", "compression=lz4"])
+        );
+        assert_eq!(
+            argv(parse_recv_options("h M v")),
             strings(&["-h", "-M", "-v"])
         );
+        let o = parse_recv_options("Fus").unwrap();
+        assert_eq!(o.argv, strings(&["-u"]));
+        assert_eq!(o.dropped.len(), 2);
+        assert!(o.dropped[0].starts_with("--recvoptions: leaving out -F: resync decides"));
+        assert!(o.dropped[1].contains("-s: resync decides when a receive is resumable"));
         for (input, want) in [
-            ("F", "-F is not allowed"),
-            ("us", "-s is not allowed"),
-            ("A", "-A is not allowed"),
-            ("n", "-n is not allowed"),
-            ("d", "-d is not allowed"),
-            ("z", "-z is not a receive option"),
             ("o", "-o needs an argument"),
             ("ou compression=lz4", "must end its group"),
             ("o compression", "want property=value"),

@@ -709,3 +709,50 @@ fn a_snapshot_taken_on_the_target_during_a_transfer_is_never_destroyed() {
         "an unchanged target needs no rollback:\n{out}"
     );
 }
+
+/// `--preserve-properties` on OpenZFS: the source's local properties go
+/// through `zfs receive -o` (set locally on the target before any data, as
+/// syncoid does), and later incremental receives keep them local.
+#[test]
+fn preserve_properties_goes_through_receive_o_on_openzfs() {
+    let g = Guest::get();
+    let name = unique_name("presprop");
+    let (src, dst) = (format!("{POOL_S}/{name}"), format!("{POOL_T}/{name}"));
+    g.sh(&format!(
+        "zfs create -o compression=lz4 -o recordsize=16K -o com.example:tag=kept {src} \
+         && head -c 1M /dev/urandom > /{src}/a && zfs snapshot {src}@s1"
+    ));
+    let (s, d) = (g.endpoint(&src), g.endpoint(&dst));
+    let out = g
+        .resync(&["--debug", "--preserve-properties", &s, &d])
+        .run();
+    out.assert_success();
+    assert!(
+        out.stderr.contains("-o compression=lz4") && out.stderr.contains("-o recordsize=16K"),
+        "receive -o carries the properties:\n{out}"
+    );
+    assert!(!out.stderr.contains("has no zfs receive -o"), "{out}");
+    let props = |ds: &str| {
+        g.sh(&format!(
+            "zfs get -H -o property,value,source compression,recordsize,com.example:tag {ds}"
+        ))
+    };
+    let got = props(&dst);
+    for want in [
+        "compression\tlz4\tlocal",
+        "recordsize\t16K\tlocal",
+        "com.example:tag\tkept\tlocal",
+    ] {
+        assert!(got.contains(want), "{want:?} in\n{got}");
+    }
+    // An incremental keeps them local.
+    g.sh(&format!(
+        "head -c 64K /dev/urandom > /{src}/b && zfs snapshot {src}@s2"
+    ));
+    g.resync(&["--preserve-properties", "--no-sync-snap", &s, &d])
+        .run()
+        .assert_success();
+    assert_eq!(props(&dst), got);
+    assert_eq!(g.md5s(&src), g.md5s(&dst));
+    g.sh(&format!("zfs destroy -r {src} && zfs destroy -r {dst}"));
+}

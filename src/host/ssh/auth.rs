@@ -52,18 +52,34 @@ impl Target {
     ) -> anyhow::Result<Target> {
         let local_user = local_user_name()?;
         let ssh_dir = opts.home.join(".ssh");
-        let config_path = ssh_dir.join("config");
-        let config = match std::fs::read_to_string(&config_path) {
-            Ok(text) => SshConfig::parse(
-                &text,
-                &config_path.display().to_string(),
+        let parse = |text: &str, origin: &str| {
+            SshConfig::parse(
+                text,
+                origin,
                 &ssh_dir,
                 &opts.home,
                 &|p| std::fs::read_to_string(p).ok(),
                 &list_dir,
-            )?,
-            Err(_) => SshConfig::default(),
+            )
         };
+        let from_options = parse(&opts.overrides.config_lines.join("\n"), "--sshoption")?;
+        let file = match &opts.overrides.config_file {
+            // ssh -F: the named file must be there.
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read the --sshconfig file {}", path.display())
+                })?;
+                parse(&text, &path.display().to_string())?
+            }
+            None => {
+                let path = ssh_dir.join("config");
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => parse(&text, &path.display().to_string())?,
+                    Err(_) => SshConfig::default(),
+                }
+            }
+        };
+        let config = from_options.followed_by(file);
         for ignored in config.ignored_for(&spec.host).iter().filter(|_| warn) {
             eprintln!("resync: ignoring {ignored} (not supported); connecting directly");
         }
@@ -298,7 +314,9 @@ pub(super) fn authenticate(
     }
     let mut tried: Vec<String> = Vec::new();
 
-    if std::env::var_os("SSH_AUTH_SOCK").is_some_and(|s| !s.is_empty()) {
+    if !opts.overrides.identities_only
+        && std::env::var_os("SSH_AUTH_SOCK").is_some_and(|s| !s.is_empty())
+    {
         match agent_login(sess, user) {
             Ok(true) => return Ok(()),
             Ok(false) => tried.push("ssh-agent (no key accepted)".into()),

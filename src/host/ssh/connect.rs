@@ -206,9 +206,10 @@ pub(super) fn handshake(
     let mut sess = Session::new().context("cannot create an SSH session")?;
     sess.set_tcp_stream(tcp);
     sess.set_timeout(millis(opts.connect_timeout));
-    sess.method_pref(MethodType::CryptCs, CIPHERS)
-        .and_then(|()| sess.method_pref(MethodType::CryptSc, CIPHERS))
-        .context("libssh2 supports none of our ciphers")?;
+    let ciphers = opts.overrides.ciphers.as_deref().unwrap_or(CIPHERS);
+    sess.method_pref(MethodType::CryptCs, ciphers)
+        .and_then(|()| sess.method_pref(MethodType::CryptSc, ciphers))
+        .with_context(|| format!("libssh2 supports none of the ciphers {ciphers}"))?;
     sess.method_pref(MethodType::HostKey, &host_key_preference(known_types))
         .context("libssh2 supports none of our host key algorithms")?;
     sess.handshake().map_err(|e| {

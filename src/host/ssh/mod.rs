@@ -106,6 +106,24 @@ pub struct SshOptions {
     pub home: PathBuf,
     /// `--ssh-data`: what carries the streams of default mode.
     pub data_path: DataPath,
+    /// `--sshconfig`, `--sshcipher` and `--sshoption`.
+    pub overrides: SshOverrides,
+}
+
+/// What syncoid's `--sshconfig`, `--sshcipher` and `--sshoption` ask for
+/// (checked in `cli.rs`; the options that only tune timeouts or host key
+/// acceptance are folded into [`SshOptions`]' own fields there).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SshOverrides {
+    /// `--sshconfig=FILE`: read this instead of `~/.ssh/config` (ssh -F).
+    pub config_file: Option<PathBuf>,
+    /// `--sshoption` lines in ssh_config syntax (`Port 2222`), read before
+    /// the config file, so they win as on ssh's command line.
+    pub config_lines: Vec<String>,
+    /// `--sshcipher`: the cipher list to offer, instead of ours.
+    pub ciphers: Option<String>,
+    /// `-o IdentitiesOnly=yes`: don't use ssh-agent's keys.
+    pub identities_only: bool,
 }
 
 impl SshOptions {
@@ -121,6 +139,7 @@ impl SshOptions {
             io_timeout: Duration::from_secs(30),
             home,
             data_path: DataPath::Auto,
+            overrides: SshOverrides::default(),
         }
     }
 }

@@ -95,6 +95,13 @@ impl SshConfig {
         Ok(config)
     }
 
+    /// This config's directives, then `later`'s: where both set a keyword,
+    /// this one wins (ssh's `-o` options before its config file).
+    pub fn followed_by(mut self, later: SshConfig) -> SshConfig {
+        self.directives.extend(later.directives);
+        self
+    }
+
     #[cfg(test)]
     /// Parse text that has no Include directives to follow (tests, or a
     /// config read from elsewhere).
@@ -298,6 +305,114 @@ impl SshConfig {
             .map(|d| format!("{}: {}", d.origin, d.keyword))
             .collect()
     }
+}
+
+/// One `--sshoption`/`-o` (syncoid passes them to ssh as `-o KEY=VALUE`),
+/// sorted by where resync honours it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandLineOption {
+    /// Port, User, IdentityFile, UserKnownHostsFile, HostKeyAlias: read as
+    /// the first line of the config (so it wins over the file), in
+    /// ssh_config syntax.
+    ConfigLine(String),
+    /// `IdentitiesOnly yes|no`.
+    IdentitiesOnly(bool),
+    /// `ConnectTimeout SECONDS`.
+    ConnectTimeout(u64),
+    /// `ServerAliveInterval SECONDS` (0: off).
+    ServerAliveInterval(u64),
+    /// `StrictHostKeyChecking`: `on` for `accept-new`, and for `no`/`off`,
+    /// which resync narrows to accept-new (`narrowed`: a changed key is
+    /// still refused).
+    AcceptNewHostKey { on: bool, narrowed: bool },
+}
+
+/// The options `--sshoption` understands, as ssh spells them.
+pub const COMMAND_LINE_OPTIONS: &[&str] = &[
+    "Port",
+    "User",
+    "IdentityFile",
+    "IdentitiesOnly",
+    "ConnectTimeout",
+    "ServerAliveInterval",
+    "StrictHostKeyChecking",
+    "UserKnownHostsFile",
+    "HostKeyAlias",
+];
+
+/// Parses one `--sshoption` value, `Key=Value` or `Key Value` as ssh
+/// takes it; an option resync cannot honour is refused by name.
+pub fn parse_command_line_option(text: &str) -> anyhow::Result<CommandLineOption> {
+    let text = text.trim();
+    let (key, value) = match text.find(|c: char| c == '=' || c.is_whitespace()) {
+        Some(i) => (
+            &text[..i],
+            text[i..].trim_start_matches(|c: char| c == '=' || c.is_whitespace()),
+        ),
+        None => (text, ""),
+    };
+    let value = value.trim();
+    if key.is_empty() || value.is_empty() {
+        bail!("--sshoption {text:?}: want KEY=VALUE, e.g. Port=2222");
+    }
+    if value.chars().any(|c| c.is_control() || c == '"') {
+        bail!("--sshoption {text:?}: the value must be plain text");
+    }
+    let Some(known) = COMMAND_LINE_OPTIONS
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(key))
+    else {
+        bail!(
+            "--sshoption {key} is not supported by resync (it connects with libssh2, not ssh); \
+             supported: {}",
+            COMMAND_LINE_OPTIONS.join(", ")
+        );
+    };
+    let yes_no = |v: &str| match v.to_ascii_lowercase().as_str() {
+        "yes" | "true" => Ok(true),
+        "no" | "false" => Ok(false),
+        _ => Err(anyhow::anyhow!("--sshoption {text:?}: want yes or no")),
+    };
+    let seconds = |v: &str| {
+        v.parse::<u64>()
+            .ok()
+            .filter(|n| *n <= 86_400)
+            .ok_or_else(|| anyhow::anyhow!("--sshoption {text:?}: want a number of seconds"))
+    };
+    Ok(match *known {
+        "IdentitiesOnly" => CommandLineOption::IdentitiesOnly(yes_no(value)?),
+        "ConnectTimeout" => CommandLineOption::ConnectTimeout(seconds(value)?),
+        "ServerAliveInterval" => CommandLineOption::ServerAliveInterval(seconds(value)?),
+        "StrictHostKeyChecking" => match value.to_ascii_lowercase().as_str() {
+            "yes" | "ask" => CommandLineOption::AcceptNewHostKey {
+                on: false,
+                narrowed: false,
+            },
+            "accept-new" => CommandLineOption::AcceptNewHostKey {
+                on: true,
+                narrowed: false,
+            },
+            "no" | "off" => CommandLineOption::AcceptNewHostKey {
+                on: true,
+                narrowed: true,
+            },
+            _ => bail!("--sshoption {text:?}: want yes, accept-new or no"),
+        },
+        "Port" => {
+            value
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| anyhow::anyhow!("--sshoption {text:?}: not a port number"))?;
+            CommandLineOption::ConfigLine(format!("Port {value}"))
+        }
+        other => {
+            if value.split_whitespace().count() > 1 && other != "UserKnownHostsFile" {
+                bail!("--sshoption {text:?}: want one value");
+            }
+            CommandLineOption::ConfigLine(format!("{other} {value}"))
+        }
+    })
 }
 
 struct ParseEnv<'a> {
@@ -675,6 +790,61 @@ Host *
         let cfg = SshConfig::parse_str("Host far\n ProxyJump bastion\n").unwrap();
         assert_eq!(cfg.ignored_for("far"), vec!["config:2: proxyjump"]);
         assert!(cfg.ignored_for("near").is_empty());
+    }
+
+    #[test]
+    fn command_line_options_are_sorted_or_refused_by_name() {
+        use CommandLineOption as O;
+        let p = |t: &str| parse_command_line_option(t).unwrap();
+        assert_eq!(p("Port=2222"), O::ConfigLine("Port 2222".into()));
+        assert_eq!(p("port 2222"), O::ConfigLine("Port 2222".into()));
+        assert_eq!(p("User=backup"), O::ConfigLine("User backup".into()));
+        assert_eq!(
+            p("IdentityFile=~/.ssh/backup"),
+            O::ConfigLine("IdentityFile ~/.ssh/backup".into())
+        );
+        assert_eq!(
+            p("UserKnownHostsFile=/dev/null"),
+            O::ConfigLine("UserKnownHostsFile /dev/null".into())
+        );
+        assert_eq!(
+            p("HostKeyAlias=nas"),
+            O::ConfigLine("HostKeyAlias nas".into())
+        );
+        assert_eq!(p("IdentitiesOnly=yes"), O::IdentitiesOnly(true));
+        assert_eq!(p("ConnectTimeout=5"), O::ConnectTimeout(5));
+        assert_eq!(p("ServerAliveInterval=10"), O::ServerAliveInterval(10));
+        let accept = |on, narrowed| O::AcceptNewHostKey { on, narrowed };
+        assert_eq!(p("StrictHostKeyChecking=no"), accept(true, true));
+        assert_eq!(p("StrictHostKeyChecking=accept-new"), accept(true, false));
+        assert_eq!(p("StrictHostKeyChecking=yes"), accept(false, false));
+        for (bad, want) in [
+            ("Compression=yes", "Compression is not supported"),
+            ("ProxyJump=bastion", "ProxyJump is not supported"),
+            ("ProxyCommand=nc %h %p", "ProxyCommand is not supported"),
+            ("Port=0", "not a port"),
+            ("Port=x", "not a port"),
+            ("ConnectTimeout=soon", "seconds"),
+            ("IdentitiesOnly=maybe", "yes or no"),
+            ("Port", "KEY=VALUE"),
+            ("=5", "KEY=VALUE"),
+            ("User=a b", "one value"),
+        ] {
+            let got = format!("{:#}", parse_command_line_option(bad).unwrap_err());
+            assert!(got.contains(want), "{bad}: {got}");
+            assert!(!got.contains('\n'), "{got}");
+        }
+    }
+
+    #[test]
+    fn options_before_the_config_file_win() {
+        let opts = SshConfig::parse_str("Port 2222\nUser alice").unwrap();
+        let file = SshConfig::parse_str("Host nas\n  Port 22\n  HostName 10.0.0.9").unwrap();
+        let home = PathBuf::from("/home/x");
+        let r = opts.followed_by(file).resolve("nas", &ctx(&home));
+        assert_eq!(r.port, Some(2222));
+        assert_eq!(r.user.as_deref(), Some("alice"));
+        assert_eq!(r.hostname.as_deref(), Some("10.0.0.9"));
     }
 
     #[test]
