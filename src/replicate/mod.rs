@@ -82,6 +82,7 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
     let src = ZfsHost::open(
         src_host,
         cfg.source.location.clone(),
+        endpoint::privileges(&cfg.source.location, cfg)?,
         cfg.source.dataset.pool(),
         ui,
     )
@@ -89,6 +90,7 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
     let dst = ZfsHost::open(
         dst_host,
         cfg.target.location.clone(),
+        endpoint::privileges(&cfg.target.location, cfg)?,
         cfg.target.dataset.pool(),
         ui,
     )
