@@ -164,6 +164,11 @@ pub struct Cli {
     #[arg(long)]
     pub create_bookmark: bool,
 
+    /// Run zfs directly on hosts where the user is not root, for users with `zfs allow`
+    /// delegation; by default such hosts run zfs through `sudo -n`, as syncoid does.
+    #[arg(long)]
+    pub no_privilege_elevation: bool,
+
     /// Private key file for SSH (tried after ssh-agent).
     #[arg(long, value_name = "FILE")]
     pub sshkey: Option<PathBuf>,
@@ -475,6 +480,8 @@ pub struct Config {
     pub resume: bool,
     pub force_delete: bool,
     pub rollback: bool,
+    /// `--no-privilege-elevation`: never `sudo -n zfs` (see `zfs::elevate`).
+    pub no_privilege_elevation: bool,
     /// Sync snapshots, holds and bookmarks.
     pub protection: Protection,
     /// How to reach remote hosts.
@@ -766,6 +773,7 @@ impl Cli {
             resume: !self.no_resume,
             force_delete: self.force_delete,
             rollback: !self.no_rollback,
+            no_privilege_elevation: self.no_privilege_elevation,
             protection: Protection {
                 sync_snap: !self.no_sync_snap,
                 keep_sync_snap: self.keep_sync_snap,
@@ -871,6 +879,7 @@ mod tests {
             "--no-resume",
             "--force-delete",
             "--no-rollback",
+            "--no-privilege-elevation",
             "--sshport=2222",
             "--timeout=45s",
             "--dry-run",
@@ -881,6 +890,7 @@ mod tests {
         .unwrap();
         assert!(c.recursive && c.skip_parent && c.no_stream && c.force_delete && c.dry_run);
         assert!(!c.resume && !c.rollback && c.protection.sync_snap);
+        assert!(c.no_privilege_elevation);
         assert_eq!(c.exclude.len(), 2);
         assert_eq!(c.protection.identifier.as_deref(), Some("hourly"));
         assert_eq!(c.ssh.port, Some(2222));

@@ -1,5 +1,5 @@
 //! Small operating-system services that several layers need, written once:
-//! this machine's host name, a non-blocking `flock`, the MD5 of a file, lower
+//! this machine's host name, whether we run as root, a non-blocking `flock`, the MD5 of a file, lower
 //! case hex, reading one line from a pipe without reading past it, and
 //! recovery from a poisoned lock. Each is a thin, documented wrapper: errors
 //! are returned to the caller rather than replaced by a default, and every
@@ -31,6 +31,12 @@ pub fn hostname() -> io::Result<String> {
         ));
     }
     Ok(name)
+}
+
+/// Whether this process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// Tries to take an exclusive `flock` on `file` without waiting: `Ok(true)`

@@ -7,6 +7,9 @@
 //! that is gone: both fine). [`dryrun::DryRun`] implements `Changes` by
 //! printing what it would do, so callers never branch on `--dry-run`.
 //! The transfer of a stream itself is `transfer`'s job, not this one's.
+//! Every `zfs` argv reaches its host through [`ZfsHost::command`], which
+//! puts `sudo -n` in front on a host where the user is not root (see
+//! `zfs::elevate`); a refusal for want of privilege becomes one line.
 
 pub mod dryrun;
 
@@ -18,11 +21,11 @@ use crate::cli::{Config, Location};
 use crate::host::local::LocalHost;
 use crate::host::quote::sh_join;
 use crate::host::reconnect::Reconnecting;
-use crate::host::ssh::{resolve_address, SshHost, SshOptions, SshSpec};
+use crate::host::ssh::{resolve_address, resolve_user, SshHost, SshOptions, SshSpec};
 use crate::host::{CmdOutput, Host};
 use crate::plan::{SourceState, TargetState};
 use crate::progress::Progress;
-use crate::zfs::{self, Capabilities, Dataset, ProbeResult, Snapshot, ZfsErrorKind};
+use crate::zfs::{self, Capabilities, Dataset, Privileges, ProbeResult, Snapshot, ZfsErrorKind};
 
 /// One side of a run: its host (swappable, since `--chunked` reconnects),
 /// its ZFS capabilities and where it is.
@@ -30,19 +33,25 @@ pub struct ZfsHost<'a> {
     host: Reconnecting<'a>,
     pub caps: Capabilities,
     pub location: Location,
+    /// As whom `zfs` runs there, and whether through sudo.
+    pub privileges: Privileges,
     ui: &'a dyn Progress,
 }
 
 impl<'a> ZfsHost<'a> {
-    /// An endpoint on an already connected host; probes its ZFS on `pool`.
+    /// An endpoint on an already connected host, whose `zfs` runs with
+    /// `privileges`; probes its ZFS on `pool`.
     pub fn open(
         host: Reconnecting<'a>,
         location: Location,
+        privileges: Privileges,
         pool: &str,
         ui: &'a dyn Progress,
     ) -> Result<ZfsHost<'a>> {
-        let caps = detect(&*host.get(), pool, ui)?;
-        Ok(ZfsHost::with_caps(host, location, caps, ui))
+        let caps = detect(&*host.get(), &privileges, pool, ui)?;
+        let mut zh = ZfsHost::with_caps(host, location, caps, ui);
+        zh.privileges = privileges;
+        Ok(zh)
     }
 
     /// An endpoint whose capabilities are known (tests, and [`ZfsHost::open`]).
@@ -56,8 +65,23 @@ impl<'a> ZfsHost<'a> {
             host,
             caps,
             location,
+            privileges: Privileges::decide("root", true, false),
             ui,
         }
+    }
+
+    /// `argv` (a `zfs` command) as it must run on this host: behind
+    /// `sudo -n` where the user is not root.
+    pub fn command(&self, argv: &[String]) -> Vec<String> {
+        self.privileges.wrap(argv)
+    }
+
+    /// The one-line error for `argv` (unwrapped) that failed here with
+    /// `stderr` for want of privilege, if that is why it failed.
+    pub fn privilege_error(&self, argv: &[String], stderr: &str) -> Option<anyhow::Error> {
+        self.privileges
+            .explain(self.host().label(), argv, stderr)
+            .map(|line| anyhow!(line))
     }
 
     /// The current connection.
@@ -103,13 +127,13 @@ impl<'a> ZfsHost<'a> {
 
     /// Runs argv, logging it with `--debug`.
     pub fn exec(&self, argv: &[String]) -> Result<CmdOutput> {
-        exec(&*self.host(), argv, self.ui)
+        exec(&*self.host(), &self.privileges, argv, self.ui)
     }
 
     /// Runs argv; a non-zero exit is an error carrying its stderr.
     fn exec_ok(&self, argv: &[String], what: &str) -> Result<String> {
         let host = self.host();
-        exec(&*host, argv, self.ui)?.check(what, host.label())
+        exec(&*host, &self.privileges, argv, self.ui)?.check(what, host.label())
     }
 
     /// Like [`ZfsHost::exec_ok`], but retries while ZFS says the dataset is
@@ -421,6 +445,35 @@ pub fn connect_reconnecting<'a>(
     Ok(Reconnecting::new(host, move || connect(location, cfg)))
 }
 
+/// As whom `zfs` runs on a side of the run, and whether through `sudo -n`:
+/// as syncoid decides, by whether the user is root (the SSH user after
+/// `~/.ssh/config`, or this process's user), unless
+/// `--no-privilege-elevation`.
+pub fn privileges(location: &Location, cfg: &Config) -> Result<Privileges> {
+    let (user, is_root) = match location {
+        Location::Local => {
+            let user = std::env::var("USER")
+                .or_else(|_| std::env::var("LOGNAME"))
+                .unwrap_or_else(|_| "this user".into());
+            (user, crate::sys::is_root())
+        }
+        Location::Remote { user, host } => {
+            let spec = SshSpec {
+                user: user.clone(),
+                host: host.clone(),
+            };
+            let user = resolve_user(&spec, &ssh_options(cfg)?)?;
+            let is_root = user == "root";
+            (user, is_root)
+        }
+    };
+    Ok(Privileges::decide(
+        &user,
+        is_root,
+        cfg.no_privilege_elevation,
+    ))
+}
+
 /// The SSH options the command line asked for, with `$HOME` (where
 /// `.ssh/` lives) read here: `cli` does no I/O.
 fn ssh_options(cfg: &Config) -> Result<SshOptions> {
@@ -447,9 +500,14 @@ pub fn resolved_address(location: &Location, cfg: &Config) -> Result<Option<(Str
 }
 
 /// Probes what the ZFS behind `host` supports, on `pool`, which must exist.
-fn detect(host: &dyn Host, pool: &str, ui: &dyn Progress) -> Result<Capabilities> {
+fn detect(
+    host: &dyn Host,
+    privileges: &Privileges,
+    pool: &str,
+    ui: &dyn Progress,
+) -> Result<Capabilities> {
     let pool_ds = Dataset::parse(pool)?;
-    let out = exec(host, &zfs::dataset_exists_argv(&pool_ds), ui)?;
+    let out = exec(host, privileges, &zfs::dataset_exists_argv(&pool_ds), ui)?;
     if !out.success() {
         if zfs::is_missing_dataset_error(&out.stderr) {
             bail!("pool {pool} does not exist on {}", host.label());
@@ -462,7 +520,12 @@ fn detect(host: &dyn Host, pool: &str, ui: &dyn Progress) -> Result<Capabilities
     let outputs = std::thread::scope(|scope| {
         let running: Vec<_> = probes
             .iter()
-            .map(|(probe, argv)| (*probe, scope.spawn(move || exec(host, argv, ui))))
+            .map(|(probe, argv)| {
+                (
+                    *probe,
+                    scope.spawn(move || exec(host, privileges, argv, ui)),
+                )
+            })
             .collect();
         running
             .into_iter()
@@ -486,11 +549,21 @@ fn detect(host: &dyn Host, pool: &str, ui: &dyn Progress) -> Result<Capabilities
     Ok(caps)
 }
 
-/// Runs argv on a host, logging it with `--debug`.
-fn exec(host: &dyn Host, argv: &[String], ui: &dyn Progress) -> Result<CmdOutput> {
-    ui.debug(&format!("[{}] {}", host.label(), sh_join(argv)));
-    let out = host.run(argv)?;
+/// Runs a `zfs` argv on a host with `privileges`, logging it with
+/// `--debug`. A refusal for want of privilege is an error of one line.
+fn exec(
+    host: &dyn Host,
+    privileges: &Privileges,
+    argv: &[String],
+    ui: &dyn Progress,
+) -> Result<CmdOutput> {
+    let command = privileges.wrap(argv);
+    ui.debug(&format!("[{}] {}", host.label(), sh_join(&command)));
+    let out = host.run(&command)?;
     if !out.success() {
+        if let Some(line) = privileges.explain(host.label(), argv, &out.stderr) {
+            bail!(line);
+        }
         let first = out
             .stderr
             .lines()

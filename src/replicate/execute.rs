@@ -19,7 +19,7 @@ use crate::plan::Step;
 use crate::progress::human_bytes;
 use crate::transfer::pipe::Pipe;
 use crate::transfer::{Mover, Request};
-use crate::zfs::{self, Dataset, RecvArgs, SendArgs, Snapshot, ZfsErrorKind};
+use crate::zfs::{self, Dataset, RecvArgs, SendArgs, Snapshot, ZfsError, ZfsErrorKind};
 
 /// Why a receive rolls the target back (`-F`), for the plan and the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,8 +316,15 @@ impl Run<'_> {
         if already > 0 {
             bar.resume_at(already);
         }
-        match &self.chunked {
-            Some(chunked) => chunked.transfer(req, bar),
+        // Both commands as they run on their hosts (behind sudo where the
+        // user is not root); a chunk session's manifest records these.
+        let elevated = Request {
+            send: self.src.command(&req.send),
+            recv: self.dst.command(&req.recv),
+            ..req.clone()
+        };
+        let moved = match &self.chunked {
+            Some(chunked) => chunked.transfer(&elevated, bar),
             None => Pipe {
                 src: self.src.bulk_host(),
                 dst: self.dst.bulk_host(),
@@ -326,7 +333,25 @@ impl Run<'_> {
                 stall: self.cfg.timeout,
                 ui: self.ui,
             }
-            .transfer(req, bar),
+            .transfer(&elevated, bar),
+        };
+        moved.map_err(|e| self.privilege_error(e, req))
+    }
+
+    /// A transfer's failure for want of privilege (a `zfs send` or
+    /// `receive` that sudo or a missing delegation refused) as one line;
+    /// any other error as it is. `req` holds the commands as built.
+    fn privilege_error(&self, err: anyhow::Error, req: &Request) -> anyhow::Error {
+        let Some(failed) = err.chain().find_map(|e| e.downcast_ref::<ZfsError>()) else {
+            return err;
+        };
+        let (side, argv) = match failed.command == "zfs receive" {
+            true => (self.dst, &req.recv),
+            false => (self.src, &req.send),
+        };
+        match side.privilege_error(argv, &failed.stderr) {
+            Some(line) => line,
+            None => err,
         }
     }
 

@@ -151,7 +151,13 @@ fn open_side<'a>(
         Side::Target => (&cfg.target, "target"),
     };
     let label = host.get().label().to_string();
-    ZfsHost::open(host, address.location.clone(), address.dataset.pool(), ui)
+    ZfsHost::open(
+        host,
+        address.location.clone(),
+        endpoint::privileges(&address.location, cfg)?,
+        address.dataset.pool(),
+        ui,
+    )
         .map_err(|e| e.context(format!("on {what} host {label}")))
 }
 

@@ -140,7 +140,8 @@ impl Run<'_> {
         let mut first = None;
         for &force in forces {
             let (send, recv) = self.step_argv(src, dst, stream, force);
-            let md5 = session::argv_md5(&send, &recv);
+            // As `execute` hands them to the mover: behind sudo where needed.
+            let md5 = session::argv_md5(&self.src.command(&send), &self.dst.command(&recv));
             if md5 == recorded {
                 return md5;
             }

@@ -2,6 +2,7 @@
 //! for every `zfs`/`zpool` command resync runs and parsers for their output.
 //! Below it: [`caps`] (what a host's ZFS can do, and the probes that tell),
 //! [`error`] (what a failed command's stderr means, as a [`ZfsErrorKind`]),
+//! [`elevate`] (`sudo -n` for a non-root user, and what a refusal means),
 //! [`options`] (the user's `--sendoptions`/`--recvoptions`)
 //! and [`token`] (decoding resume tokens). It depends on nothing else in
 //! resync.
@@ -26,11 +27,13 @@ use std::fmt;
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod caps;
+pub mod elevate;
 pub mod error;
 pub mod options;
 pub mod token;
 
 pub use caps::{capabilities_from, capability_probes, Capabilities, ProbeResult};
+pub use elevate::Privileges;
 pub use error::{ZfsError, ZfsErrorKind};
 pub use options::{parse_recv_options, parse_send_options, ParsedOptions};
 

@@ -152,6 +152,12 @@ pub fn resolve_address(spec: &SshSpec, opts: &SshOptions) -> anyhow::Result<(Str
     Ok((target.hostname, target.port))
 }
 
+/// The user `spec` logs in as after `~/.ssh/config` (User) and the local
+/// user name, without connecting.
+pub fn resolve_user(spec: &SshSpec, opts: &SshOptions) -> anyhow::Result<String> {
+    Ok(Target::resolve_with(spec, opts, false)?.user)
+}
+
 /// A connected remote host. Cheap to share (`&SshHost` across threads); the
 /// session closes when the host and all its children are dropped.
 pub struct SshHost {
