@@ -118,7 +118,19 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
     };
     run.stop_leftovers()?;
     run.announce_missing_protection();
-    run.all()
+    let outcome = run.all();
+    ui.debug(&format!("commands run: {}", commands_run()));
+    outcome
+}
+
+/// `HOST N, HOST M`: the commands each host was asked to run so far (see
+/// `--debug`; tests and the bench read it).
+fn commands_run() -> String {
+    crate::host::started_commands()
+        .iter()
+        .map(|(host, n)| format!("{host} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The run lock for the target, keyed by the host it resolves to (ssh
