@@ -25,6 +25,7 @@ impl Host for LocalHost {
     }
 
     fn run(&self, argv: &[String]) -> anyhow::Result<CmdOutput> {
+        super::count_started(self.label());
         let output = command(argv)?
             .stdin(Stdio::null())
             .output()
@@ -37,6 +38,7 @@ impl Host for LocalHost {
     }
 
     fn spawn(&self, argv: &[String]) -> anyhow::Result<Box<dyn Child>> {
+        super::count_started(self.label());
         let mut child = command(argv)?
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -130,7 +130,19 @@ pub fn run(cfg: &Config, ui: &dyn Progress, reports: &Reports) -> Result<Outcome
     run.announce_missing_protection();
     run.announce_filtered_sync_snap();
     run.announce_preserve_fallback();
-    run.all()
+    let outcome = run.all();
+    ui.debug(&format!("commands run: {}", commands_run()));
+    outcome
+}
+
+/// `HOST N, HOST M`: the commands each host was asked to run so far (see
+/// `--debug`; tests and the bench read it).
+fn commands_run() -> String {
+    crate::host::started_commands()
+        .iter()
+        .map(|(host, n)| format!("{host} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[derive(Clone, Copy)]
@@ -158,7 +170,7 @@ fn open_side<'a>(
         address.dataset.pool(),
         ui,
     )
-        .map_err(|e| e.context(format!("on {what} host {label}")))
+    .map_err(|e| e.context(format!("on {what} host {label}")))
 }
 
 /// The run lock for the target, keyed by the host it resolves to (ssh

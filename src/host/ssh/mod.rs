@@ -225,6 +225,7 @@ impl Host for SshHost {
         if argv.is_empty() {
             bail!("empty command line for {}", self.label);
         }
+        super::count_started(&self.label);
         let link = &self.shared.link;
         let (stdout_tx, stdout_rx) = mpsc::sync_channel(QUEUE);
         let (stdin_tx, stdin_rx) = mpsc::sync_channel(QUEUE);
