@@ -6,6 +6,7 @@
 mod bwlimit;
 mod chunk;
 mod cli;
+mod compress;
 mod endpoint;
 mod host;
 mod plan;
@@ -30,6 +31,13 @@ fn run() -> i32 {
         .is_some_and(|a| chunk::SUBCOMMANDS.contains(&a))
     {
         return chunk::helper_main(&args);
+    }
+    if args
+        .first()
+        .and_then(|a| a.to_str())
+        .is_some_and(|a| compress::filter::SUBCOMMANDS.contains(&a))
+    {
+        return compress::filter::main(&args);
     }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,

@@ -23,6 +23,7 @@ use crate::plan::{self, Plan, PlanOptions, Step};
 use crate::progress::{human_bytes, human_duration, human_rate, Progress, Stopwatch};
 use crate::runlock::{self, RunLock};
 use crate::transfer::chunked::{self, Chunked};
+use crate::transfer::codec::Compression;
 use crate::zfs::Dataset;
 
 mod execute;
@@ -55,6 +56,9 @@ struct Run<'a> {
     lock: Option<&'a RunLock>,
     /// `--chunked`: the chunk orchestrator's entry.
     chunked: Option<Chunked<'a>>,
+    /// Default mode's `--compress` (none with `--chunked`, whose helpers
+    /// compress themselves).
+    compression: Option<Compression>,
     /// The target datasets of this run's pairs (see `--force-delete`).
     targets: OnceLock<Vec<Dataset>>,
 }
@@ -114,8 +118,20 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
             lock: lock.as_ref(),
             ui,
         }),
+        compression: match cfg.chunk {
+            Some(_) => None,
+            None => Compression::new(
+                cfg.compress,
+                &cfg.tmpdir,
+                src.location.clone(),
+                dst.location.clone(),
+            ),
+        },
         targets: OnceLock::new(),
     };
+    if let (Some(c), false) = (&run.compression, cfg.dry_run) {
+        c.prepare([src.host(), dst.host()], ui)?;
+    }
     run.stop_leftovers()?;
     run.announce_missing_protection();
     run.all()

@@ -219,6 +219,7 @@ fn run(
         hostname: "testhost".into(),
         lock: None,
         chunked: None,
+        compression: None,
         targets: OnceLock::new(),
     };
     let result = r.all();
