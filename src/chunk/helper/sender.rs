@@ -14,6 +14,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::thread;
@@ -57,6 +58,7 @@ pub fn run(c: Config) -> i32 {
         c,
         last_activity: Instant::now(),
         copies: CopyActivity::default(),
+        backlog: Arc::new(AtomicBool::new(false)),
     };
     let (marker, success) = match s.transfer() {
         Ok(Done::End(end)) => (write_atomic(&dir, END, end.render().as_bytes()), true),
@@ -116,6 +118,9 @@ struct Sender {
     c: Config,
     last_activity: Instant,
     copies: CopyActivity,
+    /// Half the window or more is staged: the link, not compression, is
+    /// the bottleneck (the encoder's level follows it).
+    backlog: Arc<AtomicBool>,
 }
 
 impl Sender {
@@ -151,8 +156,8 @@ impl Sender {
             c => Some(Encoder::new(c).context("starting zstd")?),
         };
         let (tx, rx) = mpsc::sync_channel::<io::Result<Block>>(DEPTH);
-        let chunk_size = self.c.chunk_size;
-        let reader = thread::spawn(move || read_blocks(stdout, tx, chunk_size, encoder));
+        let (chunk_size, backlog) = (self.c.chunk_size, self.backlog.clone());
+        let reader = thread::spawn(move || read_blocks(stdout, tx, chunk_size, encoder, &backlog));
         let (htx, hrx) = mpsc::sync_channel::<HashJob>(DEPTH * 2);
         let hasher = thread::spawn(move || hash_jobs(hrx));
 
@@ -320,6 +325,8 @@ impl Sender {
                 self.last_activity = Instant::now();
             }
             last_count = Some(count);
+            self.backlog
+                .store(count * 2 >= self.c.window.max(2), Ordering::Relaxed);
             if count < self.c.window {
                 return Ok(());
             }
@@ -384,12 +391,14 @@ struct Block {
 /// Reads `r` into `tx` until EOF or error, in blocks of up to BLOCK bytes
 /// (the encoder's block size with compression) that never cross a chunk
 /// boundary; with `encoder`, each block is sent as one frame, and the
-/// encoder told whether the queue was full (the link is the bottleneck).
+/// encoder told whether the link is the bottleneck: the queue was full, or
+/// the staged chunks are a `backlog`.
 fn read_blocks(
     mut r: impl Read,
     tx: SyncSender<io::Result<Block>>,
     chunk_size: u64,
     mut encoder: Option<Encoder>,
+    backlog: &AtomicBool,
 ) {
     let most = match encoder {
         Some(_) => encoder::BLOCK,
@@ -438,7 +447,7 @@ fn read_blocks(
                     match tx.try_send(Ok(block)) {
                         Ok(()) => {
                             if let Some(enc) = encoder.as_mut() {
-                                enc.observe(false);
+                                enc.observe(backlog.load(Ordering::Relaxed));
                             }
                         }
                         Err(mpsc::TrySendError::Full(block)) => {
