@@ -18,7 +18,11 @@
 #             local recv    zfs send | zfs receive on this machine (zfs-fuse's ceiling)
 #             resync        resync --no-sync-snap SRC root@B:DST (default mode, release build)
 #             resync chunk  the same with --chunked (default 32 MiB chunks, window 8)
-#             syncoid       syncoid --no-sync-snap --compress=none (Debian's sanoid package)
+#             resync none   resync --compress=none (the cost of the default compression on
+#                           random data: it should switch itself off)
+#             syncoid       syncoid 2.3.0 (../shared/anchors/syncoid) --no-sync-snap with its
+#                           default options (lzo, mbuffer, pv)
+#           plus a no-op run's wall time (a second resync run with nothing to send)
 #   delay   the same except local recv, with BENCH_DELAY_MS added to every
 #           packet entering host B (scripts/netdelay.sh; the added RTT is
 #           measured and printed), and resync --chunked against syncoid
@@ -37,7 +41,10 @@
 #   BENCH_DELAY_SIZE  stream size for the delay phase (default: BENCH_SIZE)
 #   BENCH_DELAY_MS    delay added to packets entering host B (default 50)
 #   BENCH_CUT_SECS    length of the link cut (default 30)
-#   BENCH_PHASES      comma-separated subset of plain,delay,cut (default all)
+#   BENCH_PHASES      comma-separated subset of plain,delay,cut,compress,scale
+#                     (default plain,delay,cut,compress)
+#   BENCH_COMPRESS_MB size of the compressible data set (default 300)
+#   BENCH_SYNCOID     the syncoid script (default ../shared/anchors/syncoid)
 #   BENCH_PLAIN_REPS  rounds of the plain phase, every method once per round
 #                     in turn; each keeps its fastest (default 3: zfs-fuse's
 #                     speed swings between runs, and a single round favours
@@ -79,7 +86,10 @@ DELAY_MS=${BENCH_DELAY_MS:-50}
 CUT_SECS=${BENCH_CUT_SECS:-30}
 PLAIN_REPS=${BENCH_PLAIN_REPS:-3}
 [[ $PLAIN_REPS =~ ^[1-9][0-9]?$ ]] || die "BENCH_PLAIN_REPS must be 1 to 99, not $PLAIN_REPS"
-PHASES=,${BENCH_PHASES:-plain,delay,cut},
+PHASES=,${BENCH_PHASES:-plain,delay,cut,compress},
+COMPRESS_MB=${BENCH_COMPRESS_MB:-300}
+[[ $COMPRESS_MB =~ ^[1-9][0-9]{0,4}$ ]] || die "BENCH_COMPRESS_MB must be a whole number of MiB"
+SYNCOID=${BENCH_SYNCOID:-$(cd .. && pwd)/shared/anchors/syncoid}
 STATE=${BENCH_STATE:-/var/tmp/resync-bench}
 [[ $DELAY_MS =~ ^[0-9]+$ ]] || die "BENCH_DELAY_MS must be a whole number of ms"
 [[ $CUT_SECS =~ ^[0-9]+$ ]] || die "BENCH_CUT_SECS must be a whole number of seconds"
@@ -87,7 +97,16 @@ phase() { [[ $PHASES == *,$1,* ]]; }
 
 [[ $(id -u) == 0 ]] || die "run as root (it starts zfs-fuse and network namespaces)"
 bash scripts/testbed.sh deps
-command -v syncoid >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sanoid >/dev/null
+[[ -r $SYNCOID ]] || die "no syncoid script at $SYNCOID (set BENCH_SYNCOID)"
+# syncoid 2.3's perl modules and its default pipeline (lzop, mbuffer, pv).
+missing=()
+for pkg in libcapture-tiny-perl libconfig-inifiles-perl lzop mbuffer pv; do
+	dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+	log "installing ${missing[*]}"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 command -v /usr/bin/time >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq time >/dev/null
 if phase delay; then
 	bash scripts/netdelay.sh build >/dev/null
@@ -108,6 +127,7 @@ cleanup() {
 		kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
 	done
 	((LINK_CUT)) && ip link set "$TB_LINK_B" up
+	((${SHAPED:-0})) && tc qdisc del dev "$TB_LINK_B" root
 	((DELAY_ON)) && bash scripts/netdelay.sh off "$TB_NS_B"
 	# Also stops any chunk helper still running (its folder vanishes).
 	[[ -n ${CHUNK_TMP:-} ]] && rm -rf "$CHUNK_TMP"
@@ -136,7 +156,7 @@ if [[ -n ${BENCH_ENV:-} ]]; then
 else
 	OWN_BED=1
 	# Pool B holds one replica at a time (each is checked and destroyed).
-	TB_VDEV_SIZE=$((MB * 3 + DELAY_MB + 512))M bash scripts/testbed.sh up "$STATE" >/dev/null
+	TB_VDEV_SIZE=$((MB * 3 + DELAY_MB + COMPRESS_MB * 2 + 512))M bash scripts/testbed.sh up "$STATE" >/dev/null
 	ENV_FILE=$STATE/env
 fi
 # shellcheck disable=SC1090
@@ -193,8 +213,12 @@ check_replica() { # DATASET EXPECTED_GUID
 # ---------------------------------------------------------------------------
 # Measuring
 
-declare -A SECS RSS
+declare -A SECS RSS CPU
 now() { echo "$EPOCHREALTIME"; }
+busy() { # jiffies (USER_HZ) all cores spent on anything but idle and iowait
+	awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat
+}
+hz=$(getconf CLK_TCK)
 rate() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / s / 1e6 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 kib2mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
@@ -234,25 +258,36 @@ rss_peak() { # FILE ROLE -> KiB or empty
 
 # time_it KEY COMMAND...: seconds into SECS[KEY], tx bytes to B into WIRE[KEY].
 declare -A WIRE
+# CPU[KEY]: busy core-seconds of the whole machine during the run.
 time_it() {
-	local key=$1 t0 t1 w0
+	local key=$1 t0 t1 w0 c0 c1
 	shift
 	w0=$(wire_tx)
+	c0=$(busy)
 	t0=$(now)
 	"$@"
 	t1=$(now)
-	local secs
+	c1=$(busy)
+	local secs cpu
 	secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+	cpu=$(awk -v a="$c0" -v b="$c1" -v hz="$hz" 'BEGIN { printf "%.2f", (b - a) / hz }')
 	WIRE[$key]=$(($(wire_tx) - w0))
-	log "$key took $secs s"
+	log "$key took $secs s, $cpu core-s"
 	# Repeated runs (BENCH_PLAIN_REPS) keep the fastest.
 	if [[ -z ${SECS[$key]:-} ]] || awk -v n="$secs" -v o="${SECS[$key]}" 'BEGIN { exit !(n < o) }'; then
 		SECS[$key]=$secs
+		CPU[$key]=$cpu
 	fi
+}
+per_gib() { # CORE_SECONDS BYTES
+	awk -v c="$1" -v b="$2" 'BEGIN { printf "%.1f", c * 1073741824 / b }'
 }
 
 raw() { # SNAPSHOT
 	zfs send "$1" | "$TB_SSH" "root@$TB_HOST_B" 'cat > /dev/null'
+}
+pipeline() { # SNAPSHOT DST: what syncoid runs, without its extras
+	zfs send "$1" | "$TB_SSH" "root@$TB_HOST_B" zfs receive "$TB_POOL_B/$2"
 }
 local_recv() { # SNAPSHOT DST
 	zfs send "$1" | zfs receive "$TB_POOL_A/$2"
@@ -261,7 +296,7 @@ resync_push() { # KEY SNAPSHOT DST [ARGS...]: orchestrator's peak RSS into RSS[K
 	local key=$1 snap=$2 dst=$3
 	shift 3
 	HOME=$TB_HOME /usr/bin/time -f '%M' -o "$WORK/$key.rss" \
-		"$BIN" --quiet --no-sync-snap "$@" "${snap%@*}" "root@$TB_HOST_B:$TB_POOL_B/$dst"
+		"$BIN" --quiet --no-sync-snap --tmpdir="$CHUNK_TMP" "$@" "${snap%@*}" "root@$TB_HOST_B:$TB_POOL_B/$dst"
 	local rss
 	rss=$(tail -n 1 "$WORK/$key.rss")
 	((${RSS[$key]:-0} >= rss)) || RSS[$key]=$rss
@@ -269,7 +304,7 @@ resync_push() { # KEY SNAPSHOT DST [ARGS...]: orchestrator's peak RSS into RSS[K
 chunked_push() { # KEY SNAPSHOT DST: also the helpers' peaks into RSS[KEY/send], RSS[KEY/recv]
 	local key=$1
 	rss_start "$WORK/$key.helpers"
-	resync_push "$@" --chunked --tmpdir="$CHUNK_TMP"
+	resync_push "$@" --chunked
 	rss_stop
 	local role peak
 	for role in send recv; do
@@ -280,8 +315,8 @@ chunked_push() { # KEY SNAPSHOT DST: also the helpers' peaks into RSS[KEY/send],
 	[[ -v RSS[$key/send] ]] || RSS[$key/send]=
 	[[ -v RSS[$key/recv] ]] || RSS[$key/recv]=
 }
-syncoid_push() { # SNAPSHOT DST
-	HOME=$TB_HOME syncoid --quiet --no-sync-snap --compress=none --no-privilege-elevation \
+syncoid_push() { # SNAPSHOT DST: syncoid 2.3.0 with its default options
+	HOME=$TB_HOME perl "$SYNCOID" --quiet --no-sync-snap --no-privilege-elevation \
 		--sshkey="$TB_KEY" --sshoption=UserKnownHostsFile="$TB_KNOWN_HOSTS" \
 		"${1%@*}" "root@$TB_HOST_B:$TB_POOL_B/$2" >&2
 }
@@ -313,19 +348,21 @@ table() { # TITLE STREAM_BYTES BASE_KEY KEY:LABEL...
 	local title=$1 b=$2 base=${SECS[$3]} kv key label
 	shift 3
 	out '\n%s\n\n' "$title"
-	out '| method | seconds | MB/s | vs raw ssh | peak RSS |\n| --- | ---: | ---: | ---: | --- |\n'
+	out '| method | seconds | MB/s | CPU core-s/GiB | vs raw ssh | peak RSS |\n| --- | ---: | ---: | ---: | ---: | --- |\n'
 	for kv in "$@"; do
 		key=${kv%%:*} label=${kv#*:}
-		out '| %s | %s | %s | %sx | %s |\n' "$label" "${SECS[$key]}" "$(rate "$b" "${SECS[$key]}")" \
-			"$(ratio "$base" "${SECS[$key]}")" "$(rss_cell "$key")"
+		out '| %s | %s | %s | %s | %sx | %s |\n' "$label" "${SECS[$key]}" "$(rate "$b" "${SECS[$key]}")" \
+			"$(per_gib "${CPU[$key]}" "$b")" "$(ratio "$base" "${SECS[$key]}")" "$(rss_cell "$key")"
 	done
 }
 
 L_RAW="\`zfs send \\| ssh host 'cat > /dev/null'\` (OpenSSH)"
+L_PIPE="\`zfs send \\| ssh host zfs receive\` (OpenSSH pipeline)"
 L_LOCAL="\`zfs send \\| zfs receive\` on one machine (zfs-fuse's ceiling)"
 L_RESYNC="resync (default mode)"
 L_CHUNKED="resync \`--chunked\` (32 MiB chunks, window 8)"
-L_SYNCOID="syncoid $(syncoid --version 2>/dev/null | grep -oE '[0-9]+\.[0-9]+(\.[0-9]+)?' | head -n 1) (\`--compress=none\`)"
+L_RESYNC_NONE="resync \`--compress=none\`"
+L_SYNCOID="syncoid $(perl "$SYNCOID" --version 2>/dev/null | grep -oE '[0-9]+\.[0-9]+(\.[0-9]+)?' | head -n 1) (its defaults: lzo, mbuffer)"
 
 # A first chunked run uploads the helper binary to host B; a tiny warm-up
 # keeps that upload out of the measured runs.
@@ -333,6 +370,11 @@ make_source bench-warm 1
 warm=$SNAP
 log "warm-up: deploying the chunk helper to host B"
 HOME=$TB_HOME "$BIN" --quiet --no-sync-snap --chunked --tmpdir="$CHUNK_TMP" "${warm%@*}" "root@$TB_HOST_B:$TB_POOL_B/bench-warm"
+check_replica "$TB_POOL_B/bench-warm" "$(zfs get -Hp -o value guid "$warm")"
+# The same for default mode (its compressor runs our binary on host B),
+# then a no-op run: a second one with nothing to send.
+resync_push warm "$warm" bench-warm
+time_it noop resync_push warm "$warm" bench-warm
 check_replica "$TB_POOL_B/bench-warm" "$(zfs get -Hp -o value guid "$warm")"
 
 RTT_PLAIN=$(bash scripts/netdelay.sh rtt "$TB_HOST_B" 22 9)
@@ -345,9 +387,13 @@ if phase plain; then
 	DATASETS+=("$TB_POOL_A/bench-local")
 	for ((rep = 1; rep <= PLAIN_REPS; rep++)); do
 		time_it raw raw "$src"
+		time_it pipe pipeline "$src" bench-pipe
+		check_replica "$TB_POOL_B/bench-pipe" "$guid"
 		time_it local local_recv "$src" bench-local
 		check_replica "$TB_POOL_A/bench-local" "$guid"
 		time_it resync resync_push resync "$src" bench-resync
+		check_replica "$TB_POOL_B/bench-resync" "$guid"
+		time_it resync-none resync_push resync-none "$src" bench-resync --compress=none
 		check_replica "$TB_POOL_B/bench-resync" "$guid"
 		time_it chunked chunked_push chunked "$src" bench-chunked
 		check_replica "$TB_POOL_B/bench-chunked" "$guid"
@@ -357,7 +403,7 @@ if phase plain; then
 	reps_note=""
 	((PLAIN_REPS == 1)) || reps_note=", fastest of $PLAIN_REPS round-robin rounds"
 	table "Plain veth link (RTT $RTT_PLAIN ms), $bytes-byte stream ($MB MiB of random data)$reps_note:" "$bytes" raw \
-		"raw:$L_RAW" "local:$L_LOCAL" "resync:$L_RESYNC" "chunked:$L_CHUNKED" "syncoid:$L_SYNCOID"
+		"raw:$L_RAW" "pipe:$L_PIPE" "local:$L_LOCAL" "resync:$L_RESYNC" "resync-none:$L_RESYNC_NONE" "chunked:$L_CHUNKED" "syncoid:$L_SYNCOID"
 fi
 
 # ---------------------------------------------------------------------------
@@ -370,6 +416,8 @@ if phase delay; then
 	RTT_DELAY=$(bash scripts/netdelay.sh rtt "$TB_HOST_B" 22 9)
 	log "RTT to host B: $RTT_PLAIN ms plain, $RTT_DELAY ms delayed"
 	time_it d-raw raw "$dsrc"
+	time_it d-pipe pipeline "$dsrc" bench-d-pipe
+	check_replica "$TB_POOL_B/bench-d-pipe" "$dguid"
 	time_it d-resync resync_push d-resync "$dsrc" bench-d-resync
 	check_replica "$TB_POOL_B/bench-d-resync" "$dguid"
 	time_it d-chunked chunked_push d-chunked "$dsrc" bench-d-chunked
@@ -381,7 +429,7 @@ if phase delay; then
 	bash scripts/netdelay.sh off "$TB_NS_B"
 	DELAY_ON=0
 	table "$DELAY_MS ms added to packets entering host B (TCP connect RTT measured: $RTT_PLAIN ms plain, $RTT_DELAY ms delayed, $RTT_AFTER ms after the last run), $dbytes-byte stream ($DELAY_MB MiB of random data):" \
-		"$dbytes" d-raw "d-raw:$L_RAW" "d-resync:$L_RESYNC" "d-chunked:$L_CHUNKED" "d-syncoid:$L_SYNCOID"
+		"$dbytes" d-raw "d-raw:$L_RAW" "d-pipe:$L_PIPE" "d-resync:$L_RESYNC" "d-chunked:$L_CHUNKED" "d-syncoid:$L_SYNCOID"
 	out '\nresync `--chunked` vs syncoid at +%s ms: %sx (target: at least 2x)\n' "$DELAY_MS" \
 		"$(ratio "${SECS[d-syncoid]}" "${SECS[d-chunked]}")"
 fi
@@ -472,18 +520,104 @@ if phase cut; then
 		"$(mb "${WIRE[chunked]}")" "$(mb "${WIRE[resync]}")"
 fi
 
-# Item 11's targets, from the numbers above.
+# ---------------------------------------------------------------------------
+# Phase: compressible data over a 100 Mbit/s link
+
+SHAPED=0
+unshape() {
+	if ((SHAPED)); then
+		tc qdisc del dev "$TB_LINK_B" root 2>/dev/null || true
+	fi
+	SHAPED=0
+}
+if phase compress; then
+	csrc_ds=$TB_POOL_A/bench-tar
+	zfs create -o compression=off "$csrc_ds"
+	DATASETS+=("$csrc_ds")
+	sleep 1
+	mp=$(zfs get -H -o value mountpoint "$csrc_ds")
+	log "writing $COMPRESS_MB MiB of a tar of /usr to $csrc_ds"
+	{ tar -cf - -C / usr 2>/dev/null || true; } | head -c "$((COMPRESS_MB * 1024 * 1024))" >"$mp/usr.tar"
+	sync
+	zfs snapshot "$csrc_ds@b1"
+	csrc=$csrc_ds@b1
+	cbytes=$(zfs send "$csrc" | wc -c)
+	cguid=$(zfs get -Hp -o value guid "$csrc")
+	zstd1=$(zfs send "$csrc" | zstd -1 -T1 -c | wc -c)
+	lzo=$(zfs send "$csrc" | lzop -c | wc -c)
+	log "phase compress: $cbytes bytes (zstd -1: $zstd1, lzop: $lzo), link to B at 100 Mbit/s"
+	tc qdisc add dev "$TB_LINK_B" root tbf rate 100mbit burst 64kb latency 400ms
+	SHAPED=1
+	time_it c-syncoid syncoid_push "$csrc" bench-c-syncoid
+	check_replica "$TB_POOL_B/bench-c-syncoid" "$cguid"
+	time_it c-resync resync_push c-resync "$csrc" bench-c-resync
+	check_replica "$TB_POOL_B/bench-c-resync" "$cguid"
+	time_it c-chunked chunked_push c-chunked "$csrc" bench-c-chunked
+	check_replica "$TB_POOL_B/bench-c-chunked" "$cguid"
+	unshape
+	table "Compressible data: $COMPRESS_MB MiB of a tar of /usr ($cbytes-byte stream; zstd -1 leaves $zstd1 bytes, lzop $lzo) over host B's link shaped to 100 Mbit/s (tc tbf); \"vs raw ssh\" is against syncoid here:" \
+		"$cbytes" c-syncoid "c-syncoid:$L_SYNCOID" "c-resync:$L_RESYNC" "c-chunked:$L_CHUNKED"
+fi
+
+if phase scale; then
+	if [[ -f scripts/bench-scale.sh ]]; then
+		log "phase scale: scripts/bench-scale.sh"
+		bash scripts/bench-scale.sh >&2 || log "WARNING: scripts/bench-scale.sh failed"
+	else
+		log "phase scale: no scripts/bench-scale.sh here; skipped"
+	fi
+fi
+
+# ---------------------------------------------------------------------------
+# Issue 10's table and targets
+
+if phase plain; then
+	out '\nIssue 10 table (plain link, random data; CPU is busy time of the whole machine per GiB of stream):\n\n'
+	out '| method | MB/s | CPU core-s/GiB |\n| --- | ---: | ---: |\n'
+	for kv in "pipe:OpenSSH pipeline \`zfs send \\| ssh host zfs receive\`" "syncoid:$L_SYNCOID" \
+		"resync:resync default" "resync-none:resync \`--compress=none\`" "chunked:resync \`--chunked\`"; do
+		key=${kv%%:*}
+		out '| %s | %s | %s |\n' "${kv#*:}" "$(rate "$bytes" "${SECS[$key]}")" "$(per_gib "${CPU[$key]}" "$bytes")"
+	done
+fi
+if [[ -n ${SECS[noop]:-} ]]; then
+	out '\nNo-op run (default mode, nothing to send, plain link): %s s\n' "${SECS[noop]}"
+fi
+
+# Targets, from the numbers above.
 verdict() { [[ $1 == 1 ]] && echo met || echo "NOT met"; }
 out '\nTargets:\n'
+at_least() { verdict "$(awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t) }')"; }
+at_most() { verdict "$(awk -v r="$1" -v t="$2" 'BEGIN { print (r <= t) }')"; }
 if phase plain; then
-	r=$(ratio "${SECS[raw]}" "${SECS[chunked]}")
-	out '- `--chunked` at least 0.9x the raw pipe on the plain link: %sx, %s\n' "$r" \
-		"$(verdict "$(awk -v r="$r" 'BEGIN { print (r >= 0.9) }')")"
+	cpu_pipe=$(per_gib "${CPU[pipe]}" "$bytes")
+	for kv in "resync:default:1.2" "chunked:\`--chunked\`:1.6"; do
+		IFS=: read -r key what t <<<"$kv"
+		r=$(ratio "$(per_gib "${CPU[$key]}" "$bytes")" "$cpu_pipe")
+		out '- CPU per GiB, resync %s at most %sx the OpenSSH pipeline: %sx, %s\n' "$what" "$t" "$r" "$(at_most "$r" "$t")"
+	done
+	for kv in "resync:default:1.5" "chunked:\`--chunked\`:1.0"; do
+		IFS=: read -r key what t <<<"$kv"
+		r=$(ratio "${SECS[syncoid]}" "${SECS[$key]}")
+		out '- LAN throughput, resync %s at least %sx syncoid'"'"'s defaults: %sx, %s\n' "$what" "$t" "$r" "$(at_least "$r" "$t")"
+	done
+	r=$(awk -v a="${SECS[resync]}" -v b="${SECS[resync-none]}" 'BEGIN { printf "%.1f", (a / b - 1) * 100 }')
+	out '- random data, the default compression costs at most 5%% against `--compress=none`: %s%% (%s s vs %s s), %s\n' \
+		"$r" "${SECS[resync]}" "${SECS[resync-none]}" "$(at_most "$r" 5)"
 fi
 if phase delay; then
 	r=$(ratio "${SECS[d-syncoid]}" "${SECS[d-chunked]}")
-	out '- `--chunked` at least 2x syncoid at +%s ms: %sx, %s\n' "$DELAY_MS" "$r" \
-		"$(verdict "$(awk -v r="$r" 'BEGIN { print (r >= 2) }')")"
+	out '- +%s ms, `--chunked` at least 3x syncoid: %sx, %s\n' "$DELAY_MS" "$r" "$(at_least "$r" 3)"
+	r=$(ratio "${SECS[d-pipe]}" "${SECS[d-resync]}")
+	out '- +%s ms, default at least 1.0x the OpenSSH pipeline: %sx, %s\n' "$DELAY_MS" "$r" "$(at_least "$r" 1)"
+fi
+if phase compress; then
+	for kv in "c-resync:default mode" "c-chunked:\`--chunked\`"; do
+		key=${kv%%:*}
+		r=$(ratio "${SECS[c-syncoid]}" "${SECS[$key]}")
+		out '- compressible data at 100 Mbit/s, resync %s at least 1.3x syncoid (lzo): %sx (%s s vs %s s), %s\n' \
+			"${kv#*:}" "$r" "${SECS[$key]}" "${SECS[c-syncoid]}" "$(at_least "$r" 1.3)"
+	done
 fi
 if phase cut; then
 	# Wire bytes carry SSH and TCP overhead: scale by the uncut run's ratio.

@@ -18,6 +18,7 @@ use regex::Regex;
 
 use crate::bwlimit;
 use crate::chunk::orchestrator;
+use crate::compress::{self, Compress};
 use crate::host::ssh::sshconfig::{self, CommandLineOption};
 use crate::host::ssh::{DataPath, SshOptions, SshOverrides};
 use crate::plan::snapfilter::SnapFilter;
@@ -213,6 +214,13 @@ pub struct Cli {
     /// same single stream as --source-bwlimit: the smaller of the two wins).
     #[arg(long, value_name = "RATE", value_parser = bwlimit::parse_rate)]
     pub target_bwlimit: Option<u64>,
+
+    /// Compress the stream on the wire: default (zstd at a level that follows the link,
+    /// off while data does not shrink), none, or one of syncoid's names (lz4, lzo,
+    /// zstd-fast, zstd-slow, gzip, pigz-fast, pigz-slow, xz, zstdmt-*), each mapped to a
+    /// zstd level (see README). Runs our own binary on remote hosts in default mode.
+    #[arg(long, value_name = "NAME", default_value = "default", value_parser = compress::parse_flag)]
+    pub compress: Compress,
 
     /// Move each stream as MD5-verified chunk files through folders on both hosts,
     /// so that a broken link costs at most the chunks in flight (resumes by itself
@@ -495,6 +503,11 @@ pub struct Config {
     /// Bytes per second, as given; see [`Config::bwlimit`].
     pub source_bwlimit: Option<u64>,
     pub target_bwlimit: Option<u64>,
+    /// `--compress` (a named compressor that cannot run on a host is an
+    /// error; the default falls back to none there).
+    pub compress: Compress,
+    /// `--tmpdir`: where our binary goes on remote hosts.
+    pub tmpdir: String,
     pub dry_run: bool,
     /// `--json`: a report on stdout; `--dumpsnaps` goes to stderr then.
     pub json: bool,
@@ -608,6 +621,7 @@ impl Config {
             timeout: self.timeout,
             tmpdir: c.tmpdir.clone(),
             bwlimit: self.bwlimit(),
+            compress: self.compress,
         })
     }
 }
@@ -785,11 +799,13 @@ impl Cli {
             chunk: self.chunked.then_some(ChunkSettings {
                 size: self.chunk_size,
                 window: self.chunk_window,
-                tmpdir: self.tmpdir,
+                tmpdir: self.tmpdir.clone(),
             }),
             timeout: self.timeout,
             source_bwlimit: self.source_bwlimit,
             target_bwlimit: self.target_bwlimit,
+            compress: self.compress,
+            tmpdir: self.tmpdir.clone(),
             dry_run: self.dry_run,
             json: self.json,
             verbosity,

@@ -6,6 +6,7 @@
 mod bwlimit;
 mod chunk;
 mod cli;
+mod compress;
 mod endpoint;
 mod generate;
 mod host;
@@ -35,6 +36,13 @@ fn run() -> i32 {
     }
     if args.first().and_then(|a| a.to_str()) == Some(generate::SUBCOMMAND) {
         return generate::main(&args[1..]);
+    }
+    if args
+        .first()
+        .and_then(|a| a.to_str())
+        .is_some_and(|a| compress::filter::SUBCOMMANDS.contains(&a))
+    {
+        return compress::filter::main(&args);
     }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,

@@ -332,6 +332,10 @@ impl Run<'_> {
                 bwlimit: self.cfg.bwlimit(),
                 stall: self.cfg.timeout,
                 ui: self.ui,
+                codec: match &self.compression {
+                    Some(c) => c.codec([self.src.host(), self.dst.host()], self.ui)?,
+                    None => None,
+                },
             }
             .transfer(&elevated, bar),
         };

@@ -24,6 +24,7 @@ use crate::progress::{human_bytes, human_duration, human_rate, Progress, Stopwat
 use crate::report::{DatasetReport, Reports, Status};
 use crate::runlock::{self, RunLock};
 use crate::transfer::chunked::{self, Chunked};
+use crate::transfer::codec::Compression;
 use crate::zfs::Dataset;
 
 mod execute;
@@ -58,6 +59,9 @@ struct Run<'a> {
     lock: Option<&'a RunLock>,
     /// `--chunked`: the chunk orchestrator's entry.
     chunked: Option<Chunked<'a>>,
+    /// Default mode's `--compress` (none with `--chunked`, whose helpers
+    /// compress themselves).
+    compression: Option<Compression>,
     /// The target datasets of this run's pairs (see `--force-delete`).
     targets: OnceLock<Vec<Dataset>>,
     /// Each pair's result, for `--json`.
@@ -123,9 +127,21 @@ pub fn run(cfg: &Config, ui: &dyn Progress, reports: &Reports) -> Result<Outcome
             ui,
             totals: Default::default(),
         }),
+        compression: match cfg.chunk {
+            Some(_) => None,
+            None => Compression::new(
+                cfg.compress,
+                &cfg.tmpdir,
+                src.location.clone(),
+                dst.location.clone(),
+            ),
+        },
         targets: OnceLock::new(),
         reports,
     };
+    if let (Some(c), false) = (&run.compression, cfg.dry_run) {
+        c.prepare([src.host(), dst.host()], ui)?;
+    }
     run.stop_leftovers()?;
     run.announce_missing_protection();
     run.announce_filtered_sync_snap();

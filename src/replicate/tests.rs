@@ -220,6 +220,7 @@ fn run(
         hostname: "testhost".into(),
         lock: None,
         chunked: None,
+        compression: None,
         targets: OnceLock::new(),
         reports: &reports,
     };

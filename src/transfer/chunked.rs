@@ -205,6 +205,16 @@ impl Chunked<'_> {
             human_duration(took),
             human_rate(stats.bytes, took)
         ));
+        if self.opts.compress.is_on() {
+            self.ui.info(&format!(
+                "compressed: {} ({} bytes) of stream in {} ({} bytes) of chunk files ({:.2}x)",
+                human_bytes(stats.bytes),
+                stats.bytes,
+                human_bytes(stats.copied),
+                stats.copied,
+                stats.bytes as f64 / stats.copied.max(1) as f64
+            ));
+        }
         Ok(stats)
     }
 }

@@ -4,9 +4,11 @@
 //! moved once both commands succeeded. [`pipe::Pipe`] streams through this
 //! process (bandwidth limit, stall watchdog); [`chunked::Chunked`] is the
 //! entry into the chunk orchestrator (helpers on both hosts, deployed with
-//! retries). Neither knows what a plan or a dataset pair is.
+//! retries); [`codec::Compression`] puts our binary where default mode
+//! compresses. Neither knows what a plan or a dataset pair is.
 
 pub mod chunked;
+pub mod codec;
 pub mod pipe;
 
 use anyhow::Result;

@@ -7,6 +7,7 @@ mod bed;
 mod bwlimit;
 mod chunk;
 mod chunked;
+mod compress;
 mod force_delete;
 mod holds;
 mod json;

@@ -63,17 +63,25 @@ fn run(cmd: HelperCommand) -> Result<i32> {
             chunk_size,
             window,
             timeout,
+            compress,
             argv,
         } => Ok(sender::run(sender::Config {
             dir: dir.into(),
             chunk_size,
             window,
             timeout,
+            compress,
             argv: argv.into_iter().map(OsString::from).collect(),
         })),
-        HelperCommand::Recv { dir, timeout, argv } => Ok(receiver::run(receiver::Config {
+        HelperCommand::Recv {
+            dir,
+            timeout,
+            framed,
+            argv,
+        } => Ok(receiver::run(receiver::Config {
             dir: dir.into(),
             timeout,
+            framed,
             argv: argv.into_iter().map(OsString::from).collect(),
         })),
         HelperCommand::Start { dir, helper } => start(Path::new(&dir), &helper),

@@ -2,12 +2,14 @@
 //! argv, no shell), takes chunks from its session folder in index order,
 //! verifies each one's MD5 before a byte of it reaches zfs's stdin, records
 //! `progress`, asks for a bad chunk again (`resend`), and ends with a
-//! `result` marker (see the protocol in `chunk::protocol`).
+//! `result` marker (see the protocol in `chunk::protocol`). With `--framed`
+//! a verified chunk file is a run of frames (`compress::frame`), decoded
+//! into zfs's stdin; `progress` and `end` count the decoded bytes.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::{self, Seek, SeekFrom};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::thread::{self, JoinHandle};
@@ -28,6 +30,7 @@ use crate::chunk::protocol::{
     ABORT, ABORT_GRACE, CANCEL, END, EXIT_OK, EXIT_ZFS_FAILED, MAX_ATTEMPTS, POLL, PROGRESS,
     RESEND, RESULT,
 };
+use crate::compress::frame::{FrameReader, Framing};
 use crate::sys::{hex, md5_reader};
 
 /// What the helper's command line says.
@@ -35,6 +38,8 @@ use crate::sys::{hex, md5_reader};
 pub struct Config {
     pub dir: PathBuf,
     pub timeout: Duration,
+    /// `--framed`: chunk files hold frames.
+    pub framed: bool,
     pub argv: Vec<OsString>,
 }
 
@@ -284,7 +289,7 @@ impl Receiver {
                         .stdin
                         .as_mut()
                         .ok_or_else(|| anyhow!("zfs receive's stdin is closed"))?;
-                    match stream(file, stdin) {
+                    match stream(file, stdin, self.c.framed) {
                         Ok(n) => {
                             self.consumed(n)?;
                             continue;
@@ -538,7 +543,15 @@ fn hash_file(path: &Path) -> Result<Hashed> {
     Ok((file, digest))
 }
 
-/// Copies a verified chunk into zfs's stdin; returns its length.
-fn stream(mut file: File, stdin: &mut ChildStdin) -> io::Result<u64> {
-    io::copy(&mut file, stdin)
+/// Copies a verified chunk into zfs's stdin (decoding its frames when
+/// `framed`); returns the bytes zfs got.
+fn stream(mut file: File, stdin: &mut ChildStdin, framed: bool) -> io::Result<u64> {
+    if !framed {
+        return io::copy(&mut file, stdin);
+    }
+    let mut frames = FrameReader::new(io::BufReader::with_capacity(1 << 20, file), Framing::Bare)?;
+    while let Some(block) = frames.next_block()? {
+        stdin.write_all(block)?;
+    }
+    Ok(frames.total())
 }

@@ -2,14 +2,19 @@
 //! shell), cuts its stdout into chunk files of `--chunk-size` bytes in its
 //! session folder, each with its `.md5`, never more than `--window` staged,
 //! and ends with an `end` or `error` marker (see the protocol in `chunk::protocol`).
-//! One thread reads zfs's pipe, one hashes, the main thread writes files and
-//! watches the folder.
+//! One thread reads zfs's pipe (cutting its blocks at chunk boundaries, and
+//! with `--compress` encoding each block into one frame, `compress::frame`),
+//! one hashes, the main thread writes files and watches the folder. A chunk
+//! holds `--chunk-size` bytes of the zfs stream (the last one fewer); with
+//! compression its file holds those bytes' frames, and its MD5 covers the
+//! file, i.e. the bytes that travel.
 
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::thread;
@@ -23,6 +28,8 @@ use super::{drain, enter_session, log, Stop};
 use crate::chunk::protocol::folder::{chunk_name, md5_name};
 use crate::chunk::protocol::markers::{cap_stderr, render_md5, End, Failure, Status};
 use crate::chunk::protocol::{CANCEL, END, ERROR, EXIT_OK, EXIT_ZFS_FAILED, PART, POLL};
+use crate::compress::encoder::{self, Encoder};
+use crate::compress::Compress;
 
 /// Bytes handed from the reading thread at a time.
 const BLOCK: usize = 1 << 20;
@@ -36,6 +43,7 @@ pub struct Config {
     pub chunk_size: u64,
     pub window: u64,
     pub timeout: Duration,
+    pub compress: Compress,
     pub argv: Vec<OsString>,
 }
 
@@ -50,6 +58,7 @@ pub fn run(c: Config) -> i32 {
         c,
         last_activity: Instant::now(),
         copies: CopyActivity::default(),
+        backlog: Arc::new(AtomicBool::new(false)),
     };
     let (marker, success) = match s.transfer() {
         Ok(Done::End(end)) => (write_atomic(&dir, END, end.render().as_bytes()), true),
@@ -109,6 +118,9 @@ struct Sender {
     c: Config,
     last_activity: Instant,
     copies: CopyActivity,
+    /// Half the window or more is staged: the link, not compression, is
+    /// the bottleneck (the encoder's level follows it).
+    backlog: Arc<AtomicBool>,
 }
 
 impl Sender {
@@ -139,8 +151,13 @@ impl Sender {
             .stdout
             .take()
             .ok_or_else(|| anyhow!("zfs send has no stdout pipe"))?;
-        let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(DEPTH);
-        let reader = thread::spawn(move || read_blocks(stdout, tx));
+        let encoder = match self.c.compress {
+            Compress::None => None,
+            c => Some(Encoder::new(c).context("starting zstd")?),
+        };
+        let (tx, rx) = mpsc::sync_channel::<io::Result<Block>>(DEPTH);
+        let (chunk_size, backlog) = (self.c.chunk_size, self.backlog.clone());
+        let reader = thread::spawn(move || read_blocks(stdout, tx, chunk_size, encoder, &backlog));
         let (htx, hrx) = mpsc::sync_channel::<HashJob>(DEPTH * 2);
         let hasher = thread::spawn(move || hash_jobs(hrx));
 
@@ -189,22 +206,18 @@ impl Sender {
     }
 
     /// Cuts the stream into chunks until EOF (or a stop).
-    fn cut(
-        &mut self,
-        rx: &Receiver<io::Result<Vec<u8>>>,
-        htx: &SyncSender<HashJob>,
-    ) -> Result<Cut> {
+    fn cut(&mut self, rx: &Receiver<io::Result<Block>>, htx: &SyncSender<HashJob>) -> Result<Cut> {
         let dir = self.c.dir.clone();
         let mut index = 0u64;
         let mut total = 0u64;
-        // The current block and how far into it we are.
-        let mut block: Option<(Arc<Vec<u8>>, usize)> = None;
+        // A block read before waiting on the window.
+        let mut block: Option<Block> = None;
         loop {
             // Have data for the next chunk before waiting on the window, so
             // that a stream ending on a chunk boundary ends at once.
             if block.is_none() {
                 match self.next_block(rx)? {
-                    Next::Block(b) => block = Some((Arc::new(b), 0)),
+                    Next::Block(b) => block = Some(b),
                     Next::Eof => {
                         return Ok(Cut::Eof {
                             chunks: index,
@@ -225,10 +238,10 @@ impl Sender {
             let mut in_chunk = 0u64;
             let mut eof = false;
             while in_chunk < self.c.chunk_size {
-                let (b, off) = match block.take() {
-                    Some(x) => x,
+                let b = match block.take() {
+                    Some(b) => b,
                     None => match self.next_block(rx)? {
-                        Next::Block(b) => (Arc::new(b), 0),
+                        Next::Block(b) => b,
                         Next::Eof => {
                             eof = true;
                             break;
@@ -236,15 +249,18 @@ impl Sender {
                         Next::Stopped(s) => return Ok(Cut::Stopped(s)),
                     },
                 };
-                let want = (self.c.chunk_size - in_chunk).min((b.len() - off) as u64) as usize;
-                file.write_all(&b[off..off + want])
-                    .with_context(|| format!("writing {}", part.display()))?;
-                htx.send(HashJob::Data(Arc::clone(&b), off, off + want))
-                    .map_err(|_| anyhow!("the hashing thread died"))?;
-                in_chunk += want as u64;
-                if off + want < b.len() {
-                    block = Some((b, off + want));
+                // The reading thread cuts blocks at chunk boundaries.
+                if in_chunk + b.raw > self.c.chunk_size {
+                    return Err(anyhow!(
+                        "internal error: a block crosses chunk {index}'s end"
+                    ));
                 }
+                file.write_all(&b.data)
+                    .with_context(|| format!("writing {}", part.display()))?;
+                in_chunk += b.raw;
+                let len = b.data.len();
+                htx.send(HashJob::Data(Arc::new(b.data), 0, len))
+                    .map_err(|_| anyhow!("the hashing thread died"))?;
             }
             file.flush()
                 .with_context(|| format!("writing {}", part.display()))?;
@@ -273,7 +289,7 @@ impl Sender {
         }
     }
 
-    fn next_block(&mut self, rx: &Receiver<io::Result<Vec<u8>>>) -> Result<Next> {
+    fn next_block(&mut self, rx: &Receiver<io::Result<Block>>) -> Result<Next> {
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(Ok(b)) => return Ok(Next::Block(b)),
@@ -309,6 +325,8 @@ impl Sender {
                 self.last_activity = Instant::now();
             }
             last_count = Some(count);
+            self.backlog
+                .store(count * 2 >= self.c.window.max(2), Ordering::Relaxed);
             if count < self.c.window {
                 return Ok(());
             }
@@ -358,22 +376,45 @@ enum Cut {
 }
 
 enum Next {
-    Block(Vec<u8>),
+    Block(Block),
     Eof,
     Stopped(Stop),
 }
 
-/// Reads `r` in blocks of up to BLOCK bytes into `tx` until EOF or error.
-fn read_blocks(mut r: impl Read, tx: SyncSender<io::Result<Vec<u8>>>) {
+/// What the reading thread hands on: `raw` bytes of the zfs stream, as
+/// they go into the chunk file (themselves, or one frame of them).
+struct Block {
+    raw: u64,
+    data: Vec<u8>,
+}
+
+/// Reads `r` into `tx` until EOF or error, in blocks of up to BLOCK bytes
+/// (the encoder's block size with compression) that never cross a chunk
+/// boundary; with `encoder`, each block is sent as one frame, and the
+/// encoder told whether the link is the bottleneck: the queue was full, or
+/// the staged chunks are a `backlog`.
+fn read_blocks(
+    mut r: impl Read,
+    tx: SyncSender<io::Result<Block>>,
+    chunk_size: u64,
+    mut encoder: Option<Encoder>,
+    backlog: &AtomicBool,
+) {
+    let most = match encoder {
+        Some(_) => encoder::BLOCK,
+        None => BLOCK,
+    };
+    let mut at = 0u64; // position in the current chunk
     loop {
-        let mut buf = vec![0u8; BLOCK];
+        let want = (chunk_size - at).min(most as u64) as usize;
+        let mut buf = vec![0u8; want];
         let mut filled = 0;
         let res = loop {
             match r.read(&mut buf[filled..]) {
                 Ok(0) => break Ok(true),
                 Ok(n) => {
                     filled += n;
-                    if filled == BLOCK {
+                    if filled == want {
                         break Ok(false);
                     }
                 }
@@ -385,8 +426,39 @@ fn read_blocks(mut r: impl Read, tx: SyncSender<io::Result<Vec<u8>>>) {
             Ok(eof) => {
                 if filled > 0 {
                     buf.truncate(filled);
-                    if tx.send(Ok(buf)).is_err() {
-                        return;
+                    at = (at + filled as u64) % chunk_size;
+                    let block = match encoder.as_mut() {
+                        None => Block {
+                            raw: filled as u64,
+                            data: buf,
+                        },
+                        Some(enc) => {
+                            let mut data = Vec::with_capacity(filled + 16);
+                            if let Err(e) = enc.frame(&buf, &mut data) {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                            Block {
+                                raw: filled as u64,
+                                data,
+                            }
+                        }
+                    };
+                    match tx.try_send(Ok(block)) {
+                        Ok(()) => {
+                            if let Some(enc) = encoder.as_mut() {
+                                enc.observe(backlog.load(Ordering::Relaxed));
+                            }
+                        }
+                        Err(mpsc::TrySendError::Full(block)) => {
+                            if let Some(enc) = encoder.as_mut() {
+                                enc.observe(true);
+                            }
+                            if tx.send(block).is_err() {
+                                return;
+                            }
+                        }
+                        Err(mpsc::TrySendError::Disconnected(_)) => return,
                     }
                 }
                 if eof {

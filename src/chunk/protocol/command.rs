@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::markers::parse_u64;
 use super::CHUNK_SIZE_MAX;
+use crate::compress::Compress;
 
 /// Hidden subcommands that `main` hands to the helper dispatch.
 pub const SUBCOMMANDS: &[&str] = &[SEND, RECV, START, CLEAN, SERVE, OWN, SESSIONS, MANIFEST];
@@ -40,18 +41,22 @@ pub enum Scope {
 /// One helper command line (see the protocol doc, "Command lines").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HelperCommand {
-    /// `__chunk-send --dir D --chunk-size BYTES --window N --timeout SECS -- ARGV`
+    /// `__chunk-send --dir D --chunk-size BYTES --window N --timeout SECS [--compress SPEC] -- ARGV`
     Send {
         dir: String,
         chunk_size: u64,
         window: u64,
         timeout: Duration,
+        /// `--compress`: chunk files hold frames (absent: `none`).
+        compress: Compress,
         argv: Vec<String>,
     },
-    /// `__chunk-recv --dir D --timeout SECS -- ARGV`
+    /// `__chunk-recv --dir D --timeout SECS [--framed] -- ARGV`
     Recv {
         dir: String,
         timeout: Duration,
+        /// `--framed`: chunk files hold frames to decode.
+        framed: bool,
         argv: Vec<String>,
     },
     /// `__chunk-start --dir D -- <Send or Recv>`: creates D, starts the
@@ -111,6 +116,7 @@ impl HelperCommand {
                 chunk_size,
                 window,
                 timeout,
+                compress,
                 argv,
             } => {
                 out.push(SEND.into());
@@ -118,13 +124,24 @@ impl HelperCommand {
                 opt(out, "--chunk-size", &chunk_size.to_string());
                 opt(out, "--window", &window.to_string());
                 opt(out, "--timeout", &secs(timeout));
+                if compress.is_on() {
+                    opt(out, "--compress", &compress.spec());
+                }
                 out.push("--".into());
                 out.extend(argv.iter().cloned());
             }
-            HelperCommand::Recv { dir, timeout, argv } => {
+            HelperCommand::Recv {
+                dir,
+                timeout,
+                framed,
+                argv,
+            } => {
                 out.push(RECV.into());
                 opt(out, "--dir", dir);
                 opt(out, "--timeout", &secs(timeout));
+                if *framed {
+                    out.push("--framed".into());
+                }
                 out.push("--".into());
                 out.extend(argv.iter().cloned());
             }
@@ -206,20 +223,34 @@ impl HelperCommand {
         let o = Options::parse(rest)?;
         let cmd = match sub {
             SEND => {
-                o.only(&["--dir", "--chunk-size", "--window", "--timeout"], sub)?;
+                o.only(
+                    &[
+                        "--dir",
+                        "--chunk-size",
+                        "--window",
+                        "--timeout",
+                        "--compress",
+                    ],
+                    sub,
+                )?;
                 HelperCommand::Send {
                     dir: o.dir()?,
                     chunk_size: o.chunk_size()?,
                     window: o.window()?,
                     timeout: o.timeout()?,
+                    compress: match o.get("--compress") {
+                        Some(spec) => Compress::parse_spec(spec).context("option --compress")?,
+                        None => Compress::None,
+                    },
                     argv: o.program("zfs send")?,
                 }
             }
             RECV => {
-                o.only(&["--dir", "--timeout"], sub)?;
+                o.only(&["--dir", "--timeout", "--framed"], sub)?;
                 HelperCommand::Recv {
                     dir: o.dir()?,
                     timeout: o.timeout()?,
+                    framed: o.flag("--framed"),
                     argv: o.program("zfs receive")?,
                 }
             }
@@ -304,7 +335,7 @@ impl HelperCommand {
 }
 
 /// Flags that take no value.
-const FLAGS: &[&str] = &["--remove-dead", "--cancel"];
+const FLAGS: &[&str] = &["--remove-dead", "--cancel", "--framed"];
 
 /// `--key value` options (and flags) up to `--`, then the program's argv.
 struct Options {
@@ -458,6 +489,7 @@ mod tests {
             chunk_size: 8 << 20,
             window: 4,
             timeout: Duration::from_secs(60),
+            compress: Compress::Adaptive,
             // Options after `--` belong to the program.
             argv: vec![
                 "zfs".into(),
@@ -469,9 +501,39 @@ mod tests {
         let recv = HelperCommand::Recv {
             dir: DIR.into(),
             timeout: Duration::from_secs(5),
+            framed: true,
             argv: vec!["zfs".into(), "receive".into(), "-s".into(), "p/y".into()],
         };
+        let with = |compress| match send.clone() {
+            HelperCommand::Send {
+                dir,
+                chunk_size,
+                window,
+                timeout,
+                argv,
+                ..
+            } => HelperCommand::Send {
+                dir,
+                chunk_size,
+                window,
+                timeout,
+                compress,
+                argv,
+            },
+            other => other,
+        };
+        let plain_send = with(Compress::None);
+        let fixed_send = with(Compress::Fixed { level: -1 });
+        let plain_recv = HelperCommand::Recv {
+            dir: DIR.into(),
+            timeout: Duration::from_secs(5),
+            framed: false,
+            argv: vec!["zfs".into(), "receive".into()],
+        };
         for c in [
+            plain_send,
+            fixed_send,
+            plain_recv,
             send.clone(),
             recv.clone(),
             HelperCommand::Start {
@@ -535,6 +597,7 @@ mod tests {
             helper: Box::new(HelperCommand::Recv {
                 dir: DIR.into(),
                 timeout: Duration::from_secs(7),
+                framed: false,
                 argv: vec!["zfs".into(), "receive".into(), "p/y".into()],
             }),
         };

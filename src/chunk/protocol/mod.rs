@@ -7,7 +7,8 @@
 //! (`session.rs`) and the helper command lines ([`command::HelperCommand`]).
 //! What runs on a host is in `chunk::helper`, what runs in the orchestrator
 //! in `chunk::driver`; both depend on this module, it depends on neither
-//! (nor on anything else in the crate but `sys.rs`).
+//! (nor on anything else in the crate but `sys.rs` and the pure
+//! `compress` names).
 //!
 //! # Parties
 //! - The **sender helper** (`resync __chunk-send`) runs beside `zfs send` and
@@ -74,6 +75,21 @@
 //! `.md5`, or a `.md5` without data) deletes both files and writes `resend`;
 //! after `MAX_ATTEMPTS` failures of one index the receiver gives up
 //! (`result` with outcome `corrupt`, zfs receive killed).
+//!
+//! # Compression
+//! With `--compress` (not `none`) the sender helper gets `--compress SPEC`
+//! and the receiver `--framed`. The sender still cuts the zfs stream every
+//! `chunk-size` bytes, but writes each chunk as frames (`compress::frame`:
+//! one per block of up to 1 MiB, never crossing a chunk boundary; no magic,
+//! no end frame), so a chunk file is usually smaller than `chunk-size`.
+//! Everything about a chunk *file* counts bytes of the file, i.e. what
+//! travels: its `.md5`, the listing sizes, the `R`/`W` offsets and `O`/`A`
+//! replies of the serve protocol, and so what a resumed copy re-sends.
+//! Everything about the *stream* counts decoded bytes: `end`'s and
+//! `progress`'s `bytes`, and `result`'s. The receiver checks the MD5 of the
+//! file first, then decodes it into zfs's stdin; a chunk whose frames do
+//! not decode fails the receive (outcome `failed`). The orchestrator never
+//! looks inside a chunk, so it moves framed and plain chunks alike.
 //!
 //! # Ending
 //! The orchestrator copies `end` to the receiver once it has seen it; the
@@ -157,8 +173,8 @@
 //! only those the receiver's `.part` had not yet stored.
 //!
 //! # Command lines (hidden subcommands, exit 0 ok, 1 zfs failed, 2 usage)
-//! - `resync __chunk-send --dir D --chunk-size BYTES --window N --timeout SECS -- zfs send ...`
-//! - `resync __chunk-recv --dir D --timeout SECS -- zfs receive ...`
+//! - `resync __chunk-send --dir D --chunk-size BYTES --window N --timeout SECS [--compress SPEC] -- zfs send ...`
+//! - `resync __chunk-recv --dir D --timeout SECS [--framed] -- zfs receive ...`
 //! - `resync __chunk-start --dir D -- __chunk-send|__chunk-recv ...`: creates
 //!   D, starts the helper detached with its log in `D/helper.log`, prints its pid.
 //! - `resync __chunk-clean [--tmpdir DIR] [--min-age SECS]`: removes stale
