@@ -220,7 +220,13 @@ fn options(target: &Target, opts: &SshOptions, keys: &[PathBuf], socket: &Path) 
     if let Some(alias) = &target.host_key_alias {
         set("HostKeyAlias", alias.clone());
     }
-    set("Ciphers", CIPHERS.into());
+    set(
+        "Ciphers",
+        opts.overrides.ciphers.as_deref().unwrap_or(CIPHERS).into(),
+    );
+    if opts.overrides.identities_only {
+        set("IdentitiesOnly", "yes".into());
+    }
     set("Compression", "no".into());
     set(
         "ConnectTimeout",
@@ -273,8 +279,15 @@ mod tests {
             "-o HostKeyAlias=vault",
             "-o ControlPath=/tmp/x/cm",
             "-o ServerAliveInterval=7",
+            "-o Ciphers=aes128-gcm@openssh.com,",
         ] {
             assert!(joined.contains(expected), "{expected} missing in {joined}");
         }
+        assert!(!joined.contains("IdentitiesOnly"));
+        let mut opts = opts;
+        opts.overrides.ciphers = Some("aes256-ctr".into());
+        opts.overrides.identities_only = true;
+        let joined = options(&target(), &opts, &[], Path::new("/s")).join(" ");
+        assert!(joined.contains("-o Ciphers=aes256-ctr -o IdentitiesOnly=yes"));
     }
 }
