@@ -88,20 +88,22 @@ pub fn run(cfg: &Config, ui: &dyn Progress, reports: &Reports) -> Result<Outcome
             Reconnecting::new(src.host(), || endpoint::connect(&cfg.target.location, cfg));
         (src, open_side(dst_host, cfg, ui, Side::Target)?)
     } else {
+        // Errors in the order a sequential run would meet them: connecting
+        // (source, then target) before probing (source, then target).
+        let side = |side: Side| {
+            let location = match side {
+                Side::Source => &cfg.source.location,
+                Side::Target => &cfg.target.location,
+            };
+            endpoint::connect_reconnecting(location, cfg).map(|host| open_side(host, cfg, ui, side))
+        };
         std::thread::scope(|scope| {
-            let dst = scope.spawn(|| {
-                open_side(
-                    endpoint::connect_reconnecting(&cfg.target.location, cfg)?,
-                    cfg,
-                    ui,
-                    Side::Target,
-                )
-            });
-            let src = endpoint::connect_reconnecting(&cfg.source.location, cfg)
-                .and_then(|host| open_side(host, cfg, ui, Side::Source));
+            let dst = scope.spawn(|| side(Side::Target));
+            let src = side(Side::Source);
             let dst = dst
                 .join()
                 .unwrap_or_else(|_| Err(anyhow!("connecting to the target panicked")));
+            let (src, dst) = (src?, dst?);
             Ok::<_, anyhow::Error>((src?, dst?))
         })?
     };
