@@ -8,6 +8,7 @@
 //! sessions an earlier run left are dealt with first ([`reattach`]). This
 //! module only orchestrates: it runs no command itself.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 use std::time::SystemTime;
 
@@ -62,6 +63,8 @@ struct Run<'a> {
     targets: OnceLock<Vec<Dataset>>,
     /// Each pair's result, for `--json`.
     reports: &'a Reports,
+    /// syncoid's sync snapshots were pointed out (once per run).
+    syncoid_noted: AtomicBool,
 }
 
 /// Replicates according to `cfg`. An `Err` is a failure of the whole run
@@ -122,6 +125,7 @@ pub fn run(cfg: &Config, ui: &dyn Progress, reports: &Reports) -> Result<Outcome
         }),
         targets: OnceLock::new(),
         reports,
+        syncoid_noted: AtomicBool::new(false),
     };
     run.stop_leftovers()?;
     run.announce_missing_protection();
@@ -310,7 +314,8 @@ impl Run<'_> {
                     return Ok(());
                 }
                 Plan::UpToDate { snapshot } => {
-                    self.protect(src, dst, &source, &target, &snapshot);
+                    self.note_syncoid_snapshots(src, dst, &source, &target);
+                    self.protect(src, dst, &source, &target, &snapshot)?;
                     self.prune(src, dst, sync_name);
                     self.delete_stale_target_snapshots(src, dst, &snapshot);
                     self.set_preserved_properties(src, dst);

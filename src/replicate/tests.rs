@@ -222,6 +222,7 @@ fn run(
         chunked: None,
         targets: OnceLock::new(),
         reports: &reports,
+        syncoid_noted: Default::default(),
     };
     let result = r.all();
     let mut recorded = src_dry.recorded();

@@ -756,3 +756,55 @@ fn preserve_properties_goes_through_receive_o_on_openzfs() {
     assert_eq!(g.md5s(&src), g.md5s(&dst));
     g.sh(&format!("zfs destroy -r {src} && zfs destroy -r {dst}"));
 }
+
+/// `--create-bookmark` when a bookmark of another snapshot has the name:
+/// syncoid's fallback name (the name plus the GUID's first 6 digits); when
+/// that is taken too, the dataset fails (exit 1 in a recursive run) instead
+/// of warning and exiting 0.
+#[test]
+fn openzfs_create_bookmark_falls_back_like_syncoid_and_fails_when_it_cannot() {
+    let g = Guest::get();
+    let name = unique_name("bmfall");
+    let (src, dst) = (format!("{POOL_S}/{name}"), format!("{POOL_T}/{name}"));
+    g.sh(&format!(
+        "zfs create {src} && head -c 1M /dev/urandom > /{src}/a && zfs snapshot {src}@other \
+         && zfs bookmark {src}@other {src}#s2 && head -c 64K /dev/urandom > /{src}/b \
+         && zfs snapshot {src}@s2"
+    ));
+    let (s, d) = (g.endpoint(&src), g.endpoint(&dst));
+    let guid_of = |snap: &str| {
+        g.sh(&format!("zfs get -H -o value guid {src}@{snap}"))
+            .trim()
+            .to_string()
+    };
+    let s2 = guid_of("s2");
+    let out = g
+        .resync(&["-r", "--no-sync-snap", "--create-bookmark", &s, &d])
+        .run();
+    out.assert_success();
+    let fallback = format!("s2{}", &s2[..6]);
+    let marks = g.sh(&format!("zfs list -H -t bookmark -o name,guid {src}"));
+    assert!(
+        marks.contains(&format!("{src}#{fallback}\t{s2}")),
+        "#{fallback} bookmarks @s2:\n{marks}\n{out}"
+    );
+
+    // Both names of the next snapshot taken by bookmarks of @other.
+    g.sh(&format!(
+        "head -c 64K /dev/urandom > /{src}/c && zfs snapshot {src}@s3"
+    ));
+    let s3 = guid_of("s3");
+    g.sh(&format!(
+        "zfs bookmark {src}@other {src}#s3 && zfs bookmark {src}@other {src}#s3{}",
+        &s3[..6]
+    ));
+    let out = g
+        .resync(&["-r", "--no-sync-snap", "--create-bookmark", &s, &d])
+        .run();
+    assert_eq!(out.code(), Some(1), "the dataset failed:\n{out}");
+    assert!(out.stderr.contains("--create-bookmark failed"), "{out}");
+    assert!(out.stderr.contains("not protected"), "{out}");
+    // The data arrived all the same.
+    assert!(g.snaps(&dst).iter().any(|(n, _)| n == "s3"));
+    g.sh(&format!("zfs destroy -r {src} && zfs destroy -r {dst}"));
+}

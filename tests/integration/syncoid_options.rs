@@ -252,3 +252,109 @@ fn preserve_properties_sets_the_sources_local_properties_locally_on_zfs_fuse() {
     destroy(&dst);
     destroy(&dst2);
 }
+
+/// syncoid 2.3.0 as the project keeps it beside the repository.
+fn syncoid_script() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/anchors/syncoid")
+}
+
+/// Runs syncoid (as root, so `--no-privilege-elevation`) and panics with
+/// its output unless it succeeds.
+fn syncoid(args: &[&str]) {
+    let out = std::process::Command::new("perl")
+        .arg(syncoid_script())
+        .args(["--no-privilege-elevation", "--use-hold"])
+        .args(args)
+        .output()
+        .expect("run syncoid");
+    assert!(
+        out.status.success(),
+        "syncoid {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Releases syncoid's hold (`syncoid_HOSTNAME`) wherever it is on `ds`, so
+/// the dataset can be destroyed.
+fn release_syncoid_holds(ds: &str) {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    let tag = format!("syncoid_{}", host.trim());
+    for (snap, _) in snapshots(ds) {
+        let _ = zfs_ok(&["release", &tag, &format!("{ds}@{snap}")]);
+    }
+}
+
+#[test]
+fn a_target_syncoid_has_been_feeding_continues_incrementally_and_keeps_syncoids_snapshots() {
+    let bed = Bed::get();
+    let (src, dst) = (bed.ds_a("takeover"), bed.ds_b("takeover"));
+    create_dataset_with_data(&src, &[("a.bin", 2 << 20)]);
+    snapshot(&src, "daily-1");
+    syncoid(&[&src, &dst]);
+    write_files(&src, &[("b.bin", 64 << 10)]);
+    syncoid(&[&src, &dst]);
+    let fed = snapshots(&dst);
+    let theirs: Vec<(String, u64)> = fed
+        .iter()
+        .filter(|(n, _)| n.starts_with("syncoid_"))
+        .cloned()
+        .collect();
+    assert!(
+        !theirs.is_empty(),
+        "syncoid left its sync snapshot: {fed:?}"
+    );
+    let held = &theirs[theirs.len() - 1].0;
+    let userrefs = |ds: &str| {
+        zfs(&[
+            "get",
+            "-H",
+            "-o",
+            "value",
+            "userrefs",
+            &format!("{ds}@{held}"),
+        ])
+        .trim()
+        .to_string()
+    };
+    assert_eq!((userrefs(&src), userrefs(&dst)), ("1".into(), "1".into()));
+
+    // resync takes over: one small incremental from syncoid's snapshot.
+    write_files(&src, &[("c.bin", 128 << 10)]);
+    let out = resync(&["--json", &src, &dst]);
+    out.assert_success();
+    assert_replica(&src, &dst);
+    let doc: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("json");
+    let bytes = doc["datasets"][0]["bytes"].as_u64().expect("bytes");
+    assert!(
+        bytes < 1 << 20,
+        "incremental, not a full resend: {bytes} bytes\n{out}"
+    );
+    assert!(
+        doc["datasets"][0]["first_snapshot"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("resync_")),
+        "{doc}"
+    );
+    // syncoid's snapshots and holds stay, and the run says once how to clean up.
+    let now = snapshots(&dst);
+    for snap in &theirs {
+        assert!(now.contains(snap), "{snap:?} kept on the target: {now:?}");
+    }
+    assert!(snapshots(&src).iter().any(|(n, _)| n == held));
+    assert_eq!((userrefs(&src), userrefs(&dst)), ("1".into(), "1".into()));
+    assert_eq!(
+        out.stderr.matches("hold syncoid's sync snapshots").count(),
+        1,
+        "{out}"
+    );
+
+    // And the next run is an ordinary incremental of resync's own.
+    write_files(&src, &[("d.bin", 64 << 10)]);
+    resync(&[&src, &dst]).assert_success();
+    assert_replica(&src, &dst);
+    release_syncoid_holds(&src);
+    release_syncoid_holds(&dst);
+    destroy(&src);
+    destroy(&dst);
+}
