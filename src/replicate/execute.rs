@@ -60,6 +60,18 @@ impl Run<'_> {
                 self.dst_changes.destroy_recursive(dst)?;
                 Ok(0)
             }
+            Step::DestroySnapshot { snapshot } => {
+                self.ui.warn(&format!(
+                    "--force-delete: destroying {}@{} (guid {}): the source's @{} is another snapshot",
+                    self.dst.label(dst),
+                    snapshot.name,
+                    snapshot.guid,
+                    snapshot.name
+                ));
+                self.dst_changes
+                    .destroy_snapshot(dst, &snapshot.name, None)?;
+                Ok(0)
+            }
             Step::Rollback { to } => {
                 self.ui.warn(&format!(
                     "--force-delete: rolling {} back to @{}, destroying newer target snapshots",

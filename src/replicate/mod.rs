@@ -448,7 +448,11 @@ impl Sent {
                     .unwrap_or(to),
                 false => to,
             },
-            _ => return,
+            Step::AbortPartial
+            | Step::DiscardPartial { .. }
+            | Step::DestroyTarget
+            | Step::DestroySnapshot { .. }
+            | Step::Rollback { .. } => return,
         };
         if self.first.is_none() {
             self.first = Some(first.name.clone());
@@ -505,6 +509,10 @@ fn describe(step: &Step) -> String {
         }
         Step::DestroyTarget => "destroy the target (--force-delete)".into(),
         Step::Rollback { to } => format!("roll the target back to @{} (--force-delete)", to.name),
+        Step::DestroySnapshot { snapshot } => format!(
+            "destroy the target's @{} (guid {}): the source's @{} is another snapshot (--force-delete)",
+            snapshot.name, snapshot.guid, snapshot.name
+        ),
         Step::Full { to } => format!("send @{} in full", to.name),
         Step::Incremental {
             from,

@@ -358,3 +358,37 @@ fn a_target_syncoid_has_been_feeding_continues_incrementally_and_keeps_syncoids_
     destroy(&src);
     destroy(&dst);
 }
+
+#[test]
+fn force_delete_replaces_an_older_target_snapshot_that_has_a_source_snapshots_name() {
+    let bed = Bed::get();
+    let (src, dst) = (bed.ds_a("fdname"), bed.ds_b("fdname"));
+    create_dataset_with_data(&src, &[("a.bin", 128 << 10)]);
+    snapshot(&src, "a");
+    write_files(&src, &[("b.bin", 64 << 10)]);
+    snapshot(&src, "b");
+    resync(&["--no-sync-snap", &src, &dst]).assert_success();
+    // The target's old @a now goes by "weekly"; the source takes its own @weekly.
+    zfs(&["rename", &format!("{dst}@a"), &format!("{dst}@weekly")]);
+    let theirs = guid(&dst, "weekly");
+    write_files(&src, &[("c.bin", 64 << 10)]);
+    snapshot(&src, "weekly");
+
+    let out = resync(&["--no-sync-snap", &src, &dst]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("is not the same snapshot"), "{out}");
+    assert_eq!(
+        guid(&dst, "weekly"),
+        theirs,
+        "nothing changed without --force-delete"
+    );
+
+    let out = resync(&["--no-sync-snap", "--force-delete", &src, &dst]);
+    out.assert_success();
+    assert!(out.stderr.contains("--force-delete: destroying"), "{out}");
+    assert_eq!(names(&dst), ["b", "weekly"], "{out}");
+    assert_eq!(guid(&dst, "weekly"), guid(&src, "weekly"));
+    assert_replica(&src, &dst);
+    destroy(&src);
+    destroy(&dst);
+}
