@@ -27,6 +27,7 @@ use crate::runlock::{self, RunLock};
 use crate::transfer::chunked::{self, Chunked};
 use crate::zfs::Dataset;
 
+mod clones;
 mod execute;
 mod properties;
 mod protect;
@@ -65,6 +66,9 @@ struct Run<'a> {
     reports: &'a Reports,
     /// syncoid's sync snapshots were pointed out (once per run).
     syncoid_noted: AtomicBool,
+    /// Source clones whose origin's dataset is in this run, with the
+    /// origin snapshot (`pool/ds@snap`); see `clones.rs`.
+    clones: OnceLock<Vec<(Dataset, String)>>,
 }
 
 /// Replicates according to `cfg`. An `Err` is a failure of the whole run
@@ -126,6 +130,7 @@ pub fn run(cfg: &Config, ui: &dyn Progress, reports: &Reports) -> Result<Outcome
         targets: OnceLock::new(),
         reports,
         syncoid_noted: AtomicBool::new(false),
+        clones: OnceLock::new(),
     };
     run.stop_leftovers()?;
     run.announce_missing_protection();
@@ -183,7 +188,8 @@ impl Run<'_> {
     }
 
     fn all(&self) -> Result<Outcome> {
-        let pairs = self.dataset_pairs()?;
+        let mut pairs = self.dataset_pairs()?;
+        self.order_clones(&mut pairs)?;
         if pairs.is_empty() {
             bail!(
                 "nothing to replicate: every dataset under {} was excluded",
@@ -294,6 +300,10 @@ impl Run<'_> {
             first: None,
             resumed: attached > 0,
         };
+        if let Some((n, first)) = self.send_as_clone(src, dst)? {
+            bytes += n;
+            sent.first = Some(first.name);
+        }
         let mut last_round_steps: Vec<Step> = Vec::new();
         for round in 1..=MAX_ROUNDS {
             let mut source = self.src.source_state(src)?;

@@ -223,6 +223,7 @@ fn run(
         targets: OnceLock::new(),
         reports: &reports,
         syncoid_noted: Default::default(),
+        clones: OnceLock::new(),
     };
     let result = r.all();
     let mut recorded = src_dry.recorded();

@@ -392,3 +392,79 @@ fn force_delete_replaces_an_older_target_snapshot_that_has_a_source_snapshots_na
     destroy(&src);
     destroy(&dst);
 }
+
+#[test]
+fn clones_under_r_arrive_as_clones_unless_no_clone_handling() {
+    let bed = Bed::get();
+    let (src, dst, dst2) = (bed.ds_a("clones"), bed.ds_b("clones"), bed.ds_b("noclones"));
+    zfs(&["create", &src]);
+    zfs(&["create", &dst]);
+    zfs(&["create", &dst2]);
+    let base = format!("{src}/base");
+    create_dataset_with_data(&base, &[("big.bin", 2 << 20)]);
+    snapshot(&base, "s1");
+    // Named to sort before its origin: resync must send the origin first.
+    let clone = format!("{src}/aclone");
+    zfs(&["clone", &format!("{base}@s1"), &clone]);
+    write_files(&clone, &[("small.bin", 32 << 10)]);
+    snapshot(&clone, "c1");
+
+    let out = resync(&["-r", "--skip-parent", "--no-sync-snap", &src, &dst]);
+    out.assert_success();
+    let origin = |ds: &str| {
+        zfs(&["get", "-H", "-o", "value", "origin", ds])
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        origin(&format!("{dst}/aclone")),
+        format!("{dst}/base@s1"),
+        "{out}"
+    );
+    assert!(out.stderr.contains("as a clone of"), "{out}");
+    assert_replica(&clone, &format!("{dst}/aclone"));
+    assert_replica(&base, &format!("{dst}/base"));
+    // The clone stream carried only what the clone added.
+    let used: u64 = zfs(&[
+        "get",
+        "-Hp",
+        "-o",
+        "value",
+        "used",
+        &format!("{dst}/aclone"),
+    ])
+    .trim()
+    .parse()
+    .expect("used");
+    assert!(
+        used < 1 << 20,
+        "a clone shares its origin's blocks: used {used}"
+    );
+    // An incremental onto the clone is an ordinary one.
+    write_files(&clone, &[("more.bin", 16 << 10)]);
+    snapshot(&clone, "c2");
+    resync(&["-r", "--skip-parent", "--no-sync-snap", &src, &dst]).assert_success();
+    assert_replica(&clone, &format!("{dst}/aclone"));
+
+    let out = resync(&[
+        "-r",
+        "--skip-parent",
+        "--no-sync-snap",
+        "--no-clone-handling",
+        &src,
+        &dst2,
+    ]);
+    out.assert_success();
+    assert_eq!(
+        origin(&format!("{dst2}/aclone")),
+        "-",
+        "sent in full:\n{out}"
+    );
+    assert_replica(&clone, &format!("{dst2}/aclone"));
+    // Clones before their origins' snapshots.
+    destroy(&format!("{dst}/aclone"));
+    destroy(&dst);
+    destroy(&dst2);
+    destroy(&clone);
+    destroy(&src);
+}
