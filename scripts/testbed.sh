@@ -78,6 +78,8 @@ install_deps() {
 		command -v "$cmd" >/dev/null 2>&1 && continue
 		[[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
 	done
+	# syncoid (../shared/anchors/syncoid, for the takeover test) needs two Perl modules.
+	perl -MCapture::Tiny -MConfig::IniFiles -e1 2>/dev/null || missing+=(libcapture-tiny-perl libconfig-inifiles-perl)
 	((${#missing[@]} == 0)) && return 0
 	log "installing missing packages: ${missing[*]}"
 	# Keep package scripts from starting system services (sshd on 0.0.0.0:22,

@@ -99,8 +99,8 @@ pub struct Cli {
     #[arg(long)]
     pub dumpsnaps: bool,
 
-    /// Send clones in full instead of as clones (resync does not recreate
-    /// clones yet, so this is how it always sends them).
+    /// With -r, send clones in full instead of as clones of their origin's
+    /// copy on the target (zfs send -i ORIGIN).
     #[arg(long)]
     pub no_clone_handling: bool,
 
@@ -479,6 +479,9 @@ pub struct Config {
     pub preserve: Preserve,
     /// `--dumpsnaps`.
     pub dumpsnaps: bool,
+    /// Not `--no-clone-handling`: with `-r`, a clone whose origin is
+    /// replicated in the run is sent as a clone.
+    pub clone_handling: bool,
     /// Lines to print once at the start of the run: options that have no
     /// effect, or parts of an option that were left out, and why.
     pub notices: Vec<String>,
@@ -780,6 +783,7 @@ impl Cli {
             delete_target_snapshots: self.delete_target_snapshots,
             preserve,
             dumpsnaps: self.dumpsnaps,
+            clone_handling: !self.no_clone_handling,
             notices,
             no_stream: self.no_stream,
             send_options: send_options.argv,
@@ -1175,7 +1179,9 @@ mod tests {
             ("syncoid --identifier=offsite a/b c/d", |c| {
                 c.protection.identifier.as_deref() == Some("offsite")
             }),
-            ("syncoid -r a/b c/d", |c| c.recursive && !c.skip_parent),
+            ("syncoid -r a/b c/d", |c| {
+                c.recursive && !c.skip_parent && c.clone_handling
+            }),
             ("syncoid --recursive --skip-parent a/b c/d", |c| {
                 c.recursive && c.skip_parent
             }),
@@ -1229,8 +1235,7 @@ mod tests {
             ),
             ("syncoid --no-resume a/b c/d", |c| !c.resume),
             ("syncoid --force-delete a/b c/d", |c| c.force_delete),
-            // resync sends clones in full: what --no-clone-handling asks.
-            ("syncoid -r --no-clone-handling a/b c/d", |c| c.recursive),
+            ("syncoid -r --no-clone-handling a/b c/d", |c| !c.clone_handling),
             ("syncoid --dumpsnaps a/b c/d", |c| c.dumpsnaps),
             ("syncoid --preserve-recordsize a/b c/d", |c| {
                 c.preserve == Preserve::Recordsize

@@ -289,6 +289,12 @@ impl<'a> ZfsHost<'a> {
             .flatten()
     }
 
+    /// The clones under `root` (or `root` alone) and their origin snapshots.
+    pub fn origins(&self, root: &Dataset, recursive: bool) -> Result<Vec<(Dataset, String)>> {
+        let out = self.exec_ok(&zfs::origins_argv(root, recursive), "zfs get origin")?;
+        zfs::parse_origins(&out)
+    }
+
     /// The properties set locally on `ds` that `--preserve-properties` carries.
     pub fn local_properties(&self, ds: &Dataset) -> Result<Vec<(String, String)>> {
         let out = self.exec_ok(&zfs::local_properties_argv(ds), "zfs get")?;

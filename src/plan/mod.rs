@@ -86,6 +86,11 @@ pub enum Step {
     /// target's snapshots newer than `to`. `to` is the target's own entry
     /// (its name on the target, its createtxg there).
     Rollback { to: Snapshot },
+    /// `zfs destroy target@name` (only with `force_delete`): a target
+    /// snapshot older than the base that has the name of a source snapshot
+    /// about to be sent, with another GUID (the receive would fail with
+    /// "destination already exists"). `snapshot` is the target's entry.
+    DestroySnapshot { snapshot: Snapshot },
     /// A full stream of the source snapshot `to`.
     Full { to: Snapshot },
     /// An incremental stream between two source snapshots (source names):
@@ -233,6 +238,13 @@ pub fn plan(source: &SourceState, target: &TargetState, opts: &PlanOptions) -> P
     if let Some(conflict) = divergence(&mut steps, &src, &tgt, common, common_on_target, opts) {
         return Plan::Conflict(conflict);
     }
+    let sent: Vec<&Snapshot> = src
+        .iter()
+        .filter(|s| s.createtxg > common.createtxg && (!opts.no_stream || *s == newest))
+        .collect();
+    if let Some(conflict) = name_clashes(&mut steps, &sent, &tgt, common_on_target, opts) {
+        return Plan::Conflict(conflict);
+    }
     if common == newest {
         if steps.is_empty() {
             return Plan::UpToDate {
@@ -356,6 +368,40 @@ fn divergence(
     steps.push(Step::Rollback {
         to: on_target.clone(),
     });
+    None
+}
+
+/// Rule 6b: a target snapshot no newer than the base (newer ones are rule
+/// 6's) whose name is that of a snapshot about to be sent (`sent`), with
+/// another GUID, would make the receive fail ("destination already
+/// exists"): a conflict, or with `force_delete` (as syncoid does) a step
+/// that destroys that target snapshot first.
+fn name_clashes(
+    steps: &mut Vec<Step>,
+    sent: &[&Snapshot],
+    tgt: &[Snapshot],
+    on_target: &Snapshot,
+    opts: &PlanOptions,
+) -> Option<Conflict> {
+    for s in sent {
+        let Some(t) = tgt
+            .iter()
+            .find(|t| t.name == s.name && t.guid != s.guid && t.createtxg <= on_target.createtxg)
+        else {
+            continue;
+        };
+        // The base itself is never destroyed: no incremental would apply.
+        if !opts.force_delete || t.guid == on_target.guid {
+            return Some(Conflict::GuidMismatch {
+                name: s.name.clone(),
+                source_guid: s.guid,
+                target_guid: t.guid,
+            });
+        }
+        steps.push(Step::DestroySnapshot {
+            snapshot: t.clone(),
+        });
+    }
     None
 }
 
@@ -551,6 +597,46 @@ mod tests {
 
     fn full(spec: &str) -> Step {
         Step::Full { to: snap(spec) }
+    }
+
+    #[test]
+    fn an_older_target_snapshot_named_like_one_to_send_is_a_conflict_or_destroyed_with_force() {
+        // The target kept an old "weekly" of its own; the source's new
+        // "weekly" (another GUID) is about to be sent after the base b.
+        let src = source("a:1:10 b:2:20 weekly:9:30");
+        let tgt = target("weekly:5:4 a:1:5 b:2:6");
+        assert_eq!(
+            plan(&src, &tgt, &DEFAULT),
+            Plan::Conflict(Conflict::GuidMismatch {
+                name: "weekly".into(),
+                source_guid: 9,
+                target_guid: 5,
+            })
+        );
+        assert_eq!(
+            plan(&src, &tgt, &FORCE),
+            Plan::Replicate(vec![
+                Step::DestroySnapshot {
+                    snapshot: snap("weekly:5:4")
+                },
+                incr("b:2:20", "weekly:9:30", true),
+            ])
+        );
+        // The clash is the base itself (renamed on the target): never
+        // destroyed, force or not.
+        let src = source("a:1:10 b:2:20 weekly:9:30");
+        let tgt = target("a:1:5 weekly:2:6");
+        assert!(matches!(
+            plan(&src, &tgt, &FORCE),
+            Plan::Conflict(Conflict::GuidMismatch { .. })
+        ));
+        // --no-stream sends only the newest: an older clash does not matter.
+        let src = source("a:1:10 old:3:15 b:2:20 c:4:30");
+        let tgt = target("old:7:4 a:1:5 b:2:6");
+        assert_eq!(
+            plan(&src, &tgt, &NO_STREAM),
+            Plan::Replicate(vec![incr("b:2:20", "c:4:30", false)])
+        );
     }
 
     #[test]

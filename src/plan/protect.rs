@@ -91,18 +91,31 @@ pub struct BookmarkPlan {
 
 /// Bookmarks `snap` (the newest replicated source snapshot), given the
 /// source's `bookmarks`; `identifier` and `hostname` say which bookmarks
-/// carry this job's sync snapshot names.
+/// carry this job's sync snapshot names. When a bookmark of another
+/// snapshot has the name already, the fallback is syncoid's: the name plus
+/// the first 6 digits of the GUID. When that is taken too, the next
+/// incremental base cannot be protected: an error naming both.
 pub fn bookmark_plan(
     snap: &Snapshot,
     bookmarks: &[Snapshot],
     identifier: Option<&str>,
     hostname: &str,
-) -> BookmarkPlan {
+) -> Result<BookmarkPlan, String> {
     let existing = bookmarks.iter().find(|b| b.guid == snap.guid);
+    let taken = |name: &str| bookmarks.iter().any(|b| b.name == name);
     let create = match existing {
         Some(_) => None,
-        None if bookmarks.iter().any(|b| b.name == snap.name) => {
-            Some(format!("{}_{}", snap.name, snap.guid))
+        None if taken(&snap.name) => {
+            let guid = snap.guid.to_string();
+            let fallback = format!("{}{}", snap.name, &guid[..guid.len().min(6)]);
+            if taken(&fallback) {
+                return Err(format!(
+                    "cannot bookmark @{}: #{} and #{fallback} are bookmarks of other snapshots; \
+                     the next incremental base is not protected",
+                    snap.name, snap.name
+                ));
+            }
+            Some(fallback)
         }
         None => Some(snap.name.clone()),
     };
@@ -113,7 +126,7 @@ pub fn bookmark_plan(
         .filter(|b| syncsnap::is_ours(&b.name, identifier, hostname))
         .map(|b| b.name.clone())
         .collect();
-    BookmarkPlan { create, destroy }
+    Ok(BookmarkPlan { create, destroy })
 }
 
 #[cfg(test)]
@@ -192,7 +205,7 @@ mod tests {
         let other_job = "resync_x_h_2026-11-21T09:00:00Z";
         let marks = vec![snap(OLD, 1), snap("manual", 2), snap(other_job, 3)];
         assert_eq!(
-            bookmark_plan(&snap(NEW, 9), &marks, None, "h"),
+            bookmark_plan(&snap(NEW, 9), &marks, None, "h").unwrap(),
             BookmarkPlan {
                 create: Some(NEW.into()),
                 destroy: vec![OLD.into()],
@@ -204,7 +217,7 @@ mod tests {
     fn an_existing_bookmark_of_the_snapshot_is_kept() {
         let marks = vec![snap(OLD, 1), snap(NEW, 9)];
         assert_eq!(
-            bookmark_plan(&snap(NEW, 9), &marks, None, "h"),
+            bookmark_plan(&snap(NEW, 9), &marks, None, "h").unwrap(),
             BookmarkPlan {
                 create: None,
                 destroy: vec![OLD.into()],
@@ -213,7 +226,7 @@ mod tests {
         // Under another name (created by hand): still no second one.
         let marks = vec![snap("by-hand", 9)];
         assert_eq!(
-            bookmark_plan(&snap("s2", 9), &marks, None, "h"),
+            bookmark_plan(&snap("s2", 9), &marks, None, "h").unwrap(),
             BookmarkPlan {
                 create: None,
                 destroy: vec![],
@@ -222,11 +235,14 @@ mod tests {
     }
 
     #[test]
-    fn a_name_taken_by_another_snapshots_bookmark_gets_the_guid() {
+    fn a_name_taken_by_another_snapshots_bookmark_gets_six_guid_digits_as_in_syncoid() {
         let marks = vec![snap("s1", 1)];
-        assert_eq!(
-            bookmark_plan(&snap("s1", 7), &marks, None, "h").create,
-            Some("s1_7".into())
-        );
+        let plan = bookmark_plan(&snap("s1", 12345678901), &marks, None, "h").unwrap();
+        assert_eq!(plan.create, Some("s1123456".into()));
+        // Both names taken: an error, not a silent success.
+        let marks = vec![snap("s1", 1), snap("s1123456", 2)];
+        let e = bookmark_plan(&snap("s1", 12345678901), &marks, None, "h").unwrap_err();
+        assert!(e.contains("#s1 and #s1123456"), "{e}");
+        assert!(e.contains("not protected"), "{e}");
     }
 }

@@ -60,6 +60,18 @@ impl Run<'_> {
                 self.dst_changes.destroy_recursive(dst)?;
                 Ok(0)
             }
+            Step::DestroySnapshot { snapshot } => {
+                self.ui.warn(&format!(
+                    "--force-delete: destroying {}@{} (guid {}): the source's @{} is another snapshot",
+                    self.dst.label(dst),
+                    snapshot.name,
+                    snapshot.guid,
+                    snapshot.name
+                ));
+                self.dst_changes
+                    .destroy_snapshot(dst, &snapshot.name, None)?;
+                Ok(0)
+            }
             Step::Rollback { to } => {
                 self.ui.warn(&format!(
                     "--force-delete: rolling {} back to @{}, destroying newer target snapshots",
@@ -185,7 +197,7 @@ impl Run<'_> {
 
     /// `zfs receive [-s] [-F] OPTS dst`, `-F` as `rollback` says; OPTS
     /// include `--preserve-properties`' `-o PROP=VALUE`.
-    fn receive_argv(
+    pub(super) fn receive_argv(
         &self,
         src: &Dataset,
         dst: &Dataset,
@@ -307,7 +319,7 @@ impl Run<'_> {
     /// Moves one stream with the run's mover, with a progress display from
     /// the source's estimate; `already`: bytes a resumed stream had
     /// received before (where its display starts).
-    fn transfer(&self, req: &Request, already: u64) -> Result<u64> {
+    pub(super) fn transfer(&self, req: &Request, already: u64) -> Result<u64> {
         let total = self
             .src
             .estimate(&req.send)

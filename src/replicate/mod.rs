@@ -8,6 +8,7 @@
 //! sessions an earlier run left are dealt with first ([`reattach`]). This
 //! module only orchestrates: it runs no command itself.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 use std::time::SystemTime;
 
@@ -27,6 +28,7 @@ use crate::transfer::chunked::{self, Chunked};
 use crate::transfer::codec::Compression;
 use crate::zfs::Dataset;
 
+mod clones;
 mod execute;
 mod properties;
 mod protect;
@@ -66,6 +68,11 @@ struct Run<'a> {
     targets: OnceLock<Vec<Dataset>>,
     /// Each pair's result, for `--json`.
     reports: &'a Reports,
+    /// syncoid's sync snapshots were pointed out (once per run).
+    syncoid_noted: AtomicBool,
+    /// Source clones whose origin's dataset is in this run, with the
+    /// origin snapshot (`pool/ds@snap`); see `clones.rs`.
+    clones: OnceLock<Vec<(Dataset, String)>>,
 }
 
 /// Replicates according to `cfg`. An `Err` is a failure of the whole run
@@ -140,6 +147,8 @@ pub fn run(cfg: &Config, ui: &dyn Progress, reports: &Reports) -> Result<Outcome
         },
         targets: OnceLock::new(),
         reports,
+        syncoid_noted: AtomicBool::new(false),
+        clones: OnceLock::new(),
     };
     if let (Some(c), false) = (&run.compression, cfg.dry_run) {
         c.prepare([src.host(), dst.host()], ui)?;
@@ -240,7 +249,8 @@ impl Run<'_> {
     }
 
     fn all(&self) -> Result<Outcome> {
-        let pairs = self.dataset_pairs()?;
+        let mut pairs = self.dataset_pairs()?;
+        self.order_clones(&mut pairs)?;
         if pairs.is_empty() {
             bail!(
                 "nothing to replicate: every dataset under {} was excluded",
@@ -351,6 +361,10 @@ impl Run<'_> {
             first: None,
             resumed: attached > 0,
         };
+        if let Some((n, first)) = self.send_as_clone(src, dst)? {
+            bytes += n;
+            sent.first = Some(first.name);
+        }
         let mut last_round_steps: Vec<Step> = Vec::new();
         for round in 1..=MAX_ROUNDS {
             let mut source = self.src.source_state(src)?;
@@ -371,7 +385,8 @@ impl Run<'_> {
                     return Ok(());
                 }
                 Plan::UpToDate { snapshot } => {
-                    self.protect(src, dst, &source, &target, &snapshot);
+                    self.note_syncoid_snapshots(src, dst, &source, &target);
+                    self.protect(src, dst, &source, &target, &snapshot)?;
                     self.prune(src, dst, sync_name);
                     self.delete_stale_target_snapshots(src, dst, &snapshot);
                     self.set_preserved_properties(src, dst);
@@ -504,7 +519,11 @@ impl Sent {
                     .unwrap_or(to),
                 false => to,
             },
-            _ => return,
+            Step::AbortPartial
+            | Step::DiscardPartial { .. }
+            | Step::DestroyTarget
+            | Step::DestroySnapshot { .. }
+            | Step::Rollback { .. } => return,
         };
         if self.first.is_none() {
             self.first = Some(first.name.clone());
@@ -561,6 +580,10 @@ fn describe(step: &Step) -> String {
         }
         Step::DestroyTarget => "destroy the target (--force-delete)".into(),
         Step::Rollback { to } => format!("roll the target back to @{} (--force-delete)", to.name),
+        Step::DestroySnapshot { snapshot } => format!(
+            "destroy the target's @{} (guid {}): the source's @{} is another snapshot (--force-delete)",
+            snapshot.name, snapshot.guid, snapshot.name
+        ),
         Step::Full { to } => format!("send @{} in full", to.name),
         Step::Incremental {
             from,

@@ -73,8 +73,10 @@ impl Run<'_> {
     }
 
     /// After success: `--use-hold` keeps this job's hold on `newest` (by
-    /// GUID) on both sides and releases it everywhere else;
-    /// `--create-bookmark` bookmarks it on the source.
+    /// GUID) on both sides and releases it everywhere else (failures warn);
+    /// `--create-bookmark` bookmarks it on the source, and a bookmark that
+    /// cannot be made fails the dataset, as in syncoid: the next
+    /// incremental's base is not protected as asked.
     pub(super) fn protect(
         &self,
         src: &Dataset,
@@ -82,7 +84,7 @@ impl Run<'_> {
         source: &SourceState,
         target: &TargetState,
         newest: &Snapshot,
-    ) {
+    ) -> Result<()> {
         let on = |snaps: &[Snapshot]| snaps.iter().find(|s| s.guid == newest.guid).cloned();
         let (on_src, on_dst) = (on(&source.snapshots), on(&target.snapshots));
         if self.cfg.protection.use_hold {
@@ -105,13 +107,14 @@ impl Run<'_> {
             self.src.caps.bookmarks,
             &on_src,
         ) {
-            if let Err(e) = self.bookmark(src, snap, &source.bookmarks) {
-                self.ui.warn(&format!(
-                    "--create-bookmark on {}: {e:#}",
+            self.bookmark(src, snap, &source.bookmarks).map_err(|e| {
+                e.context(format!(
+                    "replicated, but --create-bookmark failed on {}",
                     self.src.label(src)
-                ));
-            }
+                ))
+            })?;
         }
+        Ok(())
     }
 
     /// Holds `keep` with this job's tag and releases the tag from every
@@ -146,7 +149,8 @@ impl Run<'_> {
             bookmarks,
             self.cfg.protection.identifier.as_deref(),
             &self.hostname,
-        );
+        )
+        .map_err(anyhow::Error::msg)?;
         if let Some(name) = &plan.create {
             self.src_changes.bookmark(src, &snap.name, name)?;
             self.ui.debug(&format!(

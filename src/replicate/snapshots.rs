@@ -63,6 +63,36 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Says once per run, when a pair holds syncoid's sync snapshots (a
+    /// target syncoid has been feeding), that resync leaves them and
+    /// syncoid's holds alone, and how to remove them once syncoid is gone.
+    pub(super) fn note_syncoid_snapshots(
+        &self,
+        src: &Dataset,
+        dst: &Dataset,
+        source: &SourceState,
+        target: &TargetState,
+    ) {
+        let syncoid = |snaps: &[Snapshot]| snaps.iter().any(|s| s.name.starts_with("syncoid_"));
+        if !(syncoid(&source.snapshots) || syncoid(&target.snapshots)) {
+            return;
+        }
+        if self
+            .syncoid_noted
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        self.ui.info(&format!(
+            "{} and {} hold syncoid's sync snapshots (syncoid_*): resync leaves them and \
+             syncoid's holds alone. Once syncoid no longer runs, remove them on each side with \
+             `zfs list -H -o name -t snapshot -r DATASET | grep '@syncoid_' | xargs -n1 zfs destroy` \
+             (a held one needs `zfs release TAG SNAPSHOT` first; `zfs holds SNAPSHOT` names the tag)",
+            self.src.label(src),
+            self.dst.label(dst)
+        ));
+    }
+
     /// `--dumpsnaps`: one line per snapshot and bookmark, tab-separated:
     /// side, name, guid, createtxg; on stdout (stderr with `--json`).
     pub(super) fn dump_snapshots(

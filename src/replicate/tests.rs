@@ -223,6 +223,8 @@ fn run(
         compression: None,
         targets: OnceLock::new(),
         reports: &reports,
+        syncoid_noted: Default::default(),
+        clones: OnceLock::new(),
     };
     let result = r.all();
     let mut recorded = src_dry.recorded();

@@ -604,6 +604,42 @@ pub fn set_property_argv(ds: &Dataset, prop: &str, value: &str) -> Vec<String> {
     zfs(&["set", &format!("{prop}={value}"), ds.as_str()])
 }
 
+/// `zfs get -H -o name,value [-r] origin ROOT`: which datasets are clones
+/// (of which snapshot); snapshots' lines are left out by the parser.
+pub fn origins_argv(root: &Dataset, recursive: bool) -> Vec<String> {
+    let mut argv = zfs(&["get", "-H", "-o", "name,value"]);
+    if recursive {
+        argv.push("-r".into());
+    }
+    argv.extend(["origin".into(), root.to_string()]);
+    argv
+}
+
+/// [`origins_argv`]'s output: each clone and the full name of its origin
+/// snapshot (`pool/ds@snap`); datasets that are not clones are left out.
+pub fn parse_origins(stdout: &str) -> Result<Vec<(Dataset, String)>> {
+    let mut out = Vec::new();
+    for line in stdout.lines() {
+        let Some((name, origin)) = line.split_once('\t') else {
+            continue;
+        };
+        if name.contains('@') || origin == "-" || !origin.contains('@') {
+            continue;
+        }
+        out.push((Dataset::parse(name)?, origin.to_string()));
+    }
+    Ok(out)
+}
+
+/// `zfs send OPTS -i ORIGIN_DS@SNAP DS@TO`: a clone's first stream, from
+/// its origin snapshot; received where the origin is, it makes a clone.
+pub fn send_clone_argv(ds: &Dataset, origin: &str, to: &str, options: &[String]) -> Vec<String> {
+    let mut argv = zfs(&["send"]);
+    argv.extend(options.iter().cloned());
+    argv.extend(["-i".into(), origin.to_string(), ds.snapshot(to)]);
+    argv
+}
+
 /// `zfs snapshot DS@SNAP`
 pub fn create_snapshot_argv(ds: &Dataset, snap: &str) -> Vec<String> {
     zfs(&["snapshot", &ds.snapshot(snap)])
@@ -1277,6 +1313,35 @@ tank/data@before upgrade\tcreatetxg\t900
                 "type,recordsize",
                 "rsa/p"
             ])
+        );
+    }
+
+    // zfs-fuse 0.7.0: zfs clone rsa/a@s1 rsa/c
+    //   $ zfs get -H -o name,value -r origin rsa
+    const ORIGINS: &str = "rsa\t-\nrsa/a\t-\nrsa/a@s1\t-\nrsa/c\trsa/a@s1\n";
+
+    #[test]
+    fn clones_and_their_origins_parse() {
+        assert_eq!(
+            origins_argv(&ds("rsa"), true),
+            strings(&[
+                "zfs",
+                "get",
+                "-H",
+                "-o",
+                "name,value",
+                "-r",
+                "origin",
+                "rsa"
+            ])
+        );
+        assert_eq!(
+            parse_origins(ORIGINS).unwrap(),
+            vec![(ds("rsa/c"), "rsa/a@s1".to_string())]
+        );
+        assert_eq!(
+            send_clone_argv(&ds("rsa/c"), "rsa/a@s1", "s2", &strings(&["-p"])),
+            strings(&["zfs", "send", "-p", "-i", "rsa/a@s1", "rsa/c@s2"])
         );
     }
 

@@ -756,3 +756,135 @@ fn preserve_properties_goes_through_receive_o_on_openzfs() {
     assert_eq!(g.md5s(&src), g.md5s(&dst));
     g.sh(&format!("zfs destroy -r {src} && zfs destroy -r {dst}"));
 }
+
+/// `--create-bookmark` when a bookmark of another snapshot has the name:
+/// syncoid's fallback name (the name plus the GUID's first 6 digits); when
+/// that is taken too, the dataset fails (exit 1 in a recursive run) instead
+/// of warning and exiting 0.
+#[test]
+fn openzfs_create_bookmark_falls_back_like_syncoid_and_fails_when_it_cannot() {
+    let g = Guest::get();
+    let name = unique_name("bmfall");
+    let (src, dst) = (format!("{POOL_S}/{name}"), format!("{POOL_T}/{name}"));
+    g.sh(&format!(
+        "zfs create {src} && head -c 1M /dev/urandom > /{src}/a && zfs snapshot {src}@other \
+         && zfs bookmark {src}@other {src}#s2 && head -c 64K /dev/urandom > /{src}/b \
+         && zfs snapshot {src}@s2"
+    ));
+    let (s, d) = (g.endpoint(&src), g.endpoint(&dst));
+    let guid_of = |snap: &str| {
+        g.sh(&format!("zfs get -H -o value guid {src}@{snap}"))
+            .trim()
+            .to_string()
+    };
+    let s2 = guid_of("s2");
+    let out = g
+        .resync(&["-r", "--no-sync-snap", "--create-bookmark", &s, &d])
+        .run();
+    out.assert_success();
+    let fallback = format!("s2{}", &s2[..6]);
+    let marks = g.sh(&format!("zfs list -H -t bookmark -o name,guid {src}"));
+    assert!(
+        marks.contains(&format!("{src}#{fallback}\t{s2}")),
+        "#{fallback} bookmarks @s2:\n{marks}\n{out}"
+    );
+
+    // Both names of the next snapshot taken by bookmarks of @other.
+    g.sh(&format!(
+        "head -c 64K /dev/urandom > /{src}/c && zfs snapshot {src}@s3"
+    ));
+    let s3 = guid_of("s3");
+    g.sh(&format!(
+        "zfs bookmark {src}@other {src}#s3 && zfs bookmark {src}@other {src}#s3{}",
+        &s3[..6]
+    ));
+    let out = g
+        .resync(&["-r", "--no-sync-snap", "--create-bookmark", &s, &d])
+        .run();
+    assert_eq!(out.code(), Some(1), "the dataset failed:\n{out}");
+    assert!(out.stderr.contains("--create-bookmark failed"), "{out}");
+    assert!(out.stderr.contains("not protected"), "{out}");
+    // The data arrived all the same.
+    assert!(g.snaps(&dst).iter().any(|(n, _)| n == "s3"));
+    g.sh(&format!("zfs destroy -r {src} && zfs destroy -r {dst}"));
+}
+
+impl Guest {
+    /// MD5 of a zvol's whole device, once udev has made its link.
+    fn zvol_md5(&self, ds: &str) -> String {
+        self.sh(&format!(
+            "for i in $(seq 50); do [ -e /dev/zvol/{ds} ] && break; udevadm settle; sleep 0.2; done; \
+             md5sum < /dev/zvol/{ds}"
+        ))
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+    }
+
+    fn volume_props(&self, ds: &str) -> String {
+        self.sh(&format!(
+            "zfs get -H -o value type,volsize,volblocksize {ds}"
+        ))
+    }
+}
+
+/// zvols replicate like filesystems: full, incremental and `--chunked`,
+/// with the same volsize, volblocksize, snapshots (GUIDs) and bytes.
+#[test]
+fn openzfs_zvols_replicate_full_incremental_and_chunked() {
+    let g = Guest::get();
+    let name = unique_name("zvol");
+    let src = format!("{POOL_S}/{name}");
+    let (dst, dst_ck) = (format!("{POOL_T}/{name}"), format!("{POOL_T}/{name}-ck"));
+    g.sh(&format!("zfs create -V 8M -o volblocksize=16K {src}"));
+    let dev_write = |seek: u32, count: u32| {
+        g.sh(&format!(
+            "for i in $(seq 50); do [ -e /dev/zvol/{src} ] && break; udevadm settle; sleep 0.2; done; \
+             dd if=/dev/urandom of=/dev/zvol/{src} bs=1M seek={seek} count={count} conv=fsync status=none"
+        ));
+    };
+    dev_write(0, 4);
+    g.sh(&format!("zfs snapshot {src}@s1"));
+    let (s, d, dck) = (g.endpoint(&src), g.endpoint(&dst), g.endpoint(&dst_ck));
+
+    // Full.
+    g.resync(&["--no-sync-snap", &s, &d]).run().assert_success();
+    assert_eq!(g.snaps(&src), g.snaps(&dst));
+    assert_eq!(g.volume_props(&dst), g.volume_props(&src));
+    assert!(g.volume_props(&dst).starts_with("volume\n8M\n16K"));
+    assert_eq!(
+        g.zvol_md5(&dst),
+        g.zvol_md5(&src),
+        "same bytes after the full"
+    );
+
+    // Incremental.
+    dev_write(5, 2);
+    g.sh(&format!("zfs snapshot {src}@s2"));
+    let out = g.resync(&["--no-sync-snap", &s, &d]).run();
+    out.assert_success();
+    assert_eq!(g.snaps(&src), g.snaps(&dst));
+    assert!(summary_bytes(&out.stderr) < 4.0 * 1024.0 * 1024.0, "{out}");
+    assert_eq!(
+        g.zvol_md5(&dst),
+        g.zvol_md5(&src),
+        "same bytes after the incremental"
+    );
+
+    // --chunked, full then incremental.
+    g.resync(&["--no-sync-snap", "--chunked", "--chunk-size=1M", &s, &dck])
+        .run()
+        .assert_success();
+    dev_write(1, 1);
+    g.sh(&format!("zfs snapshot {src}@s3"));
+    g.resync(&["--no-sync-snap", "--chunked", "--chunk-size=1M", &s, &dck])
+        .run()
+        .assert_success();
+    assert_eq!(g.snaps(&src), g.snaps(&dst_ck));
+    assert_eq!(g.volume_props(&dst_ck), g.volume_props(&src));
+    assert_eq!(g.zvol_md5(&dst_ck), g.zvol_md5(&src), "same bytes chunked");
+    g.sh(&format!(
+        "zfs destroy -r {src} && zfs destroy -r {dst} && zfs destroy -r {dst_ck}"
+    ));
+}

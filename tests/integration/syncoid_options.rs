@@ -252,3 +252,219 @@ fn preserve_properties_sets_the_sources_local_properties_locally_on_zfs_fuse() {
     destroy(&dst);
     destroy(&dst2);
 }
+
+/// syncoid 2.3.0 as the project keeps it beside the repository.
+fn syncoid_script() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/anchors/syncoid")
+}
+
+/// Runs syncoid (as root, so `--no-privilege-elevation`) and panics with
+/// its output unless it succeeds.
+fn syncoid(args: &[&str]) {
+    let out = std::process::Command::new("perl")
+        .arg(syncoid_script())
+        .args(["--no-privilege-elevation", "--use-hold"])
+        .args(args)
+        .output()
+        .expect("run syncoid");
+    assert!(
+        out.status.success(),
+        "syncoid {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Releases syncoid's hold (`syncoid_HOSTNAME`) wherever it is on `ds`, so
+/// the dataset can be destroyed.
+fn release_syncoid_holds(ds: &str) {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    let tag = format!("syncoid_{}", host.trim());
+    for (snap, _) in snapshots(ds) {
+        let _ = zfs_ok(&["release", &tag, &format!("{ds}@{snap}")]);
+    }
+}
+
+#[test]
+fn a_target_syncoid_has_been_feeding_continues_incrementally_and_keeps_syncoids_snapshots() {
+    let bed = Bed::get();
+    let (src, dst) = (bed.ds_a("takeover"), bed.ds_b("takeover"));
+    create_dataset_with_data(&src, &[("a.bin", 2 << 20)]);
+    snapshot(&src, "daily-1");
+    syncoid(&[&src, &dst]);
+    write_files(&src, &[("b.bin", 64 << 10)]);
+    syncoid(&[&src, &dst]);
+    let fed = snapshots(&dst);
+    let theirs: Vec<(String, u64)> = fed
+        .iter()
+        .filter(|(n, _)| n.starts_with("syncoid_"))
+        .cloned()
+        .collect();
+    assert!(
+        !theirs.is_empty(),
+        "syncoid left its sync snapshot: {fed:?}"
+    );
+    let held = &theirs[theirs.len() - 1].0;
+    let userrefs = |ds: &str| {
+        zfs(&[
+            "get",
+            "-H",
+            "-o",
+            "value",
+            "userrefs",
+            &format!("{ds}@{held}"),
+        ])
+        .trim()
+        .to_string()
+    };
+    assert_eq!((userrefs(&src), userrefs(&dst)), ("1".into(), "1".into()));
+
+    // resync takes over: one small incremental from syncoid's snapshot.
+    write_files(&src, &[("c.bin", 128 << 10)]);
+    let out = resync(&["--json", &src, &dst]);
+    out.assert_success();
+    assert_replica(&src, &dst);
+    let doc: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("json");
+    let bytes = doc["datasets"][0]["bytes"].as_u64().expect("bytes");
+    assert!(
+        bytes < 1 << 20,
+        "incremental, not a full resend: {bytes} bytes\n{out}"
+    );
+    assert!(
+        doc["datasets"][0]["first_snapshot"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("resync_")),
+        "{doc}"
+    );
+    // syncoid's snapshots and holds stay, and the run says once how to clean up.
+    let now = snapshots(&dst);
+    for snap in &theirs {
+        assert!(now.contains(snap), "{snap:?} kept on the target: {now:?}");
+    }
+    assert!(snapshots(&src).iter().any(|(n, _)| n == held));
+    assert_eq!((userrefs(&src), userrefs(&dst)), ("1".into(), "1".into()));
+    assert_eq!(
+        out.stderr.matches("hold syncoid's sync snapshots").count(),
+        1,
+        "{out}"
+    );
+
+    // And the next run is an ordinary incremental of resync's own.
+    write_files(&src, &[("d.bin", 64 << 10)]);
+    resync(&[&src, &dst]).assert_success();
+    assert_replica(&src, &dst);
+    release_syncoid_holds(&src);
+    release_syncoid_holds(&dst);
+    destroy(&src);
+    destroy(&dst);
+}
+
+#[test]
+fn force_delete_replaces_an_older_target_snapshot_that_has_a_source_snapshots_name() {
+    let bed = Bed::get();
+    let (src, dst) = (bed.ds_a("fdname"), bed.ds_b("fdname"));
+    create_dataset_with_data(&src, &[("a.bin", 128 << 10)]);
+    snapshot(&src, "a");
+    write_files(&src, &[("b.bin", 64 << 10)]);
+    snapshot(&src, "b");
+    resync(&["--no-sync-snap", &src, &dst]).assert_success();
+    // The target's old @a now goes by "weekly"; the source takes its own @weekly.
+    zfs(&["rename", &format!("{dst}@a"), &format!("{dst}@weekly")]);
+    let theirs = guid(&dst, "weekly");
+    write_files(&src, &[("c.bin", 64 << 10)]);
+    snapshot(&src, "weekly");
+
+    let out = resync(&["--no-sync-snap", &src, &dst]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("is not the same snapshot"), "{out}");
+    assert_eq!(
+        guid(&dst, "weekly"),
+        theirs,
+        "nothing changed without --force-delete"
+    );
+
+    let out = resync(&["--no-sync-snap", "--force-delete", &src, &dst]);
+    out.assert_success();
+    assert!(out.stderr.contains("--force-delete: destroying"), "{out}");
+    assert_eq!(names(&dst), ["b", "weekly"], "{out}");
+    assert_eq!(guid(&dst, "weekly"), guid(&src, "weekly"));
+    assert_replica(&src, &dst);
+    destroy(&src);
+    destroy(&dst);
+}
+
+#[test]
+fn clones_under_r_arrive_as_clones_unless_no_clone_handling() {
+    let bed = Bed::get();
+    let (src, dst, dst2) = (bed.ds_a("clones"), bed.ds_b("clones"), bed.ds_b("noclones"));
+    zfs(&["create", &src]);
+    zfs(&["create", &dst]);
+    zfs(&["create", &dst2]);
+    let base = format!("{src}/base");
+    create_dataset_with_data(&base, &[("big.bin", 2 << 20)]);
+    snapshot(&base, "s1");
+    // Named to sort before its origin: resync must send the origin first.
+    let clone = format!("{src}/aclone");
+    zfs(&["clone", &format!("{base}@s1"), &clone]);
+    write_files(&clone, &[("small.bin", 32 << 10)]);
+    snapshot(&clone, "c1");
+
+    let out = resync(&["-r", "--skip-parent", "--no-sync-snap", &src, &dst]);
+    out.assert_success();
+    let origin = |ds: &str| {
+        zfs(&["get", "-H", "-o", "value", "origin", ds])
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        origin(&format!("{dst}/aclone")),
+        format!("{dst}/base@s1"),
+        "{out}"
+    );
+    assert!(out.stderr.contains("as a clone of"), "{out}");
+    assert_replica(&clone, &format!("{dst}/aclone"));
+    assert_replica(&base, &format!("{dst}/base"));
+    // The clone stream carried only what the clone added.
+    let used: u64 = zfs(&[
+        "get",
+        "-Hp",
+        "-o",
+        "value",
+        "used",
+        &format!("{dst}/aclone"),
+    ])
+    .trim()
+    .parse()
+    .expect("used");
+    assert!(
+        used < 1 << 20,
+        "a clone shares its origin's blocks: used {used}"
+    );
+    // An incremental onto the clone is an ordinary one.
+    write_files(&clone, &[("more.bin", 16 << 10)]);
+    snapshot(&clone, "c2");
+    resync(&["-r", "--skip-parent", "--no-sync-snap", &src, &dst]).assert_success();
+    assert_replica(&clone, &format!("{dst}/aclone"));
+
+    let out = resync(&[
+        "-r",
+        "--skip-parent",
+        "--no-sync-snap",
+        "--no-clone-handling",
+        &src,
+        &dst2,
+    ]);
+    out.assert_success();
+    assert_eq!(
+        origin(&format!("{dst2}/aclone")),
+        "-",
+        "sent in full:\n{out}"
+    );
+    assert_replica(&clone, &format!("{dst2}/aclone"));
+    // Clones before their origins' snapshots.
+    destroy(&format!("{dst}/aclone"));
+    destroy(&dst);
+    destroy(&dst2);
+    destroy(&clone);
+    destroy(&src);
+}
