@@ -86,7 +86,7 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
         cfg.source.dataset.pool(),
         ui,
     )
-    .map_err(|e| e.context(format!("on source host {src_label}")))?;
+    .map_err(|e| on_host(e, "source", &src_label))?;
     let dst = ZfsHost::open(
         dst_host,
         cfg.target.location.clone(),
@@ -94,7 +94,7 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
         cfg.target.dataset.pool(),
         ui,
     )
-    .map_err(|e| e.context(format!("on target host {dst_label}")))?;
+    .map_err(|e| on_host(e, "target", &dst_label))?;
     let (src_dry, dst_dry) = (DryRun::new(&src), DryRun::new(&dst));
     let (src_changes, dst_changes): (&dyn Changes, &dyn Changes) = match cfg.dry_run {
         true => (&src_dry, &dst_dry),
@@ -121,6 +121,15 @@ pub fn run(cfg: &Config, ui: &dyn Progress) -> Result<Outcome> {
     run.stop_leftovers()?;
     run.announce_missing_protection();
     run.all()
+}
+
+/// `err` in the context of the `side` host `label`, unless it says that
+/// itself (a privilege refusal names its host).
+fn on_host(err: anyhow::Error, side: &str, label: &str) -> anyhow::Error {
+    match crate::zfs::elevate::is_refused(&err) {
+        true => err,
+        false => err.context(format!("on {side} host {label}")),
+    }
 }
 
 /// The run lock for the target, keyed by the host it resolves to (ssh
