@@ -12,6 +12,12 @@ const USER: &str = "ozdeleg";
 /// The delegated user in the guest: root's key, not locked, and `zfs` in
 /// its PATH (Debian keeps zfs in /usr/sbin, outside a user's PATH).
 fn user(g: &Guest) {
+    // Once: tests run in parallel, and two useradds race.
+    static MADE: std::sync::Once = std::sync::Once::new();
+    MADE.call_once(|| make_user(g));
+}
+
+fn make_user(g: &Guest) {
     g.sh(&format!(
         "id {USER} >/dev/null 2>&1 || useradd --create-home --shell /bin/sh {USER}; \
          usermod -p '*' {USER} && \
