@@ -18,6 +18,11 @@
 #             `ip link set rsv${RUNID}a down`); each host runs its own sshd
 #             (own host key, key-only root login) in its own mount namespace
 #             with a private 1 GiB tmpfs on /tmp and root's ~/.bashrc hidden
+#   users     besides root, every host takes the bed's key for rsbackup (sudo
+#             without a password for zfs and zpool only), rspasswd (sudo, but
+#             with a password) and rsnosudo (no sudo rights): machine-wide
+#             accounts and /etc/sudoers.d/resync-testbed, made if missing and
+#             left in place
 #   client    STATE_DIR/home is a fake HOME: .ssh/id_ed25519, .ssh/known_hosts,
 #             .ssh/config (alias backup-alias -> 10.213.0.3)
 #   env       STATE_DIR/env, shell-sourceable KEY=VALUE lines (see write_env)
@@ -69,6 +74,7 @@ NEEDED=(
 	ip:iproute2 tc:iproute2 iptables:iptables
 	unshare:util-linux flock:util-linux findmnt:util-linux nsenter:util-linux mount:mount
 	pgrep:procps chroot:coreutils sha256sum:coreutils truncate:coreutils
+	sudo:sudo visudo:sudo useradd:passwd
 )
 
 install_deps() {
@@ -429,7 +435,8 @@ make_keys() {
 	chmod 700 "$TB_HOME" "$TB_HOME/.ssh"
 	ssh-keygen -q -t ed25519 -N '' -C "resync-testbed-client-$RUNID" -f "$KEY" </dev/null
 	cp "$KEY.pub" "$STATE/authorized_keys"
-	chmod 600 "$STATE/authorized_keys"
+	# sshd reads it as the user who logs in (the non-root users too).
+	chmod 644 "$STATE/authorized_keys"
 	local x
 	for x in a b; do
 		mkdir -p "$STATE/host-$x"
@@ -466,6 +473,32 @@ exec ssh -F '$TB_HOME/.ssh/config' -i '$KEY' -o IdentitiesOnly=yes -o BatchMode=
     -o ServerAliveCountMax=3 "\$@"
 EOF
 	chmod 755 "$STATE/bin/tbssh"
+}
+
+# Non-root users for the sudo and delegation tests (see the layout above).
+# The zfs the hosts run is the wrapper in /usr/local/sbin, first in sudo's
+# secure_path; the Debian paths are there for a run outside the bed.
+SUDO_USERS=(rsbackup rspasswd rsnosudo)
+make_users() {
+	local u
+	for u in "${SUDO_USERS[@]}"; do
+		id "$u" >/dev/null 2>&1 || useradd --create-home --shell /bin/sh "$u" ||
+			die "cannot create user $u"
+		# No password, but not locked: sshd without PAM refuses a locked
+		# account ("!" in shadow) even for a key.
+		usermod -p '*' "$u" || die "cannot unlock user $u"
+	done
+	local zfs='/usr/local/sbin/zfs, /usr/local/sbin/zpool, /usr/sbin/zfs, /usr/sbin/zpool'
+	local tmp=$STATE/sudoers
+	{
+		echo '# resync test bed (scripts/testbed.sh): zfs and zpool only.'
+		echo "rsbackup ALL=(root) NOPASSWD: $zfs"
+		echo "rspasswd ALL=(root) $zfs"
+	} >"$tmp"
+	visudo -c -q -f "$tmp" || die "the test bed's sudoers file is invalid"
+	mkdir -p /etc/sudoers.d
+	install -m 440 "$tmp" /etc/sudoers.d/resync-testbed
+	rm -f "$tmp"
 }
 
 start_host() {
@@ -519,15 +552,20 @@ EOF
 	# ip netns exec -> own mount namespace (slave of /), unshare -> another
 	# slave one with a private tmpfs on /tmp, the zfs wrappers over
 	# /usr/local/sbin (first in sshd's PATH for root) and its own hostname
-	# (rs-host-a / rs-host-b), then sshd. Each step execs, so
+	# (rs-host-a / rs-host-b, resolvable through a private /etc/hosts, as
+	# on a real machine: sudo warns on every command otherwise), then sshd. Each step execs, so
 	# $! is sshd's pid. setsid: not in the caller's process group.
 	# The hosts are plain servers: root's ~/.bashrc (which bash sources for
 	# every command sshd runs) is hidden under /dev/null, since this
 	# machine's one runs `pyenv init`, about 90 ms per remote command.
 	# /tmp holds 1 GiB (memory is only used as files fill it): room for
 	# the default --chunked staging (8 x 32 MiB per side) plus a test's own.
+	{
+		cat /etc/hosts
+		printf '127.0.1.1 rs-host-%s\n' "$x"
+	} >"$hd/hosts"
 	setsid ip netns exec "$ns" unshare --mount --propagation slave --uts \
-		sh -c 'hostname "$0" && mount -t tmpfs -o mode=1777,size=1g tmpfs /tmp && mount --bind "$1" /usr/local/sbin && { [ ! -f "$2" ] || mount --bind /dev/null "$2"; } && shift 2 && exec "$@"' "rs-host-$x" "$hd/sbin" "$(getent passwd root | cut -d: -f6)/.bashrc" \
+		sh -c 'hostname "$0" && mount -t tmpfs -o mode=1777,size=1g tmpfs /tmp && mount --bind "$1" /usr/local/sbin && mount --bind "$1/../hosts" /etc/hosts && { [ ! -f "$2" ] || mount --bind /dev/null "$2"; } && shift 2 && exec "$@"' "rs-host-$x" "$hd/sbin" "$(getent passwd root | cut -d: -f6)/.bashrc" \
 		/usr/sbin/sshd -D -f "$hd/sshd_config" -E "$hd/sshd.log" \
 		</dev/null >>"$hd/sshd.out" 2>&1 9>&- &
 	local pid=$!
@@ -568,6 +606,9 @@ TB_LINK_A=$LINK_A
 TB_LINK_B=$LINK_B
 TB_BRIDGE=$BRIDGE
 TB_UNUSED_ADDR=$UNUSED_ADDR
+TB_SUDO_USER=rsbackup
+TB_PASSWD_USER=rspasswd
+TB_NOSUDO_USER=rsnosudo
 EOF
 	mv "$tmp" "$STATE/env"
 }
@@ -584,6 +625,10 @@ verify() {
 	done
 	out=$("$ssh" backup-alias 'echo alias-ok' 2>&1) || die "ssh to backup-alias failed: $out"
 	[[ $out == alias-ok ]] || die "ssh backup-alias: unexpected output: $out"
+	out=$("$ssh" "rsbackup@$HOST_B_ADDR" 'sudo -n zfs list -H -o name' 2>&1) ||
+		die "rsbackup on host b cannot run zfs through sudo: $out"
+	[[ $out == *"$POOL_B"* && $out != *sudo:* ]] ||
+		die "sudo zfs list as rsbackup on host b: unexpected output: $out"
 	# A dataset mounted after the hosts started must be visible inside them.
 	local probe=$POOL_A/tbprobe mp
 	zfs create "$probe"
@@ -654,6 +699,7 @@ up() {
 	create_pools
 	make_network
 	make_keys
+	make_users
 	start_host a "$NS_A" "$HOST_A_ADDR"
 	start_host b "$NS_B" "$HOST_B_ADDR"
 	write_env

@@ -14,6 +14,11 @@
 //! it to exit, before it plans anything. A run that cannot get the lock is
 //! refused, naming the run that holds it.
 //!
+//! On a host where the user is not root, the recorded process is the
+//! user's `sudo -n zfs ...` (its real uid is the user's): the stop script,
+//! run as that user without sudo, may signal it, and sudo passes the signal
+//! on to the root `zfs` it runs; the sshd session is the user's own.
+//!
 //! File format (text, one record per line, rewritten whole each time):
 //! `run PID UNIX_TIME TARGET` then `proc HOST_LABEL PID PPID` lines, and
 //! in `--chunked` mode a `session ID on HOST` line.

@@ -81,7 +81,7 @@ impl<'a> ZfsHost<'a> {
     pub fn privilege_error(&self, argv: &[String], stderr: &str) -> Option<anyhow::Error> {
         self.privileges
             .explain(self.host().label(), argv, stderr)
-            .map(|line| anyhow!(line))
+            .map(|line| zfs::elevate::Refused(line).into())
     }
 
     /// The current connection.
@@ -568,7 +568,7 @@ fn exec(
     let out = host.run(&command)?;
     if !out.success() {
         if let Some(line) = privileges.explain(host.label(), argv, &out.stderr) {
-            bail!(line);
+            return Err(zfs::elevate::Refused(line).into());
         }
         let first = out
             .stderr

@@ -197,7 +197,16 @@ fn open_side<'a>(
         address.dataset.pool(),
         ui,
     )
-    .map_err(|e| e.context(format!("on {what} host {label}")))
+    .map_err(|e| on_host(e, what, &label))
+}
+
+/// `err` in the context of the `side` host `label`, unless it says that
+/// itself (a privilege refusal names its host).
+fn on_host(err: anyhow::Error, side: &str, label: &str) -> anyhow::Error {
+    match crate::zfs::elevate::is_refused(&err) {
+        true => err,
+        false => err.context(format!("on {side} host {label}")),
+    }
 }
 
 /// The run lock for the target, keyed by the host it resolves to (ssh

@@ -14,7 +14,7 @@ use crate::endpoint::{Changes, ZfsHost};
 use crate::host::reconnect::Reconnecting;
 use crate::host::{Child, CmdOutput, ExitInfo, Host};
 use crate::progress::{Progress, Transfer};
-use crate::zfs::Capabilities;
+use crate::zfs::{Capabilities, Privileges};
 use clap::Parser;
 
 /// Every command either fake host was given, as `label: argv`.
@@ -192,6 +192,18 @@ fn run(
     src: FakeHost,
     dst: FakeHost,
 ) -> (anyhow::Result<super::Outcome>, Vec<String>, Vec<String>) {
+    run_as(cfg, caps, written, src, dst, Privileges::root())
+}
+
+/// [`run`] with the target's `zfs` run with `dst_privileges`.
+fn run_as(
+    cfg: &Config,
+    caps: Capabilities,
+    written: bool,
+    src: FakeHost,
+    dst: FakeHost,
+    dst_privileges: Privileges,
+) -> (anyhow::Result<super::Outcome>, Vec<String>, Vec<String>) {
     let said = Said::default();
     let fixed = |host: FakeHost| {
         Reconnecting::new(Arc::new(host), || {
@@ -203,7 +215,8 @@ fn run(
         ..caps
     };
     let src = ZfsHost::with_caps(fixed(src), Location::Local, caps, &said);
-    let dst = ZfsHost::with_caps(fixed(dst), Location::Local, dst_caps, &said);
+    let mut dst = ZfsHost::with_caps(fixed(dst), Location::Local, dst_caps, &said);
+    dst.privileges = dst_privileges;
     let (src_dry, dst_dry) = (DryRun::new(&src), DryRun::new(&dst));
     let (src_changes, dst_changes): (&dyn Changes, &dyn Changes) = match cfg.dry_run {
         true => (&src_dry, &dst_dry),
@@ -313,6 +326,40 @@ fn a_full_send_receives_without_rollback_then_sends_the_rest_incrementally() {
             "dst: spawn zfs receive -F corehelp/c",
             "src: spawn zfs send -I corehelp/a@s1 corehelp/a@s3",
         ]
+    );
+}
+
+#[test]
+fn a_target_reached_as_a_non_root_user_runs_every_zfs_command_through_sudo() {
+    let log = Log::default();
+    let sudo = |argv: &str| format!("sudo -n {argv}");
+    let dst = FakeHost::new("dst", &log)
+        .replies(&sudo("zfs list -H -o name corehelp"), &["corehelp\n"])
+        .missing_then(
+            &sudo(FUSE_LIST_C),
+            "corehelp/c",
+            &[&fuse_c(&["s1"]), &fuse_c(&["s1", "s2", "s3"])],
+        );
+    let cfg = config(&["--no-sync-snap", "corehelp/a", "corehelp/c"]);
+    let backup = Privileges::decide("backup", false, false);
+    let (result, _, _) = run_as(&cfg, FUSE, false, fuse_source(&log), dst, backup);
+    assert_eq!(result.unwrap().replicated, 1);
+    assert_eq!(
+        changes(&log),
+        [
+            "dst: spawn sudo -n zfs receive corehelp/c",
+            "src: spawn zfs send corehelp/a@s1",
+            "dst: spawn sudo -n zfs receive -F corehelp/c",
+            "src: spawn zfs send -I corehelp/a@s1 corehelp/a@s3",
+        ]
+    );
+    assert!(
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("dst: "))
+            .all(|l| l.starts_with("dst: sudo -n zfs ") || l.starts_with("dst: spawn sudo -n zfs ")),
+        "every target command through sudo: {log:?}"
     );
 }
 

@@ -2,6 +2,8 @@
 //! the user resync runs as (the SSH user, or this process's user locally)
 //! is not root, every `zfs` command goes through `sudo -n` unless
 //! `--no-privilege-elevation` says the user has `zfs allow` delegation.
+//! `zpool` (the capability probes) goes the same way, as syncoid's
+//! `zpool get` does, so sudoers must allow both.
 //! [`Privileges`] decides that once per host and wraps argv
 //! ([`Privileges::wrap`]); every place that turns a `zfs` argv into a host
 //! command (the endpoint's commands, a transfer's send and receive, and so
@@ -19,6 +21,24 @@
 //! tell a user without sudo rights from one whose rule wants a password
 //! (it asks for the password before it looks at the rules), so one message
 //! covers both.
+
+/// A command refused for want of privilege: its message is the whole
+/// story (host, command, what to configure), so callers add no context.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Whether `err` is (or wraps) a [`Refused`].
+pub fn is_refused(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| e.is::<Refused>())
+}
 
 /// How `zfs` runs on one host, and as whom.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,8 +92,9 @@ impl Privileges {
             .to_lowercase();
         let user = &self.user;
         let command = command_name(argv);
-        let sudoers =
-            format!("'{user} ALL=(root) NOPASSWD: /usr/sbin/zfs' (the path of zfs there)");
+        let sudoers = format!(
+            "'{user} ALL=(root) NOPASSWD: /usr/sbin/zfs, /usr/sbin/zpool' (their paths there)"
+        );
         if self.sudo {
             if folded.contains("sudo: a password is required")
                 || folded.contains("sudo: a terminal is required")
@@ -196,8 +217,9 @@ mod tests {
         assert_eq!(
             msg,
             "on backup@nas: sudo wants a password to run zfs list as root (backup may also have \
-             no sudo rights for zfs); add 'backup ALL=(root) NOPASSWD: /usr/sbin/zfs' (the path \
-             of zfs there) to sudoers there, or use --no-privilege-elevation with zfs allow"
+             no sudo rights for zfs); add 'backup ALL=(root) NOPASSWD: /usr/sbin/zfs, \
+             /usr/sbin/zpool' (their paths there) to sudoers there, or use \
+             --no-privilege-elevation with zfs allow"
         );
         assert!(!msg.contains('\n'));
         let msg = p

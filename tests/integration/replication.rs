@@ -52,7 +52,7 @@ fn receiving(ds: &str) -> bool {
 
 /// An iptables rule in a host's namespace that drops incoming TCP RSTs,
 /// removed on drop.
-struct DropRsts(String);
+pub(crate) struct DropRsts(String);
 
 impl DropRsts {
     const RULE: [&'static str; 8] = [
@@ -66,7 +66,7 @@ impl DropRsts {
         "DROP",
     ];
 
-    fn on(ns: &str) -> DropRsts {
+    pub(crate) fn on(ns: &str) -> DropRsts {
         let ok = std::process::Command::new("ip")
             .args(["netns", "exec", ns, "iptables", "-I"])
             .args(Self::RULE)

@@ -184,6 +184,12 @@
 //!   owner lock, listing/cancelling/clearing sessions, writing a manifest
 //!   (see `protocol/session.rs`).
 //!
+//! The helpers run as the SSH user. On a host where that user is not root,
+//! the `zfs send ...`/`zfs receive ...` after `--` arrives as `sudo -n zfs
+//! ...` (`zfs::elevate`): the helper starts that argv as it is, so only
+//! `zfs` is elevated, and the folders and the deployed binary stay the
+//! user's. The manifest's argv fingerprint covers the prefix too.
+//!
 //! # Stale folders
 //! Every helper, once it holds its own lock, removes the session folders in
 //! its tmpdir that are stale: ours (uid, mode), unchanged for
