@@ -33,7 +33,7 @@ pub const ADAPTIVE_MAX: i32 = 9;
 pub const LEVEL_FASTEST: i32 = -5;
 pub const LEVEL_MAX: i32 = 19;
 /// Observations per level decision.
-pub const VOTE_WINDOW: u32 = 16;
+pub const VOTE_WINDOW: u32 = 8;
 /// Misses in a row before only sampling.
 pub const MISSES_TO_SAMPLE: u32 = 4;
 /// While sampling, one block in this many is tried.

@@ -255,7 +255,12 @@ impl<R: Read> FrameReader<R> {
                 self.ended = true;
                 continue;
             }
-            self.decoder.decode(h, &self.payload, &mut self.out)?;
+            if h.kind == kind::RAW {
+                // The payload is the data: hand it on without a copy.
+                std::mem::swap(&mut self.out, &mut self.payload);
+            } else {
+                self.decoder.decode(h, &self.payload, &mut self.out)?;
+            }
             self.pos = 0;
             self.total += self.out.len() as u64;
             return Ok(true);
@@ -349,13 +354,18 @@ impl<W: Write> DecodeWriter<W> {
                 }
                 self.ended = true;
             } else {
-                if let Err(e) = self.decoder.decode(h, payload, &mut self.out) {
+                let data = if h.kind == kind::RAW {
+                    payload
+                } else {
+                    if let Err(e) = self.decoder.decode(h, payload, &mut self.out) {
+                        break Err(e);
+                    }
+                    &self.out
+                };
+                if let Err(e) = self.inner.write_all(data) {
                     break Err(e);
                 }
-                if let Err(e) = self.inner.write_all(&self.out) {
-                    break Err(e);
-                }
-                self.total += self.out.len() as u64;
+                self.total += data.len() as u64;
             }
             at += len;
         };
