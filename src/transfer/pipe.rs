@@ -386,7 +386,9 @@ impl Mover for Pipe<'_> {
                 let _ = done_tx.send(pumped);
             });
         }
-        let pumped = match self.watch_stream(&done_rx, &moved) {
+        // Bytes read before encoding count as movement too: a slow `zfs
+        // send` fills a 1 MiB block long before the block crosses.
+        let pumped = match self.watch_stream(&done_rx, &[&moved, &raw]) {
             Ok(p) => p,
             Err(stalled) => {
                 bar.finish();
@@ -460,7 +462,7 @@ impl Pipe<'_> {
     fn watch_stream(
         &self,
         done: &mpsc::Receiver<Result<u64, PumpError>>,
-        moved: &AtomicU64,
+        moved: &[&AtomicU64],
     ) -> Result<Result<u64, PumpError>, Duration> {
         let tick = (self.stall / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
         let (mut seen, mut since) = (0, Instant::now());
@@ -474,7 +476,7 @@ impl Pipe<'_> {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
-            let now = moved.load(Ordering::Relaxed);
+            let now: u64 = moved.iter().map(|m| m.load(Ordering::Relaxed)).sum();
             if now != seen {
                 (seen, since) = (now, Instant::now());
             } else if since.elapsed() >= self.stall {
