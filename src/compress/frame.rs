@@ -23,7 +23,7 @@ use std::io::{self, Read, Write};
 pub const MAGIC: &[u8; 8] = b"RSYNCZ1\n";
 /// Header bytes per frame.
 pub const HEADER: usize = 9;
-/// Largest `raw` or `wire` length a decoder accepts (encoders cut 1 MiB).
+/// Largest `raw` or `wire` length a decoder accepts (encoders cut 2 MiB).
 pub const BLOCK_MAX: usize = 4 << 20;
 
 pub mod kind {

@@ -378,7 +378,7 @@ impl Mover for Pipe<'_> {
             });
         }
         // Bytes read before encoding count as movement too: a slow `zfs
-        // send` fills a 1 MiB block long before the block crosses.
+        // send` fills a 2 MiB block long before the block crosses.
         let pumped = match self.watch_stream(&done_rx, &[&moved, &raw]) {
             Ok(p) => p,
             Err(stalled) => {
