@@ -148,7 +148,14 @@ pub struct FrameReader<R> {
     started: bool,
     ended: bool,
     total: u64,
+    /// Bytes of the current raw frame not read yet: a raw payload is
+    /// handed on in pieces as it arrives, so that a reader feeding a pipe
+    /// does not stop to gather a whole block first.
+    raw_left: usize,
 }
+
+/// The most of a raw frame's payload handed on at once.
+const RAW_PIECE: usize = 256 << 10;
 
 impl<R: Read> FrameReader<R> {
     pub fn new(inner: R, framing: Framing) -> io::Result<FrameReader<R>> {
@@ -162,6 +169,7 @@ impl<R: Read> FrameReader<R> {
             started: framing == Framing::Bare,
             ended: false,
             total: 0,
+            raw_left: 0,
         })
     }
 
@@ -211,6 +219,23 @@ impl<R: Read> FrameReader<R> {
             self.started = true;
         }
         loop {
+            if self.raw_left > 0 {
+                let n = self.raw_left.min(RAW_PIECE);
+                let mut out = std::mem::take(&mut self.out);
+                out.resize(n, 0);
+                let filled = self.fill(&mut out);
+                self.out = out;
+                if !filled? {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the compressed stream ended inside a frame",
+                    ));
+                }
+                self.raw_left -= n;
+                self.pos = 0;
+                self.total += n as u64;
+                return Ok(true);
+            }
             if self.ended {
                 let mut extra = [0u8; 1];
                 if self.fill(&mut extra)? {
@@ -229,6 +254,10 @@ impl<R: Read> FrameReader<R> {
                 };
             }
             let h = Header::parse(&hb)?;
+            if h.kind == kind::RAW {
+                self.raw_left = h.wire as usize;
+                continue;
+            }
             let mut payload = std::mem::take(&mut self.payload);
             payload.resize(h.wire as usize, 0);
             let filled = self.fill(&mut payload);
@@ -255,12 +284,7 @@ impl<R: Read> FrameReader<R> {
                 self.ended = true;
                 continue;
             }
-            if h.kind == kind::RAW {
-                // The payload is the data: hand it on without a copy.
-                std::mem::swap(&mut self.out, &mut self.payload);
-            } else {
-                self.decoder.decode(h, &self.payload, &mut self.out)?;
-            }
+            self.decoder.decode(h, &self.payload, &mut self.out)?;
             self.pos = 0;
             self.total += self.out.len() as u64;
             return Ok(true);
