@@ -154,6 +154,16 @@ if [[ -n ${BENCH_ENV:-} ]]; then
 	ENV_FILE=$BENCH_ENV
 	log "using the existing bed of $ENV_FILE"
 else
+	# Hold the bed lock for the whole run, as test.sh does: another
+	# `testbed.sh up` tears down every bed, ours included, mid-bench.
+	TB_ROOT=${TB_ROOT:-/var/tmp/resync-testbed}
+	mkdir -p "$TB_ROOT"
+	exec 9>"$TB_ROOT/lock"
+	if ! flock -n 9; then
+		log "another test bed is in use (lock $TB_ROOT/lock); waiting up to 30 min"
+		flock -w 1800 9 || die "timed out waiting for $TB_ROOT/lock"
+	fi
+	export TB_LOCK_HELD=1
 	OWN_BED=1
 	# Pool B holds one replica at a time (each is checked and destroyed).
 	TB_VDEV_SIZE=$((MB * 3 + DELAY_MB + COMPRESS_MB * 2 + 512))M bash scripts/testbed.sh up "$STATE" >/dev/null

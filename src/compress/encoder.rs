@@ -23,8 +23,12 @@ use std::io;
 use super::frame::{kind, Header};
 use super::Compress;
 
-/// Raw bytes per frame that encoders cut.
-pub const BLOCK: usize = 1 << 20;
+/// Raw bytes per frame that encoders cut. Blocks are compressed
+/// independently, so bigger ones shrink more (a tar of /usr at zstd 9:
+/// 37.5% of its size in 1 MiB blocks, 34.6% in 2 MiB, 33.0% as one
+/// stream); zstd's context grows with them (about 18 MiB at level 9 for
+/// 2 MiB), which keeps a process under 64 MiB.
+pub const BLOCK: usize = 2 << 20;
 /// The adaptive level's range and start.
 pub const ADAPTIVE_MIN: i32 = 1;
 pub const ADAPTIVE_START: i32 = 3;
@@ -33,7 +37,7 @@ pub const ADAPTIVE_MAX: i32 = 9;
 pub const LEVEL_FASTEST: i32 = -5;
 pub const LEVEL_MAX: i32 = 19;
 /// Observations per level decision.
-pub const VOTE_WINDOW: u32 = 16;
+pub const VOTE_WINDOW: u32 = 8;
 /// Misses in a row before only sampling.
 pub const MISSES_TO_SAMPLE: u32 = 4;
 /// While sampling, one block in this many is tried.

@@ -31,7 +31,7 @@ pub const ENCODE: &str = "__encode";
 pub const DECODE: &str = "__decode";
 /// The hidden subcommands `main` dispatches here.
 pub const SUBCOMMANDS: [&str; 2] = [ENCODE, DECODE];
-/// Frames queued toward the link (bounds memory to about DEPTH MiB).
+/// Frames queued toward the link (bounds memory to about 2 x DEPTH MiB).
 pub const DEPTH: usize = 8;
 
 /// `exe __encode --compress SPEC -- send...`

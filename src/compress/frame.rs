@@ -23,7 +23,7 @@ use std::io::{self, Read, Write};
 pub const MAGIC: &[u8; 8] = b"RSYNCZ1\n";
 /// Header bytes per frame.
 pub const HEADER: usize = 9;
-/// Largest `raw` or `wire` length a decoder accepts (encoders cut 1 MiB).
+/// Largest `raw` or `wire` length a decoder accepts (encoders cut 2 MiB).
 pub const BLOCK_MAX: usize = 4 << 20;
 
 pub mod kind {
@@ -148,7 +148,14 @@ pub struct FrameReader<R> {
     started: bool,
     ended: bool,
     total: u64,
+    /// Bytes of the current raw frame not read yet: a raw payload is
+    /// handed on in pieces as it arrives, so that a reader feeding a pipe
+    /// does not stop to gather a whole block first.
+    raw_left: usize,
 }
+
+/// The most of a raw frame's payload handed on at once.
+const RAW_PIECE: usize = 256 << 10;
 
 impl<R: Read> FrameReader<R> {
     pub fn new(inner: R, framing: Framing) -> io::Result<FrameReader<R>> {
@@ -162,6 +169,7 @@ impl<R: Read> FrameReader<R> {
             started: framing == Framing::Bare,
             ended: false,
             total: 0,
+            raw_left: 0,
         })
     }
 
@@ -211,6 +219,23 @@ impl<R: Read> FrameReader<R> {
             self.started = true;
         }
         loop {
+            if self.raw_left > 0 {
+                let n = self.raw_left.min(RAW_PIECE);
+                let mut out = std::mem::take(&mut self.out);
+                out.resize(n, 0);
+                let filled = self.fill(&mut out);
+                self.out = out;
+                if !filled? {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the compressed stream ended inside a frame",
+                    ));
+                }
+                self.raw_left -= n;
+                self.pos = 0;
+                self.total += n as u64;
+                return Ok(true);
+            }
             if self.ended {
                 let mut extra = [0u8; 1];
                 if self.fill(&mut extra)? {
@@ -229,6 +254,10 @@ impl<R: Read> FrameReader<R> {
                 };
             }
             let h = Header::parse(&hb)?;
+            if h.kind == kind::RAW {
+                self.raw_left = h.wire as usize;
+                continue;
+            }
             let mut payload = std::mem::take(&mut self.payload);
             payload.resize(h.wire as usize, 0);
             let filled = self.fill(&mut payload);
@@ -349,13 +378,18 @@ impl<W: Write> DecodeWriter<W> {
                 }
                 self.ended = true;
             } else {
-                if let Err(e) = self.decoder.decode(h, payload, &mut self.out) {
+                let data = if h.kind == kind::RAW {
+                    payload
+                } else {
+                    if let Err(e) = self.decoder.decode(h, payload, &mut self.out) {
+                        break Err(e);
+                    }
+                    &self.out
+                };
+                if let Err(e) = self.inner.write_all(data) {
                     break Err(e);
                 }
-                if let Err(e) = self.inner.write_all(&self.out) {
-                    break Err(e);
-                }
-                self.total += self.out.len() as u64;
+                self.total += data.len() as u64;
             }
             at += len;
         };

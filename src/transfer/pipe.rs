@@ -347,25 +347,16 @@ impl Mover for Pipe<'_> {
         // Bytes of the zfs stream itself, where this process sees them
         // (it encodes or decodes); the bar counts those.
         let raw = Arc::new(AtomicU64::new(0));
-        let (encode, writer, raw_seen) = match &self.codec {
-            None => (None, writer, false),
-            Some(c) => {
-                let encode = match c.src_exe {
-                    None => Some((
-                        Encoder::new(c.compress).context("starting zstd")?,
-                        raw.clone(),
-                    )),
-                    Some(_) => None,
-                };
-                let writer: Box<dyn Write + Send> = match c.dst_exe {
-                    None => Box::new(Decoding {
-                        inner: DecodeWriter::new(writer).context("starting zstd")?,
-                        raw: raw.clone(),
-                    }),
-                    Some(_) => writer,
-                };
-                let seen = c.src_exe.is_none() || c.dst_exe.is_none();
-                (encode, writer, seen)
+        let framing = self.framing(writer, &raw);
+        let (encode, writer, raw_seen) = match framing {
+            Ok(f) => f,
+            Err(e) => {
+                sender.kill();
+                receiver.kill();
+                if let Some(lock) = self.lock {
+                    lock.forget(&procs)?;
+                }
+                return Err(e);
             }
         };
         let (done_tx, done_rx) = mpsc::channel();
@@ -386,7 +377,9 @@ impl Mover for Pipe<'_> {
                 let _ = done_tx.send(pumped);
             });
         }
-        let pumped = match self.watch_stream(&done_rx, &moved) {
+        // Bytes read before encoding count as movement too: a slow `zfs
+        // send` fills a 2 MiB block long before the block crosses.
+        let pumped = match self.watch_stream(&done_rx, &[&moved, &raw]) {
             Ok(p) => p,
             Err(stalled) => {
                 bar.finish();
@@ -456,12 +449,43 @@ impl Mover for Pipe<'_> {
     }
 }
 
+/// What the pump does about compression: the encoder of its reading side
+/// (with the counter of bytes it reads), the writer it writes to (behind a
+/// decoder when the receiver is local), and whether it sees the stream's
+/// own bytes (false when both ends are remote: it only relays frames).
+type Framing = (
+    Option<(Encoder, Arc<AtomicU64>)>,
+    Box<dyn Write + Send>,
+    bool,
+);
+
 impl Pipe<'_> {
+    fn framing(&self, writer: Box<dyn Write + Send>, raw: &Arc<AtomicU64>) -> Result<Framing> {
+        let Some(c) = &self.codec else {
+            return Ok((None, writer, false));
+        };
+        let encode = match c.src_exe {
+            None => Some((
+                Encoder::new(c.compress).context("starting zstd")?,
+                raw.clone(),
+            )),
+            Some(_) => None,
+        };
+        let writer: Box<dyn Write + Send> = match c.dst_exe {
+            None => Box::new(Decoding {
+                inner: DecodeWriter::new(writer).context("starting zstd")?,
+                raw: raw.clone(),
+            }),
+            Some(_) => writer,
+        };
+        Ok((encode, writer, c.src_exe.is_none() || c.dst_exe.is_none()))
+    }
+
     /// Waits for the pump; `Err(how long)` when no byte moved for `stall`.
     fn watch_stream(
         &self,
         done: &mpsc::Receiver<Result<u64, PumpError>>,
-        moved: &AtomicU64,
+        moved: &[&AtomicU64],
     ) -> Result<Result<u64, PumpError>, Duration> {
         let tick = (self.stall / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
         let (mut seen, mut since) = (0, Instant::now());
@@ -475,7 +499,7 @@ impl Pipe<'_> {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
-            let now = moved.load(Ordering::Relaxed);
+            let now: u64 = moved.iter().map(|m| m.load(Ordering::Relaxed)).sum();
             if now != seen {
                 (seen, since) = (now, Instant::now());
             } else if since.elapsed() >= self.stall {

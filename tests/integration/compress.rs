@@ -238,3 +238,35 @@ fn chunked_compressed_survives_a_link_cut_and_resends_less_than_a_chunk() {
 fn has_session(dir: &Path) -> bool {
     !crate::chunked::sessions(dir).is_empty()
 }
+
+/// Our binary cannot be put on the target (its --tmpdir does not exist
+/// there): a named compressor is one line and exit 2 before anything runs
+/// (no sync snapshot, no target); the default sends uncompressed after one
+/// warning, and the target is right.
+#[test]
+fn a_host_that_cannot_run_our_binary_fails_a_named_compressor_and_the_default_falls_back() {
+    let bed = Bed::get();
+    let src = bed.ds_a("zfallback");
+    let dst = bed.ds_b("zfallback");
+    text_dataset(&src);
+    let target = remote(&bed.host_b, &dst);
+    let tmp = "--tmpdir=/nonexistent-resync-tmpdir";
+    let out = resync(&["--compress=lzo", tmp, &src, &target]);
+    assert_eq!(out.code, Some(2), "{out}");
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{out}");
+    assert!(out.stderr.contains("--compress needs resync on"), "{out}");
+    assert!(!exists(&dst), "a refused run must not replicate");
+    assert_eq!(snapshots(&src).len(), 1, "nor snapshot the source");
+    let out = resync(&[tmp, &src, &target]);
+    out.assert_success();
+    let warnings: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("sending uncompressed"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", out.stderr);
+    assert!(!out.stderr.contains("compressed:"), "{}", out.stderr);
+    assert_replica(&src, &dst);
+    cleanup(&src);
+    cleanup(&dst);
+}

@@ -488,6 +488,8 @@ pub fn run_session(
         stats: Stats::default(),
         counter: Arc::new(AtomicU64::new(0)),
         shown: 0,
+        decoded: 0,
+        on_bar: 0,
         limit: opts.bwlimit.map(|r| Arc::new(Mutex::new(Limiter::new(r)))),
         sent: Arc::default(),
         resent: Arc::new(AtomicU64::new(0)),
@@ -622,6 +624,10 @@ struct Orchestrator<'a> {
     stats: Stats,
     counter: Arc<AtomicU64>,
     shown: u64,
+    /// With compression, the bar shows stream bytes (the receiver's
+    /// `progress`), not chunk-file bytes.
+    decoded: u64,
+    on_bar: u64,
     limit: Option<Arc<Mutex<Limiter>>>,
     sent: Arc<Mutex<HashMap<u64, u64>>>,
     resent: Arc<AtomicU64>,
@@ -643,8 +649,15 @@ impl Orchestrator<'_> {
         let now = self.counter.load(Ordering::Relaxed);
         self.stats.copied = now;
         self.stats.resent = self.resent.load(Ordering::Relaxed);
+        let bar = match self.opts.compress.is_on() {
+            true => self.decoded,
+            false => now,
+        };
+        if bar > self.on_bar {
+            self.bar.add(bar - self.on_bar);
+            self.on_bar = bar;
+        }
         if now > self.shown {
-            self.bar.add(now - self.shown);
             self.shown = now;
             return true;
         }
@@ -837,6 +850,7 @@ impl Orchestrator<'_> {
                 if p != progress {
                     last_progress = Instant::now();
                     progress = p;
+                    self.decoded = progress.bytes;
                     self.sent.locked().retain(|i, _| *i >= progress.next);
                 }
             }
@@ -1007,6 +1021,7 @@ impl Orchestrator<'_> {
         end_acked: bool,
     ) -> Result<()> {
         let (s, r) = (self.s, self.r);
+        self.decoded = res.bytes;
         self.show_bytes();
         self.stats.bytes = res.bytes;
         self.stats.chunks = res.chunks;

@@ -80,7 +80,7 @@
 //! With `--compress` (not `none`) the sender helper gets `--compress SPEC`
 //! and the receiver `--framed`. The sender still cuts the zfs stream every
 //! `chunk-size` bytes, but writes each chunk as frames (`compress::frame`:
-//! one per block of up to 1 MiB, never crossing a chunk boundary; no magic,
+//! one per block of up to 2 MiB, never crossing a chunk boundary; no magic,
 //! no end frame), so a chunk file is usually smaller than `chunk-size`.
 //! Everything about a chunk *file* counts bytes of the file, i.e. what
 //! travels: its `.md5`, the listing sizes, the `R`/`W` offsets and `O`/`A`
