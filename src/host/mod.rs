@@ -6,6 +6,7 @@
 //! [`reconnect::Reconnecting`] replaces a lost connection for everyone who
 //! uses it, and [`deploy`] puts our own binary on a remote host.
 
+pub mod batch;
 pub mod deploy;
 pub mod local;
 pub mod quote;
@@ -189,6 +190,23 @@ pub(crate) fn signal_status(signal: i32) -> i32 {
     128 + signal
 }
 
+/// Commands started per host label since this process began (every
+/// [`Host::run`] and [`Host::spawn`]): how a run's cost in round trips is
+/// measured and reported with `--debug`.
+static STARTED: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+
+/// Counts one command started on the host labelled `label`.
+pub(crate) fn count_started(label: &str) {
+    let mut started = STARTED.locked();
+    *started.entry(label.to_string()).or_default() += 1;
+}
+
+/// How many commands each host has been asked to run so far, by label.
+pub fn started_commands() -> Vec<(String, u64)> {
+    let started = STARTED.locked();
+    started.iter().map(|(l, n)| (l.clone(), *n)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,21 +275,4 @@ mod tests {
         assert_eq!(buf.len(), STDERR_CAP);
         assert!(buf.ends_with(b"axyz"));
     }
-}
-
-/// Commands started per host label since this process began (every
-/// [`Host::run`] and [`Host::spawn`]): how a run's cost in round trips is
-/// measured and reported with `--debug`.
-static STARTED: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
-
-/// Counts one command started on the host labelled `label`.
-pub(crate) fn count_started(label: &str) {
-    let mut started = STARTED.locked();
-    *started.entry(label.to_string()).or_default() += 1;
-}
-
-/// How many commands each host has been asked to run so far, by label.
-pub fn started_commands() -> Vec<(String, u64)> {
-    let started = STARTED.locked();
-    started.iter().map(|(l, n)| (l.clone(), *n)).collect()
 }

@@ -12,5 +12,6 @@ mod holds;
 mod openzfs;
 mod replication;
 mod restart;
+mod scale;
 mod smoke;
 mod stall;
