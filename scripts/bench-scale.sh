@@ -48,8 +48,13 @@ done
 ((${#missing[@]} == 0)) || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 log "building the release binary"
 cargo build --release --quiet
-BIN=${CARGO_TARGET_DIR:-$PWD/target}/x86_64-unknown-linux-gnu/release/resync
-[[ -x $BIN ]] || BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/resync
+built=${CARGO_TARGET_DIR:-$PWD/target}/x86_64-unknown-linux-gnu/release/resync
+[[ -x $built ]] || built=${CARGO_TARGET_DIR:-$PWD/target}/release/resync
+# A copy: a target directory shared with other worktrees may be rebuilt
+# under us while the bench runs.
+BIN_DIR=$(mktemp -d)
+BIN=$BIN_DIR/resync
+cp "$built" "$BIN"
 
 # One bed at a time on this machine (as scripts/test.sh): hold the lock.
 TB_ROOT=${TB_ROOT:-/var/tmp/resync-testbed}
@@ -62,6 +67,7 @@ cleanup() {
 	local rc=$?
 	set +e
 	bash scripts/testbed.sh down "$STATE" >/dev/null 2>&1 || log "WARNING: testbed.sh down $STATE failed"
+	rm -rf "$BIN_DIR"
 	exit "$rc"
 }
 trap cleanup EXIT
@@ -163,7 +169,12 @@ if phase tree40; then
 fi
 if phase noop; then
 	log "no-op: $NOOP datasets"
-	make_tree "$TB_POOL_A/n" "$NOOP"
+	# Unmounted (mountpoint=none, which send -R carries over): zfs-fuse
+	# fails to mount many hundreds more file systems on this bed.
+	zfs create -o mountpoint=none "$TB_POOL_A/n"
+	for ((i = 1; i <= NOOP; i++)); do
+		zfs create "$(printf '%s/n/d%05d' "$TB_POOL_A" "$i")"
+	done
 	zfs snapshot -r "$TB_POOL_A/n@base"
 	zfs send -R "$TB_POOL_A/n@base" | zfs receive "$TB_POOL_B/rn"
 	resync_run n-noop -r --no-sync-snap "$TB_POOL_A/n" "$TARGET:$TB_POOL_B/rn"
