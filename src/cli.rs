@@ -154,6 +154,12 @@ pub struct Cli {
     #[arg(long)]
     pub no_rollback: bool,
 
+    /// Replicate up to N datasets of a recursive run at once (a child after its parent;
+    /// 1 with --chunked).
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+
     /// Hold the snapshots a transfer needs, and afterwards the last replicated snapshot on
     /// both sides (zfs hold), so other tools' pruning cannot break the next incremental.
     /// The tag names this job (--identifier and the other side); older holds of the job are released.
@@ -493,6 +499,8 @@ pub struct Config {
     pub rollback: bool,
     /// `--no-privilege-elevation`: never `sudo -n zfs` (see `zfs::elevate`).
     pub no_privilege_elevation: bool,
+    /// `--jobs`: datasets replicated at once.
+    pub jobs: usize,
     /// Sync snapshots, holds and bookmarks.
     pub protection: Protection,
     /// How to reach remote hosts.
@@ -792,6 +800,7 @@ impl Cli {
             force_delete: self.force_delete,
             rollback: !self.no_rollback,
             no_privilege_elevation: self.no_privilege_elevation,
+            jobs: usize::from(self.jobs),
             protection: Protection {
                 sync_snap: !self.no_sync_snap,
                 keep_sync_snap: self.keep_sync_snap,

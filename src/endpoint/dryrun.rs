@@ -57,6 +57,16 @@ impl Changes for DryRun<'_, '_> {
         Ok(Taken::Created)
     }
 
+    fn snapshot_all(
+        &self,
+        _: &Dataset,
+        datasets: &[Dataset],
+        _: bool,
+        name: &str,
+    ) -> Result<Vec<Result<Taken>>> {
+        Ok(datasets.iter().map(|ds| self.snapshot(ds, name)).collect())
+    }
+
     fn pending(&self, ds: &Dataset) -> Vec<Snapshot> {
         self.taken
             .locked()

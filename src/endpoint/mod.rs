@@ -18,6 +18,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::cli::{Config, Location};
+use crate::host::batch;
 use crate::host::local::LocalHost;
 use crate::host::quote::sh_join;
 use crate::host::reconnect::Reconnecting;
@@ -166,15 +167,52 @@ impl<'a> ZfsHost<'a> {
         Ok(true)
     }
 
-    /// `root` and (with `recursive`) its descendant file systems and
-    /// volumes; `None` when `root` does not exist.
-    pub fn datasets(&self, root: &Dataset, recursive: bool) -> Result<Option<Vec<Dataset>>> {
-        let out = self.exec(&zfs::list_datasets_argv(root, recursive))?;
+    /// `root` (and with `recursive` everything below it) with every
+    /// snapshot, bookmark and resume token, from one listing; `None` when
+    /// `root` does not exist.
+    pub fn tree(&self, root: &Dataset, recursive: bool) -> Result<Option<zfs::Tree>> {
+        let mut argv = zfs::list_tree_argv(root, &self.caps);
+        if !recursive {
+            // `-d 1`: the root, its snapshots (and its children, skipped).
+            if let Some(r) = argv.iter().position(|a| a == "-r") {
+                argv.splice(r..=r, ["-d".to_string(), "1".to_string()]);
+            }
+        }
+        let out = self.exec(&argv)?;
         if !out.success() && zfs::is_missing_dataset_error(&out.stderr) {
             return Ok(None);
         }
-        let listed = out.check("zfs list", self.host().label())?;
-        Ok(Some(zfs::parse_dataset_list(&listed)?))
+        let listed = out
+            .check("zfs get", self.host().label())
+            .with_context(|| format!("listing {}", self.label(root)))?;
+        let mut tree = zfs::parse_tree(root, &listed)?;
+        if !recursive {
+            tree.retain(|ds, _| ds == root);
+        }
+        Ok(Some(tree))
+    }
+
+    /// Runs several commands in one exec (see `host::batch`), each logged
+    /// with `--debug`; one output per command, stdout and stderr together.
+    fn exec_batch(&self, commands: &[Vec<String>]) -> Result<Vec<CmdOutput>> {
+        for argv in commands {
+            self.ui.debug(&format!(
+                "[{}] (batched) {}",
+                self.host().label(),
+                sh_join(argv)
+            ));
+        }
+        let host = self.host();
+        let out = host.run(&batch::script_argv(commands))?;
+        if !out.success() {
+            return Err(anyhow!(
+                "batched commands failed on {} (exit {}): {}",
+                host.label(),
+                out.status,
+                out.stderr.trim()
+            ));
+        }
+        batch::parse_output(commands.len(), &out.stdout)
     }
 
     /// The file systems and volumes below `ds` (not `ds` itself): what
@@ -259,7 +297,11 @@ impl<'a> ZfsHost<'a> {
     /// The target must list `to` with the source's GUID, whatever zfs
     /// receive said.
     pub fn verify(&self, ds: &Dataset, to: &Snapshot) -> Result<()> {
-        let target = self.target_state(ds)?;
+        self.verify_listed(ds, &self.target_state(ds)?, to)
+    }
+
+    /// [`ZfsHost::verify`] on a listing `target` of `ds` made after the receive.
+    pub fn verify_listed(&self, ds: &Dataset, target: &TargetState, to: &Snapshot) -> Result<()> {
         match target.snapshots.iter().find(|s| s.name == to.name) {
             Some(s) if s.guid == to.guid => Ok(()),
             Some(s) => bail!(
@@ -324,9 +366,27 @@ pub enum Taken {
 
 /// Every change resync makes to a pool, apart from receiving a stream.
 /// Implemented by [`ZfsHost`] (acting) and [`dryrun::DryRun`] (printing).
-pub trait Changes {
+pub trait Changes: Sync {
     /// `zfs snapshot ds@name`.
     fn snapshot(&self, ds: &Dataset, name: &str) -> Result<Taken>;
+    /// `zfs snapshot` of `name` on each of `datasets` (one result each):
+    /// `zfs snapshot -r root@name` when `whole_tree` (the datasets are all
+    /// of `root`'s tree: one command, one point in time), else one batched
+    /// exec of a snapshot per dataset.
+    fn snapshot_all(
+        &self,
+        root: &Dataset,
+        datasets: &[Dataset],
+        whole_tree: bool,
+        name: &str,
+    ) -> Result<Vec<Result<Taken>>>;
+    /// [`Changes::destroy_snapshot`] of each `(ds, snap, our_tag)`, batched
+    /// into one exec where nothing goes wrong; one result each.
+    fn destroy_snapshots(&self, list: &[(Dataset, String, Option<String>)]) -> Vec<Result<()>> {
+        list.iter()
+            .map(|(ds, snap, tag)| self.destroy_snapshot(ds, snap, tag.as_deref()))
+            .collect()
+    }
     /// Snapshots this layer claims exist that a listing cannot show (a dry
     /// run's pretend snapshots); empty when acting.
     fn pending(&self, _ds: &Dataset) -> Vec<Snapshot> {
@@ -356,6 +416,62 @@ impl Changes for ZfsHost<'_> {
     fn set_property(&self, ds: &Dataset, prop: &str, value: &str) -> Result<()> {
         self.exec_ok(&zfs::set_property_argv(ds, prop, value), "zfs set")
             .map(drop)
+    }
+
+    fn snapshot_all(
+        &self,
+        root: &Dataset,
+        datasets: &[Dataset],
+        whole_tree: bool,
+        name: &str,
+    ) -> Result<Vec<Result<Taken>>> {
+        if whole_tree {
+            let out = self.exec(&zfs::create_snapshot_recursive_argv(root, name))?;
+            if !out.success() && zfs::error::kind_of(&out.stderr) == ZfsErrorKind::AlreadyExists {
+                return Ok(datasets.iter().map(|_| Ok(Taken::Exists)).collect());
+            }
+            out.check("zfs snapshot -r", self.host().label())
+                .with_context(|| format!("cannot take snapshots of {}", self.label(root)))?;
+            return Ok(datasets.iter().map(|_| Ok(Taken::Created)).collect());
+        }
+        let argvs: Vec<Vec<String>> = datasets
+            .iter()
+            .map(|ds| zfs::create_snapshot_argv(ds, name))
+            .collect();
+        let outs = self.exec_batch(&argvs)?;
+        Ok(outs
+            .into_iter()
+            .zip(datasets)
+            .map(|(out, ds)| {
+                if !out.success() && zfs::error::kind_of(&out.stderr) == ZfsErrorKind::AlreadyExists
+                {
+                    return Ok(Taken::Exists);
+                }
+                out.check("zfs snapshot", self.host().label())
+                    .with_context(|| format!("cannot take snapshot {}", self.label(ds)))?;
+                Ok(Taken::Created)
+            })
+            .collect())
+    }
+
+    fn destroy_snapshots(&self, list: &[(Dataset, String, Option<String>)]) -> Vec<Result<()>> {
+        let argvs: Result<Vec<Vec<String>>> = list
+            .iter()
+            .map(|(ds, snap, _)| zfs::destroy_snapshot_argv(ds, snap))
+            .collect();
+        let outs = match argvs.and_then(|a| self.exec_batch(&a)) {
+            Ok(outs) => outs,
+            Err(e) => return list.iter().map(|_| Err(anyhow!("{e:#}"))).collect(),
+        };
+        // What the batch could not destroy (held by our tag, busy right
+        // after a receive) goes the careful way, one at a time.
+        outs.into_iter()
+            .zip(list)
+            .map(|(out, (ds, snap, tag))| match out.success() {
+                true => Ok(()),
+                false => self.destroy_snapshot(ds, snap, tag.as_deref()),
+            })
+            .collect()
     }
 
     fn snapshot(&self, ds: &Dataset, name: &str) -> Result<Taken> {

@@ -6,6 +6,7 @@
 //! [`reconnect::Reconnecting`] replaces a lost connection for everyone who
 //! uses it, and [`deploy`] puts our own binary on a remote host.
 
+pub mod batch;
 pub mod deploy;
 pub mod local;
 pub mod quote;

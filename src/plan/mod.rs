@@ -1241,3 +1241,54 @@ mod tests {
         assert_eq!(SnapshotList(&[]).to_string(), "(none)");
     }
 }
+
+#[cfg(test)]
+mod scale_tests {
+    use super::*;
+
+    fn snaps(n: u64, guid_base: u64) -> Vec<Snapshot> {
+        (0..n)
+            .map(|i| Snapshot {
+                name: format!("s{i:05}"),
+                guid: guid_base + i,
+                createtxg: 10 + i,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn five_thousand_snapshots_on_both_sides_plan_within_two_seconds() {
+        let source = SourceState {
+            dataset: "p/d".into(),
+            snapshots: snaps(5000, 1_000_000),
+            bookmarks: Vec::new(),
+        };
+        let opts = PlanOptions {
+            no_stream: false,
+            force_delete: false,
+            resume: false,
+        };
+        let start = std::time::Instant::now();
+        // Up to date, and one -I step from the 1st when the target has one.
+        let same = TargetState {
+            exists: true,
+            snapshots: snaps(5000, 1_000_000),
+            resume_token: None,
+        };
+        assert!(matches!(plan(&source, &same, &opts), Plan::UpToDate { .. }));
+        let first = TargetState {
+            exists: true,
+            snapshots: snaps(1, 1_000_000),
+            resume_token: None,
+        };
+        match plan(&source, &first, &opts) {
+            Plan::Replicate(steps) => assert_eq!(steps.len(), 1, "{steps:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}

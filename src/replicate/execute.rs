@@ -130,15 +130,14 @@ impl Run<'_> {
                     // it is cancelled rather than re-attached.
                     session: identity(src, dst, Stream::Full { to: to.clone() }),
                 };
-                let n = self.transfer(&req, 0)?;
-                self.dst.verify(dst, to)?;
-                Ok(n)
+                // Verified on the next round's listing (see `Run::one`).
+                self.transfer(&req, 0)
             }
         }
     }
 
-    /// Sends `to` (in full, or from `from`), then verifies that the target
-    /// holds it with the source's GUID.
+    /// Sends `to` (in full, or from `from`). The caller verifies that the
+    /// target holds it with the source's GUID on its next listing.
     fn send_step(
         &self,
         src: &Dataset,
@@ -171,9 +170,7 @@ impl Run<'_> {
                 },
             ),
         };
-        let n = self.transfer(&req, 0)?;
-        self.dst.verify(dst, to)?;
-        Ok(n)
+        self.transfer(&req, 0)
     }
 
     /// `zfs send [-i|-I @from] OPTS src@to`.

@@ -1,15 +1,17 @@
 //! One run of resync: connect to both sides (as `endpoint`s), list the
-//! datasets, then for each pair take the sync snapshot, gather both sides'
-//! state, ask the pure planner what to do, execute its steps
-//! ([`execute`]: through `endpoint` for changes and `transfer` for
-//! streams), and after success protect and prune ([`protect`]). After
-//! executing a plan it gathers and plans again: a dataset is done only when
-//! the planner, on fresh listings, says it is up to date. `--chunked`
+//! source tree once, take every pair's sync snapshot at once, list both
+//! trees once, then for each pair (`--jobs` at a time, a child after its
+//! parent) ask the pure planner what to do from those listings, execute
+//! its steps ([`execute`]: through `endpoint` for changes and `transfer`
+//! for streams), and after success protect and prune ([`protect`]). After
+//! executing a plan it lists the target again and plans again: a dataset
+//! is done only when that listing shows what was received with the
+//! source's GUIDs and the planner says it is up to date. `--chunked`
 //! sessions an earlier run left are dealt with first ([`reattach`]). This
 //! module only orchestrates: it runs no command itself.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::OnceLock;
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use anyhow::{anyhow, bail, Result};
@@ -21,12 +23,14 @@ use crate::endpoint::{self, Changes, Taken, ZfsHost};
 use crate::host::reconnect::Reconnecting;
 use crate::plan::syncsnap;
 use crate::plan::{self, Plan, PlanOptions, Step};
+use crate::plan::{SourceState, TargetState};
 use crate::progress::{human_bytes, human_duration, human_rate, Progress, Stopwatch};
 use crate::report::{DatasetReport, Reports, Status};
 use crate::runlock::{self, RunLock};
+use crate::sys::Unpoisoned;
 use crate::transfer::chunked::{self, Chunked};
 use crate::transfer::codec::Compression;
-use crate::zfs::Dataset;
+use crate::zfs::{Dataset, Snapshot, Tree};
 
 mod clones;
 mod execute;
@@ -73,7 +77,13 @@ struct Run<'a> {
     /// Source clones whose origin's dataset is in this run, with the
     /// origin snapshot (`pool/ds@snap`); see `clones.rs`.
     clones: OnceLock<Vec<(Dataset, String)>>,
+    /// Sync snapshots to prune on the source and on the target, queued per
+    /// pair and destroyed batched at the end ([`Run::flush_prunes`]).
+    prunes: (Mutex<Vec<Prune>>, Mutex<Vec<Prune>>),
 }
+
+/// A snapshot to prune: dataset, snapshot, this job's hold tag there.
+type Prune = (Dataset, String, Option<String>);
 
 /// Replicates according to `cfg`. An `Err` is a failure of the whole run
 /// (exit 2); failures of single datasets in a recursive run are collected in
@@ -149,6 +159,7 @@ pub fn run(cfg: &Config, ui: &dyn Progress, reports: &Reports) -> Result<Outcome
         reports,
         syncoid_noted: AtomicBool::new(false),
         clones: OnceLock::new(),
+        prunes: Default::default(),
     };
     if let (Some(c), false) = (&run.compression, cfg.dry_run) {
         c.prepare([src.host(), dst.host()], ui)?;
@@ -257,8 +268,15 @@ impl Run<'_> {
         lock.forget(&leftovers)
     }
 
+    /// Lists the source once, takes the sync snapshots of every pair at
+    /// once, lists both sides once more, then replicates the pairs
+    /// (`--jobs` at a time, a child after its parent) from those listings.
     fn all(&self) -> Result<Outcome> {
-        let mut pairs = self.dataset_pairs()?;
+        let root = &self.cfg.source.dataset;
+        let Some(listed) = self.src.tree(root, self.cfg.recursive)? else {
+            bail!("source dataset {} does not exist", self.src.label(root));
+        };
+        let mut pairs = self.dataset_pairs(listed.keys())?;
         self.order_clones(&mut pairs)?;
         if pairs.is_empty() {
             bail!(
@@ -272,36 +290,152 @@ impl Run<'_> {
         if self.cfg.dry_run && self.cfg.protection.sync_snap {
             self.ui.info("dry run: nothing will be changed");
         }
-        let mut outcome = Outcome {
-            replicated: 0,
-            failed: Vec::new(),
+        let sync_names = match self.cfg.protection.sync_snap && !self.sync_snap_filtered_out() {
+            true => self.take_sync_snapshots(&pairs, pairs.len() == listed.len())?,
+            false => pairs.iter().map(|_| Ok(None)).collect(),
         };
-        let mut failed_sources: Vec<Dataset> = Vec::new();
-        for (src, dst) in &pairs {
-            let label = self.pair_label(src, dst);
-            if let Some(parent) = failed_sources
-                .iter()
-                .find(|f| src.relative_to(f).is_some_and(|r| !r.is_empty()))
-            {
-                let err = anyhow!("skipped because its parent {parent} failed");
-                self.ui.warn(&format!("{label}: {err}"));
-                self.report_failed(src, dst, Status::Skipped, &err);
-                outcome.failed.push((label, err));
-                failed_sources.push(src.clone());
-                continue;
-            }
-            let result = self.one(src, dst);
+        // The new snapshots' GUIDs (a dry run's are pretended by `pending`).
+        let src_tree = match self.cfg.protection.sync_snap && !self.cfg.dry_run {
+            true => self.src.tree(root, self.cfg.recursive)?.unwrap_or_default(),
+            false => listed,
+        };
+        let dst_tree = self
+            .dst
+            .tree(&self.cfg.target.dataset, self.cfg.recursive)?
+            .unwrap_or_default();
+        let sync_names = Mutex::new(sync_names.into_iter().map(Some).collect::<Vec<_>>());
+        let outcome = self.run_pairs(&pairs, &|i| {
+            let (src, dst) = &pairs[i];
+            let sync_name = sync_names.locked()[i]
+                .take()
+                .unwrap_or_else(|| Err(anyhow!("sync snapshot taken twice")))?;
+            let listed = |tree: &Tree, ds: &Dataset| tree.get(ds).cloned();
+            let source = listed(&src_tree, src)
+                .ok_or_else(|| anyhow!("{} vanished while listing", self.src.label(src)))?;
+            let source = SourceState {
+                dataset: src.to_string(),
+                snapshots: source.snapshots,
+                bookmarks: source.bookmarks,
+            };
+            let target = listed(&dst_tree, dst).map(|t| TargetState {
+                exists: true,
+                snapshots: t.snapshots,
+                resume_token: t.resume_token,
+            });
+            let target = target.unwrap_or(TargetState {
+                exists: false,
+                snapshots: Vec::new(),
+                resume_token: None,
+            });
+            self.one(src, dst, sync_name.as_deref(), source, target, &dst_tree)
+        });
+        self.flush_prunes();
+        outcome
+    }
+
+    /// Runs `work` for each pair, `--jobs` at a time, a pair only after the
+    /// pair of its nearest replicated ancestor finished (a receive needs
+    /// its parent); a failed pair's descendants are skipped with the
+    /// reason. In a run that is not recursive, the one failure is the run's.
+    fn run_pairs(
+        &self,
+        pairs: &[(Dataset, Dataset)],
+        work: &(dyn Fn(usize) -> Result<()> + Sync),
+    ) -> Result<Outcome> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum State {
+            Waiting,
+            Running,
+            Done { ok: bool },
+        }
+        let parent: Vec<Option<usize>> = (0..pairs.len())
+            .map(|i| {
+                (0..i).rev().find(|&j| {
+                    pairs[i]
+                        .0
+                        .relative_to(&pairs[j].0)
+                        .is_some_and(|r| !r.is_empty())
+                })
+            })
+            .collect();
+        // A clone is received after its origin's dataset, which need not
+        // be its parent: runs with clones go one pair at a time.
+        let has_clones = self.clones.get().is_some_and(|c| !c.is_empty());
+        let jobs = match (&self.chunked, has_clones) {
+            (Some(_), _) | (_, true) => 1,
+            (None, false) => self.cfg.jobs.clamp(1, pairs.len()),
+        };
+        let shared = Mutex::new((
+            vec![State::Waiting; pairs.len()],
+            Outcome {
+                replicated: 0,
+                failed: Vec::new(),
+            },
+        ));
+        let changed = Condvar::new();
+        let worker = || loop {
+            let next = {
+                let mut guard = shared.locked();
+                loop {
+                    let (states, outcome) = &mut *guard;
+                    let ready = (0..pairs.len()).find(|&i| {
+                        states[i] == State::Waiting
+                            && parent[i].is_none_or(|p| matches!(states[p], State::Done { .. }))
+                    });
+                    if let Some(i) = ready {
+                        if let Some(p) =
+                            parent[i].filter(|&p| states[p] == State::Done { ok: false })
+                        {
+                            let label = self.pair_label(&pairs[i].0, &pairs[i].1);
+                            let err = anyhow!("skipped because its parent {} failed", pairs[p].0);
+                            self.ui.warn(&format!("{label}: {err}"));
+                            self.report_failed(&pairs[i].0, &pairs[i].1, Status::Skipped, &err);
+                            outcome.failed.push((label, err));
+                            states[i] = State::Done { ok: false };
+                            continue;
+                        }
+                        states[i] = State::Running;
+                        break Some(i);
+                    }
+                    if !states.contains(&State::Waiting) {
+                        break None;
+                    }
+                    guard = changed.wait(guard).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            let Some(i) = next else {
+                changed.notify_all();
+                return;
+            };
+            let result = work(i);
             if let Err(e) = &result {
-                self.report_failed(src, dst, Status::Failed, e);
+                self.report_failed(&pairs[i].0, &pairs[i].1, Status::Failed, e);
             }
+            let mut guard = shared.locked();
+            let (states, outcome) = &mut *guard;
+            let label = self.pair_label(&pairs[i].0, &pairs[i].1);
+            states[i] = State::Done { ok: result.is_ok() };
             match result {
                 Ok(()) => outcome.replicated += 1,
-                Err(e) if !self.cfg.recursive => return Err(e.context(label)),
                 Err(e) => {
-                    eprintln!("resync: {label}: {e:#}");
+                    if self.cfg.recursive {
+                        eprintln!("resync: {label}: {e:#}");
+                    }
                     outcome.failed.push((label, e));
-                    failed_sources.push(src.clone());
                 }
+            }
+            changed.notify_all();
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..jobs {
+                scope.spawn(worker);
+            }
+            worker();
+        });
+        let (_, mut outcome) = shared.into_inner().unwrap_or_else(|p| p.into_inner());
+        if !self.cfg.recursive {
+            if let Some((label, e)) = outcome.failed.pop() {
+                return Err(e.context(label));
             }
         }
         Ok(outcome)
@@ -317,12 +451,13 @@ impl Run<'_> {
         format!("{} -> {}", self.src.label(src), self.dst.label(dst))
     }
 
-    /// Source datasets to replicate, each with its target name.
-    fn dataset_pairs(&self) -> Result<Vec<(Dataset, Dataset)>> {
+    /// Source datasets to replicate (of those `listed`), each with its
+    /// target name.
+    fn dataset_pairs<'d>(
+        &self,
+        listed: impl Iterator<Item = &'d Dataset>,
+    ) -> Result<Vec<(Dataset, Dataset)>> {
         let root = &self.cfg.source.dataset;
-        let Some(listed) = self.src.datasets(root, self.cfg.recursive)? else {
-            bail!("source dataset {} does not exist", self.src.label(root));
-        };
         let mut pairs = Vec::new();
         for ds in listed {
             let Some(rel) = ds.relative_to(root) else {
@@ -339,27 +474,40 @@ impl Run<'_> {
                 continue;
             }
             let target = self.cfg.target.dataset.join(rel)?;
-            pairs.push((ds, target));
+            pairs.push((ds.clone(), target));
         }
         Ok(pairs)
     }
 
-    /// Replicates one dataset until the planner says it is up to date.
-    fn one(&self, src: &Dataset, dst: &Dataset) -> Result<()> {
+    /// Replicates one dataset until the planner says it is up to date,
+    /// starting from the run's listings of both sides (`source`, `target`).
+    /// After a round that received, the next round's fresh listing of the
+    /// target verifies every received snapshot by GUID before planning.
+    fn one(
+        &self,
+        src: &Dataset,
+        dst: &Dataset,
+        sync_name: Option<&str>,
+        mut source: SourceState,
+        target: TargetState,
+        dst_tree: &Tree,
+    ) -> Result<()> {
         let label = self.pair_label(src, dst);
         let watch = Stopwatch::start();
-        self.check_target_parent(dst)?;
+        self.check_target_parent(dst, dst_tree)?;
         // A session an interrupted chunked run left on the target: finish
         // its step first (or refuse, if someone is driving it).
         let attached = match (&self.chunked, self.cfg.dry_run) {
             (Some(chunked), false) => self.reattach(chunked, src, dst)?,
             _ => 0,
         };
-        let sync_name = match self.cfg.protection.sync_snap && !self.sync_snap_filtered_out() {
-            true => Some(self.take_sync_snapshot(src)?),
-            false => None,
+        // A re-attached session changed the target since it was listed.
+        let mut listed = match self.chunked {
+            Some(_) if !self.cfg.dry_run => None,
+            _ => Some(target),
         };
-        let sync_name = sync_name.as_deref();
+        source.snapshots.extend(self.src_changes.pending(src));
+        self.filter_source(src, &mut source)?;
         let opts = PlanOptions {
             no_stream: self.cfg.no_stream,
             force_delete: self.cfg.force_delete,
@@ -370,16 +518,23 @@ impl Run<'_> {
             first: None,
             resumed: attached > 0,
         };
+        let mut received: Vec<Snapshot> = Vec::new();
         if let Some((n, first)) = self.send_as_clone(src, dst)? {
             bytes += n;
-            sent.first = Some(first.name);
+            sent.first = Some(first.name.clone());
+            // The target exists now: the run's listing of it is stale.
+            listed = None;
+            received.push(first);
         }
         let mut last_round_steps: Vec<Step> = Vec::new();
         for round in 1..=MAX_ROUNDS {
-            let mut source = self.src.source_state(src)?;
-            source.snapshots.extend(self.src_changes.pending(src));
-            self.filter_source(src, &mut source)?;
-            let target = self.dst.target_state(dst)?;
+            let target = match listed.take() {
+                Some(target) => target,
+                None => self.dst.target_state(dst)?,
+            };
+            for to in received.drain(..) {
+                self.dst.verify_listed(dst, &target, &to)?;
+            }
             if round == 1 {
                 self.dump_snapshots(src, dst, &source, &target);
             }
@@ -396,7 +551,7 @@ impl Run<'_> {
                 Plan::UpToDate { snapshot } => {
                     self.note_syncoid_snapshots(src, dst, &source, &target);
                     self.protect(src, dst, &source, &target, &snapshot)?;
-                    self.prune(src, dst, sync_name);
+                    self.prune(src, dst, sync_name, &source, &target);
                     self.delete_stale_target_snapshots(src, dst, &snapshot);
                     self.set_preserved_properties(src, dst);
                     self.report_done(src, dst, &sent, bytes, &watch, &snapshot);
@@ -436,6 +591,7 @@ impl Run<'_> {
                             Ok(n) => {
                                 bytes += n;
                                 sent.note(step, &source);
+                                received.extend(step_target(step).cloned());
                             }
                             Err(e) if self.discarded_after(src, dst, step, &e)? => {
                                 // The target changed: the same plan may
@@ -456,15 +612,40 @@ impl Run<'_> {
         )
     }
 
-    /// Takes this run's sync snapshot on `src` and returns its name. Names
-    /// have one-second resolution: if a run a moment ago took the same name,
-    /// wait for the next second and take a fresh one.
-    fn take_sync_snapshot(&self, src: &Dataset) -> Result<String> {
+    /// Takes this run's sync snapshot of every pair's source and returns
+    /// each one's name (or why it could not be taken): `zfs snapshot -r`
+    /// of the root when `whole_tree` (every dataset under it is a pair: one
+    /// point in time), else one batched exec. Names have one-second
+    /// resolution: where a run a moment ago took the same name, wait for
+    /// the next second and take a fresh one there.
+    fn take_sync_snapshots(
+        &self,
+        pairs: &[(Dataset, Dataset)],
+        whole_tree: bool,
+    ) -> Result<Vec<Result<Option<String>>>> {
         let id = self.cfg.protection.identifier.as_deref();
+        let root = &self.cfg.source.dataset;
+        let whole_tree = whole_tree && self.cfg.recursive;
+        let mut names: Vec<Option<Result<Option<String>>>> = pairs.iter().map(|_| None).collect();
+        let mut todo: Vec<usize> = (0..pairs.len()).collect();
         for _ in 0..3 {
             let name = syncsnap::new_name(id, &self.hostname, SystemTime::now());
-            if self.src_changes.snapshot(src, &name)? == Taken::Created {
-                return Ok(name);
+            let datasets: Vec<Dataset> = todo.iter().map(|&i| pairs[i].0.clone()).collect();
+            let whole = whole_tree && todo.len() == pairs.len();
+            let taken = self
+                .src_changes
+                .snapshot_all(root, &datasets, whole, &name)?;
+            let mut again = Vec::new();
+            for (&i, result) in todo.iter().zip(taken) {
+                match result {
+                    Ok(Taken::Created) => names[i] = Some(Ok(Some(name.clone()))),
+                    Ok(Taken::Exists) => again.push(i),
+                    Err(e) => names[i] = Some(Err(e)),
+                }
+            }
+            todo = again;
+            if todo.is_empty() {
+                break;
             }
             let into_second = SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -474,19 +655,30 @@ impl Run<'_> {
                 1_000_000_000 - u64::from(into_second) + 10_000_000,
             ));
         }
-        bail!(
-            "cannot take a sync snapshot of {}: each name taken already exists",
-            self.src.label(src)
-        )
+        Ok(names
+            .into_iter()
+            .zip(pairs)
+            .map(|(name, (src, _))| {
+                name.unwrap_or_else(|| {
+                    Err(anyhow!(
+                        "cannot take a sync snapshot of {}: each name taken already exists",
+                        self.src.label(src)
+                    ))
+                })
+            })
+            .collect())
     }
 
-    /// A clear error instead of zfs receive's when the target's parent is missing.
-    fn check_target_parent(&self, dst: &Dataset) -> Result<()> {
+    /// A clear error instead of zfs receive's when the target's parent is
+    /// missing. A parent in the run's listing of the target, or one of this
+    /// run's targets (replicated before its children), needs no command.
+    fn check_target_parent(&self, dst: &Dataset, dst_tree: &Tree) -> Result<()> {
         let Some((parent, _)) = dst.as_str().rsplit_once('/') else {
             return Ok(());
         };
         let parent = Dataset::parse(parent)?;
-        if !self.dst.exists(&parent)? {
+        let ours = self.targets.get().is_some_and(|t| t.contains(&parent));
+        if !dst_tree.contains_key(&parent) && !ours && !self.dst.exists(&parent)? {
             bail!(
                 "the target's parent {} does not exist; create it first (zfs create -p {})",
                 self.dst.label(&parent),
@@ -577,6 +769,16 @@ fn identity(src: &Dataset, dst: &Dataset, stream: session::Stream) -> session::I
         source: src.to_string(),
         target: dst.to_string(),
         stream,
+    }
+}
+
+/// The snapshot a step receives, which the next listing must show.
+fn step_target(step: &Step) -> Option<&Snapshot> {
+    match step {
+        Step::Full { to } | Step::Incremental { to, .. } | Step::FromBookmark { to, .. } => {
+            Some(to)
+        }
+        _ => None,
     }
 }
 

@@ -1,11 +1,12 @@
 //! After a pair is up to date: `--use-hold` moves this job's hold to the
 //! newest common snapshot on both sides, `--create-bookmark` bookmarks it
 //! on the source, and older sync snapshots of this job are pruned on both
-//! sides. Names and policy come from `protect` (pure); every change goes
-//! through the sides' [`Changes`](crate::endpoint::Changes). Failures here
-//! warn: the data is already safe.
+//! sides (queued per pair, destroyed in one batched exec per side). Names
+//! and policy come from `protect` (pure); every change goes through the
+//! sides' [`Changes`](crate::endpoint::Changes). Failures here warn: the
+//! data is already safe.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use super::Run;
 use crate::cli::Location;
@@ -13,6 +14,7 @@ use crate::endpoint::{Changes, ZfsHost};
 use crate::plan::protect::{self, HoldSide};
 use crate::plan::syncsnap;
 use crate::plan::{SourceState, TargetState};
+use crate::sys::Unpoisoned;
 use crate::zfs::{Dataset, Snapshot};
 
 impl Run<'_> {
@@ -165,49 +167,79 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Destroys older sync snapshots of this job (exact identifier and
-    /// hostname) on both sides.
-    pub(super) fn prune(&self, src: &Dataset, dst: &Dataset, sync_name: Option<&str>) {
+    /// Queues older sync snapshots of this job (exact identifier and
+    /// hostname) for destruction on both sides, from the listings that
+    /// showed the pair up to date; [`Run::flush_prunes`] destroys them,
+    /// batched per side, at the end of the run.
+    pub(super) fn prune(
+        &self,
+        src: &Dataset,
+        dst: &Dataset,
+        sync_name: Option<&str>,
+        source: &SourceState,
+        target: &TargetState,
+    ) {
         let Some(current) = sync_name else { return };
         if self.cfg.protection.keep_sync_snap {
             return;
         }
-        for (on, side, changes, ds) in [
-            (HoldSide::Source, self.src, self.src_changes, src),
-            (HoldSide::Target, self.dst, self.dst_changes, dst),
+        let id = self.cfg.protection.identifier.as_deref();
+        for (on, side, ds, snaps, queue) in [
+            (
+                HoldSide::Source,
+                self.src,
+                src,
+                &source.snapshots,
+                &self.prunes.0,
+            ),
+            (
+                HoldSide::Target,
+                self.dst,
+                dst,
+                &target.snapshots,
+                &self.prunes.1,
+            ),
         ] {
-            let tag = self.hold_tag(on, src, dst);
-            if let Err(e) = self.prune_side(side, changes, ds, current, &tag) {
+            if !snaps.iter().any(|s| s.name == current) {
                 self.ui.warn(&format!(
-                    "pruning sync snapshots on {}: {e:#}",
+                    "pruning sync snapshots on {}: @{current} is missing; not pruning",
                     side.label(ds)
                 ));
+                continue;
+            }
+            let tag = self.hold_tag(on, src, dst);
+            let mut queue = queue.locked();
+            for s in snaps
+                .iter()
+                .filter(|s| s.name != current && syncsnap::is_ours(&s.name, id, &self.hostname))
+            {
+                self.ui
+                    .debug(&format!("pruning {}@{}", side.label(ds), s.name));
+                queue.push((ds.clone(), s.name.clone(), Some(tag.clone())));
             }
         }
     }
 
-    /// `tag`: this job's hold tag there, released from a snapshot we prune.
-    fn prune_side(
-        &self,
-        side: &ZfsHost,
-        changes: &dyn Changes,
-        ds: &Dataset,
-        current: &str,
-        tag: &str,
-    ) -> Result<()> {
-        let snaps = side.snapshots(ds)?;
-        if !snaps.iter().any(|s| s.name == current) {
-            bail!("@{current} is missing; not pruning");
+    /// Destroys what [`Run::prune`] queued: one batched exec per side. A
+    /// failure warns; the data is safe.
+    pub(super) fn flush_prunes(&self) {
+        for (side, changes, queue) in [
+            (self.src, self.src_changes, &self.prunes.0),
+            (self.dst, self.dst_changes, &self.prunes.1),
+        ] {
+            let list = std::mem::take(&mut *queue.locked());
+            if list.is_empty() {
+                continue;
+            }
+            for ((ds, snap, _), result) in list.iter().zip(changes.destroy_snapshots(&list)) {
+                if let Err(e) = result {
+                    self.ui.warn(&format!(
+                        "pruning sync snapshots on {}: {}@{snap}: {e:#}",
+                        side.label(ds),
+                        side.label(ds)
+                    ));
+                }
+            }
         }
-        let id = self.cfg.protection.identifier.as_deref();
-        for s in snaps
-            .iter()
-            .filter(|s| s.name != current && syncsnap::is_ours(&s.name, id, &self.hostname))
-        {
-            self.ui
-                .debug(&format!("pruning {}@{}", side.label(ds), s.name));
-            changes.destroy_snapshot(ds, &s.name, Some(tag))?;
-        }
-        Ok(())
     }
 }

@@ -238,6 +238,7 @@ fn run_as(
         reports: &reports,
         syncoid_noted: Default::default(),
         clones: OnceLock::new(),
+        prunes: Default::default(),
     };
     let result = r.all();
     let mut recorded = src_dry.recorded();
@@ -294,12 +295,7 @@ const FUSE_LIST_A: &str = "zfs get -Hp -d 1 -o name,property,value guid,createtx
 const FUSE_LIST_C: &str = "zfs get -Hp -d 1 -o name,property,value guid,createtxg corehelp/c";
 
 fn fuse_source(log: &Log) -> FakeHost {
-    FakeHost::new("src", log)
-        .replies(
-            "zfs list -H -o name -t filesystem,volume corehelp/a",
-            &["corehelp/a\n"],
-        )
-        .replies(FUSE_LIST_A, &[FUSE_A])
+    FakeHost::new("src", log).replies(FUSE_LIST_A, &[FUSE_A])
 }
 
 #[test]
@@ -310,7 +306,9 @@ fn a_full_send_receives_without_rollback_then_sends_the_rest_incrementally() {
         .missing_then(
             FUSE_LIST_C,
             "corehelp/c",
-            &[&fuse_c(&["s1"]), &fuse_c(&["s1", "s2", "s3"])],
+            // The run's listing, then the one after both receives, which
+            // verifies them.
+            &[&fuse_c(&["s1", "s2", "s3"])],
         );
     let cfg = config(&["--no-sync-snap", "corehelp/a", "corehelp/c"]);
     let (result, _, _) = run(&cfg, FUSE, false, fuse_source(&log), dst);
@@ -338,7 +336,7 @@ fn a_target_reached_as_a_non_root_user_runs_every_zfs_command_through_sudo() {
         .missing_then(
             &sudo(FUSE_LIST_C),
             "corehelp/c",
-            &[&fuse_c(&["s1"]), &fuse_c(&["s1", "s2", "s3"])],
+            &[&fuse_c(&["s1", "s2", "s3"])],
         );
     let cfg = config(&["--no-sync-snap", "corehelp/a", "corehelp/c"]);
     let backup = Privileges::decide("backup", false, false);
@@ -421,27 +419,30 @@ ozt/tokfix@s2\tcreatetxg\t2240
 /// ozt/tokfix; zfs get -H -o value receive_resume_token ozt/tokfix`
 const OZ_TOKEN: &str = "1-dad37d1d4-100-789c636064000310a501c49c50360710a715e5e7a69766a6304001638c84d029def46e05209b1d495d7e52566a7209030333541d867c5a5a716a09039407916743924faa2c492d0649087061d55f920f71c58746dbbc3d9a710b3590e439c1f27989b9a9407baa8af54bf2b3d3322b1c8a8da0e670c3dc0ec4c9f9b90545a9c5c5f9d90c700000df0520b3";
 
-const OZ_LIST_SRC: &str =
-    "zfs get -Hp -d 1 -t snapshot,bookmark -o name,property,value guid,createtxg ozs/tokfix";
+const OZ_LIST_SRC: &str = "zfs get -Hp -d 1 -t filesystem,volume,snapshot,bookmark -o name,property,value guid,createtxg,receive_resume_token ozs/tokfix";
+/// The run's one listing of the target (`ZfsHost::tree`).
+const OZ_TREE_DST: &str = "zfs get -Hp -d 1 -t filesystem,volume,snapshot,bookmark -o name,property,value guid,createtxg,receive_resume_token ozt/tokfix";
 const OZ_LIST_DST: &str =
     "zfs get -Hp -d 1 -t snapshot -o name,property,value guid,createtxg ozt/tokfix";
 const OZ_TOKEN_DST: &str = "zfs get -H -o value receive_resume_token ozt/tokfix";
 const OZ_WRITTEN: &str = "zfs get -Hp -o property,value written@s1,receive_resume_token ozt/tokfix";
 
+/// The target's tree listing: `snapshots` and the resume token (`-`: none).
+fn oz_tree(snapshots: &str, token: &str) -> String {
+    format!("ozt/tokfix\treceive_resume_token\t{token}\n{snapshots}")
+}
+
 fn oz_source(log: &Log) -> FakeHost {
-    FakeHost::new("src", log)
-        .replies(
-            "zfs list -H -o name -t filesystem,volume ozs/tokfix",
-            &["ozs/tokfix\n"],
-        )
-        .replies(OZ_LIST_SRC, &[OZ_SOURCE])
+    FakeHost::new("src", log).replies(OZ_LIST_SRC, &[OZ_SOURCE])
 }
 
 /// An OpenZFS target at @s1, with `written@s1` answering `written`.
 fn oz_target(log: &Log, written: &str) -> FakeHost {
     FakeHost::new("dst", log)
         .replies("zfs list -H -o name ozt", &["ozt\n"])
-        .replies(OZ_LIST_DST, &[OZ_TARGET_S1, OZ_TARGET_S1, OZ_TARGET_S2])
+        .replies(OZ_TREE_DST, &[&oz_tree(OZ_TARGET_S1, "-")])
+        // written@'s base, then the listing that verifies the receive.
+        .replies(OZ_LIST_DST, &[OZ_TARGET_S1, OZ_TARGET_S2])
         .replies(OZ_TOKEN_DST, &["-\n"])
         .replies(
             OZ_WRITTEN,
@@ -514,8 +515,9 @@ fn an_interrupted_receive_resumes_from_its_token() {
     let log = Log::default();
     let dst = FakeHost::new("dst", &log)
         .replies("zfs list -H -o name ozt", &["ozt\n"])
+        .replies(OZ_TREE_DST, &[&oz_tree(OZ_TARGET_S1, OZ_TOKEN)])
         .replies(OZ_LIST_DST, &[OZ_TARGET_S1, OZ_TARGET_S1, OZ_TARGET_S2])
-        .replies(OZ_TOKEN_DST, &[&format!("{OZ_TOKEN}\n"), "-\n"])
+        .replies(OZ_TOKEN_DST, &["-\n"])
         .replies(OZ_WRITTEN, &["written@s1\t0\nreceive_resume_token\t-\n"]);
     let cfg = config(&["--no-sync-snap", "ozs/tokfix", "ozt/tokfix"]);
     let (result, said, _) = run(&cfg, OPENZFS, true, oz_source(&log), dst);

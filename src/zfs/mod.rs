@@ -31,11 +31,13 @@ pub mod elevate;
 pub mod error;
 pub mod options;
 pub mod token;
+pub mod tree;
 
 pub use caps::{capabilities_from, capability_probes, Capabilities, ProbeResult};
 pub use elevate::Privileges;
 pub use error::{ZfsError, ZfsErrorKind};
 pub use options::{parse_recv_options, parse_send_options, ParsedOptions};
+pub use tree::{list_tree_argv, parse_tree, Tree};
 
 /// Longest name ZFS accepts, in bytes, exclusive (`ZFS_MAX_DATASET_NAME_LEN`).
 const MAX_NAME_LEN: usize = 256;
@@ -231,25 +233,6 @@ fn zfs(args: &[&str]) -> Vec<String> {
     std::iter::once("zfs")
         .chain(args.iter().copied())
         .map(String::from)
-        .collect()
-}
-
-/// `zfs list -H -o name -t filesystem,volume [-r] ROOT`
-pub fn list_datasets_argv(root: &Dataset, recursive: bool) -> Vec<String> {
-    let mut argv = zfs(&["list", "-H", "-o", "name", "-t", "filesystem,volume"]);
-    if recursive {
-        argv.push("-r".into());
-    }
-    argv.push(root.to_string());
-    argv
-}
-
-/// Parses the output of [`list_datasets_argv`]: one name per line.
-pub fn parse_dataset_list(stdout: &str) -> Result<Vec<Dataset>> {
-    stdout
-        .lines()
-        .filter(|line| !line.is_empty())
-        .map(|line| Dataset::parse(line).context("unexpected line in `zfs list` output"))
         .collect()
 }
 
@@ -640,6 +623,11 @@ pub fn send_clone_argv(ds: &Dataset, origin: &str, to: &str, options: &[String])
     argv
 }
 
+/// `zfs snapshot -r ROOT@SNAP`: ROOT and everything below it, atomically.
+pub fn create_snapshot_recursive_argv(root: &Dataset, snap: &str) -> Vec<String> {
+    zfs(&["snapshot", "-r", &root.snapshot(snap)])
+}
+
 /// `zfs snapshot DS@SNAP`
 pub fn create_snapshot_argv(ds: &Dataset, snap: &str) -> Vec<String> {
     zfs(&["snapshot", &ds.snapshot(snap)])
@@ -965,14 +953,6 @@ pub(crate) mod tests {
         let opts = strings(&["-L", "-c", "-p"]);
         let cases: Vec<(Vec<String>, &str)> = vec![
             (
-                list_datasets_argv(&a, false),
-                "zfs list -H -o name -t filesystem,volume|tank/a b",
-            ),
-            (
-                list_datasets_argv(&a, true),
-                "zfs list -H -o name -t filesystem,volume -r|tank/a b",
-            ),
-            (
                 list_snapshots_argv(&a, &caps),
                 "zfs get -Hp -d 1 -o name,property,value guid,createtxg|tank/a b",
             ),
@@ -1074,23 +1054,6 @@ pub(crate) mod tests {
     // zfs-fuse 0.7.0, pool version 23:
     // zfs list -H -o name -t filesystem,volume -r corehelp
     const FUSE_DATASETS: &str = "corehelp\ncorehelp/a\ncorehelp/a/b\ncorehelp/a/with space\n";
-
-    #[test]
-    fn dataset_list_parses_real_output() {
-        let got = parse_dataset_list(FUSE_DATASETS).unwrap();
-        let want: Vec<Dataset> = [
-            "corehelp",
-            "corehelp/a",
-            "corehelp/a/b",
-            "corehelp/a/with space",
-        ]
-        .into_iter()
-        .map(ds)
-        .collect();
-        assert_eq!(got, want);
-        assert_eq!(parse_dataset_list("").unwrap(), vec![]);
-        assert!(err(parse_dataset_list("tank\ntank/a@s\n")).contains("character '@'"));
-    }
 
     // zfs-fuse: zfs get -Hp -d 1 -o name,property,value guid,createtxg corehelp/a
     // (replicate's decision tests read it too)

@@ -15,6 +15,7 @@ mod openzfs;
 mod openzfs_delegation;
 mod replication;
 mod restart;
+mod scale;
 mod smoke;
 mod stall;
 mod sudo;
