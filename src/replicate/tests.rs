@@ -221,6 +221,7 @@ fn run(
         chunked: None,
         targets: OnceLock::new(),
         prunes: Default::default(),
+        destroyed: Default::default(),
     };
     let result = r.all();
     let mut recorded = src_dry.recorded();
