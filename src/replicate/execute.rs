@@ -17,6 +17,7 @@ use crate::host::is_connection_lost;
 use crate::plan::resume;
 use crate::plan::Step;
 use crate::progress::human_bytes;
+use crate::sys::Unpoisoned;
 use crate::transfer::pipe::Pipe;
 use crate::transfer::{Mover, Request};
 use crate::zfs::{self, Dataset, RecvArgs, SendArgs, Snapshot, ZfsError, ZfsErrorKind};
@@ -58,6 +59,7 @@ impl Run<'_> {
                     destroy_list(&self.dst.label(dst), &below)
                 ));
                 self.dst_changes.destroy_recursive(dst)?;
+                self.destroyed.locked().push(dst.clone());
                 Ok(0)
             }
             Step::DestroySnapshot { snapshot } => {

@@ -80,6 +80,9 @@ struct Run<'a> {
     /// Sync snapshots to prune on the source and on the target, queued per
     /// pair and destroyed batched at the end ([`Run::flush_prunes`]).
     prunes: (Mutex<Vec<Prune>>, Mutex<Vec<Prune>>),
+    /// Targets this run destroyed (`--force-delete`): the run's listing of
+    /// anything below them is stale.
+    destroyed: Mutex<Vec<Dataset>>,
 }
 
 /// A snapshot to prune: dataset, snapshot, this job's hold tag there.
@@ -160,6 +163,7 @@ pub fn run(cfg: &Config, ui: &dyn Progress, reports: &Reports) -> Result<Outcome
         syncoid_noted: AtomicBool::new(false),
         clones: OnceLock::new(),
         prunes: Default::default(),
+        destroyed: Mutex::new(Vec::new()),
     };
     if let (Some(c), false) = (&run.compression, cfg.dry_run) {
         c.prepare([src.host(), dst.host()], ui)?;
@@ -501,8 +505,15 @@ impl Run<'_> {
             (Some(chunked), false) => self.reattach(chunked, src, dst)?,
             _ => 0,
         };
-        // A re-attached session changed the target since it was listed.
+        // A re-attached session changed the target since it was listed;
+        // an ancestor's `--force-delete` took it away.
+        let gone = self
+            .destroyed
+            .locked()
+            .iter()
+            .any(|d| dst.relative_to(d).is_some());
         let mut listed = match self.chunked {
+            _ if gone => None,
             Some(_) if !self.cfg.dry_run => None,
             _ => Some(target),
         };

@@ -220,26 +220,42 @@ impl Run<'_> {
         }
     }
 
-    /// Destroys what [`Run::prune`] queued: one batched exec per side. A
-    /// failure warns; the data is safe.
+    /// Destroys what [`Run::prune`] queued: both sides at once, each in
+    /// up to `--jobs` batched execs running side by side (zfs-fuse takes
+    /// about 40 ms per destroy). A failure warns; the data is safe.
     pub(super) fn flush_prunes(&self) {
-        for (side, changes, queue) in [
-            (self.src, self.src_changes, &self.prunes.0),
-            (self.dst, self.dst_changes, &self.prunes.1),
-        ] {
-            let list = std::mem::take(&mut *queue.locked());
-            if list.is_empty() {
-                continue;
-            }
-            for ((ds, snap, _), result) in list.iter().zip(changes.destroy_snapshots(&list)) {
-                if let Err(e) = result {
-                    self.ui.warn(&format!(
-                        "pruning sync snapshots on {}: {}@{snap}: {e:#}",
-                        side.label(ds),
-                        side.label(ds)
-                    ));
+        let lists = [
+            (
+                self.src,
+                self.src_changes,
+                std::mem::take(&mut *self.prunes.0.locked()),
+            ),
+            (
+                self.dst,
+                self.dst_changes,
+                std::mem::take(&mut *self.prunes.1.locked()),
+            ),
+        ];
+        let jobs = self.cfg.jobs.max(1);
+        std::thread::scope(|scope| {
+            for (side, changes, list) in &lists {
+                if list.is_empty() {
+                    continue;
+                }
+                for batch in list.chunks(list.len().div_ceil(jobs)) {
+                    scope.spawn(move || {
+                        let results = changes.destroy_snapshots(batch);
+                        for ((ds, snap, _), result) in batch.iter().zip(results) {
+                            if let Err(e) = result {
+                                self.ui.warn(&format!(
+                                    "pruning sync snapshot {}@{snap}: {e:#}",
+                                    side.label(ds)
+                                ));
+                            }
+                        }
+                    });
                 }
             }
-        }
+        });
     }
 }

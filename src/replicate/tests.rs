@@ -239,6 +239,7 @@ fn run_as(
         syncoid_noted: Default::default(),
         clones: OnceLock::new(),
         prunes: Default::default(),
+        destroyed: Default::default(),
     };
     let result = r.all();
     let mut recorded = src_dry.recorded();
