@@ -195,6 +195,8 @@ impl<'a> ZfsHost<'a> {
     /// Runs several commands in one exec (see `host::batch`), each logged
     /// with `--debug`; one output per command, stdout and stderr together.
     fn exec_batch(&self, commands: &[Vec<String>]) -> Result<Vec<CmdOutput>> {
+        let commands: Vec<Vec<String>> = commands.iter().map(|a| self.privileges.wrap(a)).collect();
+        let commands = &commands[..];
         for argv in commands {
             self.ui.debug(&format!(
                 "[{}] (batched) {}",

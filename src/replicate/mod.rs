@@ -85,6 +85,13 @@ struct Run<'a> {
     destroyed: Mutex<Vec<Dataset>>,
 }
 
+/// How a pair starts: its sync snapshot (if one was taken) and the bytes
+/// a re-attached `--chunked` session already moved.
+struct Start<'s> {
+    sync_name: Option<&'s str>,
+    attached: u64,
+}
+
 /// A snapshot to prune: dataset, snapshot, this job's hold tag there.
 type Prune = (Dataset, String, Option<String>);
 
@@ -108,22 +115,16 @@ pub fn run(cfg: &Config, ui: &dyn Progress, reports: &Reports) -> Result<Outcome
             Reconnecting::new(src.host(), || endpoint::connect(&cfg.target.location, cfg));
         (src, open_side(dst_host, cfg, ui, Side::Target)?)
     } else {
-        // Errors in the order a sequential run would meet them: connecting
-        // (source, then target) before probing (source, then target).
-        let side = |side: Side| {
-            let location = match side {
-                Side::Source => &cfg.source.location,
-                Side::Target => &cfg.target.location,
-            };
-            endpoint::connect_reconnecting(location, cfg).map(|host| open_side(host, cfg, ui, side))
-        };
+        // Connecting stays sequential (two libssh2 handshakes at once
+        // crashed a remote-to-remote run once); probing both at once.
+        let src_host = endpoint::connect_reconnecting(&cfg.source.location, cfg)?;
+        let dst_host = endpoint::connect_reconnecting(&cfg.target.location, cfg)?;
         std::thread::scope(|scope| {
-            let dst = scope.spawn(|| side(Side::Target));
-            let src = side(Side::Source);
+            let dst = scope.spawn(|| open_side(dst_host, cfg, ui, Side::Target));
+            let src = open_side(src_host, cfg, ui, Side::Source);
             let dst = dst
                 .join()
-                .unwrap_or_else(|_| Err(anyhow!("connecting to the target panicked")));
-            let (src, dst) = (src?, dst?);
+                .unwrap_or_else(|_| Err(anyhow!("probing the target panicked")));
             Ok::<_, anyhow::Error>((src?, dst?))
         })?
     };
@@ -294,10 +295,29 @@ impl Run<'_> {
         if self.cfg.dry_run && self.cfg.protection.sync_snap {
             self.ui.info("dry run: nothing will be changed");
         }
-        let sync_names = match self.cfg.protection.sync_snap && !self.sync_snap_filtered_out() {
-            true => self.take_sync_snapshots(&pairs, pairs.len() == listed.len())?,
-            false => pairs.iter().map(|_| Ok(None)).collect(),
-        };
+        // A session an interrupted chunked run left on a target: finish its
+        // step first (or refuse, if someone is driving it), before any sync
+        // snapshot is taken: a refused pair takes none.
+        let attached: Vec<Mutex<Option<Result<u64>>>> = pairs
+            .iter()
+            .map(|(src, dst)| {
+                Mutex::new(Some(match (&self.chunked, self.cfg.dry_run) {
+                    (Some(chunked), false) => self.reattach(chunked, src, dst),
+                    _ => Ok(0),
+                }))
+            })
+            .collect();
+        let go: Vec<usize> = (0..pairs.len())
+            .filter(|&i| !matches!(attached[i].locked().as_ref(), Some(Err(_))))
+            .collect();
+        let mut sync_names: Vec<Result<Option<String>>> = pairs.iter().map(|_| Ok(None)).collect();
+        if self.cfg.protection.sync_snap && !self.sync_snap_filtered_out() {
+            let subset: Vec<(Dataset, Dataset)> = go.iter().map(|&i| pairs[i].clone()).collect();
+            let taken = self.take_sync_snapshots(&subset, subset.len() == listed.len())?;
+            for (&i, name) in go.iter().zip(taken) {
+                sync_names[i] = name;
+            }
+        }
         // The new snapshots' GUIDs (a dry run's are pretended by `pending`).
         let src_tree = match self.cfg.protection.sync_snap && !self.cfg.dry_run {
             true => self.src.tree(root, self.cfg.recursive)?.unwrap_or_default(),
@@ -331,7 +351,12 @@ impl Run<'_> {
                 snapshots: Vec::new(),
                 resume_token: None,
             });
-            self.one(src, dst, sync_name.as_deref(), source, target, &dst_tree)
+            let attached = attached[i].locked().take().unwrap_or(Ok(0))?;
+            let start = Start {
+                sync_name: sync_name.as_deref(),
+                attached,
+            };
+            self.one(src, dst, start, source, target, &dst_tree)
         });
         self.flush_prunes();
         outcome
@@ -491,20 +516,18 @@ impl Run<'_> {
         &self,
         src: &Dataset,
         dst: &Dataset,
-        sync_name: Option<&str>,
+        start: Start<'_>,
         mut source: SourceState,
         target: TargetState,
         dst_tree: &Tree,
     ) -> Result<()> {
+        let Start {
+            sync_name,
+            attached,
+        } = start;
         let label = self.pair_label(src, dst);
         let watch = Stopwatch::start();
         self.check_target_parent(dst, dst_tree)?;
-        // A session an interrupted chunked run left on the target: finish
-        // its step first (or refuse, if someone is driving it).
-        let attached = match (&self.chunked, self.cfg.dry_run) {
-            (Some(chunked), false) => self.reattach(chunked, src, dst)?,
-            _ => 0,
-        };
         // A re-attached session changed the target since it was listed;
         // an ancestor's `--force-delete` took it away.
         let gone = self

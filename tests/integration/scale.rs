@@ -113,8 +113,10 @@ fn a_recursive_push_of_many_datasets_verifies_each_and_costs_commands_only_for_c
     let some = resync(&["-r", "--debug", "--no-sync-snap", &root, &target]);
     some.assert_success();
     let extra = commands_run(&some).saturating_sub(idle_commands);
+    // Plus a constant: a run that sends checks (and if need be uploads) the
+    // binary that decodes compression on the remote, once.
     assert!(
-        extra <= 3 * changed.len() as u64,
+        extra <= 3 * changed.len() as u64 + 3,
         "{extra} more commands for {} datasets with something to send:\n{some}",
         changed.len()
     );
