@@ -201,9 +201,18 @@ fn sudo_a_cut_link_leaves_a_receive_that_the_next_run_stops() {
     let net = exclusive_network();
     // As in replication.rs: host B drops RSTs, so the orphan lives on.
     let _no_rst = crate::replication::DropRsts::on(&bed.ns_b);
-    let run = Resync::new(&["--timeout=5s", "--target-bwlimit=8M", &src, &d_arg])
-        .timeout(Duration::from_secs(90))
-        .spawn();
+    // The stream on libssh2 (TCP_USER_TIMEOUT): over OpenSSH, the closed
+    // connection's FIN may reach host B after the cut and end the orphan
+    // itself (see replication.rs's cut tests).
+    let run = Resync::new(&[
+        "--timeout=5s",
+        "--target-bwlimit=8M",
+        "--ssh-data=libssh2",
+        &src,
+        &d_arg,
+    ])
+    .timeout(Duration::from_secs(90))
+    .spawn();
     assert!(
         wait_until(Duration::from_secs(60), || zfs_receive_running(&dst)),
         "the receive never started"
@@ -215,7 +224,7 @@ fn sudo_a_cut_link_leaves_a_receive_that_the_next_run_stops() {
     drop(net);
     assert_eq!(out.code, Some(2), "a cut run fails with exit 2: {out}");
     assert!(zfs_receive_running(&dst), "the orphaned receive lives on");
-    let rerun = resync(&[&src, &d_arg]);
+    let rerun = resync(&["--ssh-data=libssh2", &src, &d_arg]);
     rerun.assert_success();
     assert!(rerun.stderr.contains("stopped a zfs process"), "{rerun}");
     assert!(!zfs_receive_running(&dst));
