@@ -158,7 +158,7 @@ pub struct Cli {
     pub no_rollback: bool,
 
     /// Replicate up to N datasets of a recursive run at once (a child after its parent;
-    /// 1 with --chunked).
+    /// 1 with --chunked or --insecure-direct-connection).
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub jobs: u16,

@@ -373,9 +373,10 @@ impl Run<'_> {
             })
             .collect();
         // A clone is received after its origin's dataset, which need not
-        // be its parent: runs with clones go one pair at a time.
+        // be its parent: runs with clones go one pair at a time. So do
+        // runs over a direct connection: one port, one stream at a time.
         let has_clones = self.clones.get().is_some_and(|c| !c.is_empty());
-        let jobs = match (&self.chunked, has_clones) {
+        let jobs = match (&self.chunked, has_clones || self.cfg.direct.is_some()) {
             (Some(_), _) | (_, true) => 1,
             (None, false) => self.cfg.jobs.clamp(1, pairs.len()),
         };
