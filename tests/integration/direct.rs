@@ -116,6 +116,35 @@ fn direct_connection_listener_without_a_connection_fails_and_stops_zfs_receive()
     cleanup(&src);
 }
 
+/// Push where this machine connects to an address nobody listens on: it
+/// gives up after 3 s, host B's `__listen` gets no connection in its 3 s and
+/// stops its `zfs receive`, and the run fails without a target.
+#[test]
+fn direct_connection_remote_listener_without_a_connection_stops_zfs_receive() {
+    let bed = Bed::get();
+    let (src, dst) = (bed.ds_a("dnolisten"), bed.ds_b("dnolisten"));
+    create_dataset_with_data(&src, &[("a.bin", 100_000)]);
+    snapshot(&src, "first");
+    let p = port();
+    let value = format!(
+        "--insecure-direct-connection={}:{p},{}:{p},3",
+        bed.unused_addr, bed.host_b
+    );
+    let out = resync(&[&value, &src, &remote(&bed.host_b, &dst)]);
+    out.assert_failure();
+    assert!(
+        out.stderr.contains("cannot connect to") && out.stderr.contains("within 3s"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || !zfs_receive_running(&dst)),
+        "zfs receive left running on host B"
+    );
+    assert!(!exists(&dst), "a failed run created the target");
+    cleanup(&src);
+}
+
 #[test]
 fn direct_connection_bad_values_and_remote_to_remote_are_refused_before_anything_runs() {
     let bed = Bed::get();
