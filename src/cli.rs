@@ -24,6 +24,7 @@ use crate::host::ssh::{DataPath, SshOptions, SshOverrides};
 use crate::plan::snapfilter::SnapFilter;
 use crate::plan::syncsnap;
 use crate::progress::Verbosity;
+use crate::transfer::direct::Direct;
 use crate::zfs::{self, Dataset};
 
 const EXAMPLES: &str = "\
@@ -113,9 +114,11 @@ pub struct Cli {
     #[arg(long)]
     pub preserve_recordsize: bool,
 
-    /// syncoid's plain-TCP data stream (IP:PORT[,IP:PORT]). Not supported
-    /// yet: refused; resync moves the stream over SSH.
-    #[arg(long, value_name = "IP:PORT[,IP:PORT]")]
+    /// Move the stream over plain TCP, UNENCRYPTED and uncompressed: the
+    /// target listens on LISTEN_IP:PORT (default: the first address) for
+    /// TIMEOUT seconds (default 60), the source connects to IP:PORT. One end
+    /// must be this machine; not with --chunked.
+    #[arg(long, value_name = "IP:PORT[,LISTEN_IP:PORT[,TIMEOUT[,mbuffer]]]")]
     pub insecure_direct_connection: Option<String>,
 
     /// Tag sync snapshots with ID so several jobs on one dataset don't prune each other's.
@@ -155,7 +158,7 @@ pub struct Cli {
     pub no_rollback: bool,
 
     /// Replicate up to N datasets of a recursive run at once (a child after its parent;
-    /// 1 with --chunked).
+    /// 1 with --chunked or --insecure-direct-connection).
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub jobs: u16,
@@ -517,6 +520,9 @@ pub struct Config {
     /// `--compress` (a named compressor that cannot run on a host is an
     /// error; the default falls back to none there).
     pub compress: Compress,
+    /// `--insecure-direct-connection` (default mode, one end remote; no
+    /// compression then).
+    pub direct: Option<Direct>,
     /// `--tmpdir`: where our binary goes on remote hosts.
     pub tmpdir: String,
     pub dry_run: bool,
@@ -652,12 +658,45 @@ impl Cli {
             bail!("TARGET {target} overlaps SOURCE {source}; replicate into a separate tree");
         }
         let mut notices = Vec::new();
-        if self.insecure_direct_connection.is_some() {
-            bail!(
-                "--insecure-direct-connection is not supported yet: resync moves the stream \
-                 over SSH only; drop the option"
-            );
-        }
+        let direct = match &self.insecure_direct_connection {
+            Some(value) => {
+                let d = Direct::parse(value).context("invalid --insecure-direct-connection")?;
+                let remote = |l: &Location| matches!(l, Location::Remote { .. });
+                match (remote(&source.location), remote(&target.location)) {
+                    (true, true) => bail!(
+                        "--insecure-direct-connection cannot relay between two remote hosts \
+                         (as in syncoid); run resync on one of them"
+                    ),
+                    (false, false) => bail!(
+                        "--insecure-direct-connection needs SOURCE or TARGET on a remote host; \
+                         both are on this machine"
+                    ),
+                    _ => {}
+                }
+                if self.chunked {
+                    bail!(
+                        "--insecure-direct-connection and --chunked don't go together; \
+                         pass only one"
+                    );
+                }
+                if self.compress.is_on() {
+                    notices.push(
+                        "--insecure-direct-connection: the stream crosses plain TCP \
+                         uncompressed and unencrypted (--compress does not apply)"
+                            .to_string(),
+                    );
+                }
+                if d.mbuffer {
+                    notices.push(
+                        "--insecure-direct-connection: mbuffer has no effect: resync \
+                         buffers the stream itself and runs no mbuffer"
+                            .to_string(),
+                    );
+                }
+                Some(d)
+            }
+            None => None,
+        };
         // As in syncoid, --preserve-properties includes the recordsize.
         let preserve = match (self.preserve_properties, self.preserve_recordsize) {
             (true, _) => Preserve::Properties,
@@ -817,7 +856,11 @@ impl Cli {
             timeout: self.timeout,
             source_bwlimit: self.source_bwlimit,
             target_bwlimit: self.target_bwlimit,
-            compress: self.compress,
+            compress: match direct {
+                Some(_) => Compress::None,
+                None => self.compress,
+            },
+            direct,
             tmpdir: self.tmpdir.clone(),
             dry_run: self.dry_run,
             json: self.json,
@@ -1321,12 +1364,58 @@ mod tests {
     }
 
     /// syncoid lines resync refuses, with one line saying why.
+    /// A direct connection: parsed, compression off with one notice.
+    #[test]
+    fn a_direct_connection_turns_compression_off_and_says_so() {
+        let c = syncoid_line(
+            "syncoid --insecure-direct-connection=192.168.1.2:1234,0.0.0.0:1234,5,mbuffer a/b h:c/d",
+        )
+        .unwrap();
+        let d = c.direct.as_ref().unwrap();
+        assert_eq!(d.connect.to_string(), "192.168.1.2:1234");
+        assert_eq!(d.listen.to_string(), "0.0.0.0:1234");
+        assert_eq!(d.timeout, Duration::from_secs(5));
+        assert_eq!(c.compress, Compress::None);
+        assert_eq!(c.notices.len(), 2, "{:?}", c.notices);
+        assert!(c.notices[0].contains("uncompressed and unencrypted"));
+        let c = syncoid_line(
+            "syncoid --compress=none --insecure-direct-connection=1.2.3.4:5 h:a/b c/d",
+        )
+        .unwrap();
+        assert!(c.notices.is_empty(), "{:?}", c.notices);
+        assert!(cli(&["a/b", "c/d"]).unwrap().direct.is_none());
+    }
+
     #[test]
     fn syncoid_lines_resync_cannot_honour_are_refused_in_one_line() {
         for (line, want) in [
             (
-                "syncoid --insecure-direct-connection=192.168.1.2:1234 a/b h:c/d",
-                "--insecure-direct-connection is not supported yet",
+                "syncoid --insecure-direct-connection=192.168.1.2:1234 g:a/b h:c/d",
+                "cannot relay between two remote hosts",
+            ),
+            (
+                "syncoid --insecure-direct-connection=192.168.1.2:1234 a/b c/d",
+                "both are on this machine",
+            ),
+            (
+                "syncoid --insecure-direct-connection=nonsense a/b h:c/d",
+                "invalid --insecure-direct-connection: \"nonsense\" is not IP:PORT",
+            ),
+            (
+                "syncoid --insecure-direct-connection=10.0.0.1:0 a/b h:c/d",
+                "port 0",
+            ),
+            (
+                "syncoid --insecure-direct-connection=10.0.0.1:70000 a/b h:c/d",
+                "is not IP:PORT",
+            ),
+            (
+                "syncoid --insecure-direct-connection=1.2.3.4:1,1.2.3.4:1,5,mbuffer,x a/b h:c/d",
+                "5 parts",
+            ),
+            (
+                "syncoid --chunked --insecure-direct-connection=192.168.1.2:1234 a/b h:c/d",
+                "--insecure-direct-connection and --chunked don't go together",
             ),
             (
                 "syncoid -r --sendoptions=R a/b c/d",

@@ -44,6 +44,13 @@ fn run() -> i32 {
     {
         return compress::filter::main(&args);
     }
+    if args
+        .first()
+        .and_then(|a| a.to_str())
+        .is_some_and(|a| transfer::direct::SUBCOMMANDS.contains(&a))
+    {
+        return transfer::direct::main(&args);
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),

@@ -347,6 +347,7 @@ impl Run<'_> {
                     Some(c) => c.codec([self.src.host(), self.dst.host()], self.ui)?,
                     None => None,
                 },
+                direct: self.direct.clone(),
             }
             .transfer(&elevated, bar),
         };

@@ -30,6 +30,7 @@ use crate::runlock::{self, RunLock};
 use crate::sys::Unpoisoned;
 use crate::transfer::chunked::{self, Chunked};
 use crate::transfer::codec::Compression;
+use crate::transfer::direct::Route;
 use crate::zfs::{Dataset, Snapshot, Tree};
 
 mod clones;
@@ -68,6 +69,9 @@ struct Run<'a> {
     /// Default mode's `--compress` (none with `--chunked`, whose helpers
     /// compress themselves).
     compression: Option<Compression>,
+    /// `--insecure-direct-connection`, our binary deployed on the remote
+    /// end (not in a dry run, which moves no stream).
+    direct: Option<Route>,
     /// The target datasets of this run's pairs (see `--force-delete`).
     targets: OnceLock<Vec<Dataset>>,
     /// Each pair's result, for `--json`.
@@ -158,6 +162,16 @@ pub fn run(cfg: &Config, ui: &dyn Progress, reports: &Reports) -> Result<Outcome
                 src.location.clone(),
                 dst.location.clone(),
             ),
+        },
+        direct: match (&cfg.direct, cfg.dry_run) {
+            (Some(d), false) => Some(Route::deploy(
+                d,
+                [src.host(), dst.host()],
+                [&src.location, &dst.location],
+                &cfg.tmpdir,
+                ui,
+            )?),
+            _ => None,
         },
         targets: OnceLock::new(),
         reports,
@@ -388,9 +402,10 @@ impl Run<'_> {
             })
             .collect();
         // A clone is received after its origin's dataset, which need not
-        // be its parent: runs with clones go one pair at a time.
+        // be its parent: runs with clones go one pair at a time. So do
+        // runs over a direct connection: one port, one stream at a time.
         let has_clones = self.clones.get().is_some_and(|c| !c.is_empty());
-        let jobs = match (&self.chunked, has_clones) {
+        let jobs = match (&self.chunked, has_clones || self.cfg.direct.is_some()) {
             (Some(_), _) | (_, true) => 1,
             (None, false) => self.cfg.jobs.clamp(1, pairs.len()),
         };

@@ -234,6 +234,7 @@ fn run_as(
         lock: None,
         chunked: None,
         compression: None,
+        direct: None,
         targets: OnceLock::new(),
         reports: &reports,
         syncoid_noted: Default::default(),

@@ -5,10 +5,13 @@
 //! process (bandwidth limit, stall watchdog); [`chunked::Chunked`] is the
 //! entry into the chunk orchestrator (helpers on both hosts, deployed with
 //! retries); [`codec::Compression`] puts our binary where default mode
-//! compresses. Neither knows what a plan or a dataset pair is.
+//! compresses; [`direct`] is `--insecure-direct-connection` (plain TCP
+//! between this machine and the remote end, our binary listening or
+//! connecting there). Neither knows what a plan or a dataset pair is.
 
 pub mod chunked;
 pub mod codec;
+pub mod direct;
 pub mod pipe;
 
 use anyhow::Result;

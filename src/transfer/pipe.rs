@@ -15,8 +15,15 @@
 //! (`__encode`); a local `zfs receive` gets what the pump's writer decodes,
 //! a remote one is fed by `__decode`. Both remote: this process relays
 //! frames it does not open. The summary line counts both sizes.
+//!
+//! With a [`Route`] (`--insecure-direct-connection`, never with a codec)
+//! the remote end's data crosses one TCP connection instead of SSH: the
+//! pump writes to the target's `__listen`, or reads what the source's
+//! `__connect` sends to our listener; both zfs commands still start, and
+//! are waited for and checked, over SSH.
 
 use std::io::{self, Read, Write};
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -24,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use super::direct::{self, Route};
 use super::{Mover, Request};
 use crate::bwlimit::Limiter;
 use crate::compress::encoder::Encoder;
@@ -211,6 +219,9 @@ pub struct Pipe<'a> {
     pub ui: &'a dyn Progress,
     /// Compression on the wire; `None` for the plain stream.
     pub codec: Option<Codec>,
+    /// `--insecure-direct-connection`: the stream crosses plain TCP between
+    /// this machine and the remote end (no codec then).
+    pub direct: Option<Route>,
 }
 
 /// How a compressed stream is encoded and decoded: our binary on each
@@ -289,9 +300,16 @@ impl std::error::Error for Stalled {}
 impl Mover for Pipe<'_> {
     fn transfer(&self, req: &Request, bar: Box<dyn Transfer>) -> Result<u64> {
         let (sh, th) = (&*self.src, &*self.dst);
-        let (send, recv) = match &self.codec {
-            Some(c) => (c.send_argv(&req.send), c.recv_argv(&req.recv)),
-            None => (req.send.clone(), req.recv.clone()),
+        let (send, recv) = match (&self.direct, &self.codec) {
+            (Some(r), _) => (r.send_argv(&req.send), r.recv_argv(&req.recv)),
+            (None, Some(c)) => (c.send_argv(&req.send), c.recv_argv(&req.recv)),
+            (None, None) => (req.send.clone(), req.recv.clone()),
+        };
+        // Pulling over a direct connection: this machine listens, bound
+        // before the remote `zfs send` starts to connect.
+        let listener = match &self.direct {
+            Some(r) if r.dst_exe.is_none() => Some(direct::bind(r.direct.listen)?),
+            _ => None,
         };
         self.ui
             .debug(&format!("[{}] {}", sh.label(), sh_join(&send)));
@@ -334,6 +352,17 @@ impl Mover for Pipe<'_> {
                 lock.record(p.clone())?;
             }
         }
+        let (reader, writer, _control_stdin) = match self.direct_ends(listener, reader, writer) {
+            Ok(ends) => ends,
+            Err(e) => {
+                sender.kill();
+                receiver.kill();
+                if let Some(lock) = self.lock {
+                    lock.forget(&procs)?;
+                }
+                return Err(e);
+            }
+        };
         // The receiver's own output (`zfs receive -v`) must be read, or it
         // dies of SIGPIPE; it is shown once the receive is done.
         let recv_lines = drain(recv_out);
@@ -459,7 +488,49 @@ type Framing = (
     bool,
 );
 
+/// The pump's ends with a direct connection in place, and the remote
+/// receiver's SSH stdin, held open until the pipe is done.
+type DirectEnds = (
+    Box<dyn Read + Send>,
+    Box<dyn Write + Send>,
+    Option<Box<dyn Write + Send>>,
+);
+
 impl Pipe<'_> {
+    /// With a direct connection, the TCP stream replaces the remote end's
+    /// SSH channel: pushing, this machine connects to the target's
+    /// `__listen`; pulling, it accepts the source's `__connect` on
+    /// `listener`. Each waits at most the connection's timeout.
+    fn direct_ends(
+        &self,
+        listener: Option<TcpListener>,
+        reader: Box<dyn Read + Send>,
+        writer: Box<dyn Write + Send>,
+    ) -> Result<DirectEnds> {
+        let Some(r) = &self.direct else {
+            return Ok((reader, writer, None));
+        };
+        let d = &r.direct;
+        match listener {
+            Some(l) => {
+                self.ui.debug(&format!(
+                    "waiting on {} for the source's direct connection",
+                    d.listen
+                ));
+                let stream = direct::accept_within(&l, d.timeout)?;
+                // The remote `__connect` writes nothing more on SSH.
+                let _ = drain(reader);
+                Ok((Box::new(stream), writer, None))
+            }
+            None => {
+                self.ui
+                    .debug(&format!("connecting to {} (direct connection)", d.connect));
+                let stream = direct::connect_within(d.connect, d.timeout)?;
+                Ok((reader, Box::new(stream), Some(writer)))
+            }
+        }
+    }
+
     fn framing(&self, writer: Box<dyn Write + Send>, raw: &Arc<AtomicU64>) -> Result<Framing> {
         let Some(c) = &self.codec else {
             return Ok((None, writer, false));
@@ -747,6 +818,7 @@ mod tests {
             stall,
             ui,
             codec: None,
+            direct: None,
         }
     }
 

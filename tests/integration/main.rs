@@ -8,6 +8,7 @@ mod bwlimit;
 mod chunk;
 mod chunked;
 mod compress;
+mod direct;
 mod force_delete;
 mod holds;
 mod json;

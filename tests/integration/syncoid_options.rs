@@ -185,7 +185,6 @@ fn options_resync_cannot_honour_are_refused_before_anything_runs() {
     let target = remote(&bed.host_b, &dst);
     for args in [
         vec!["-o", "ProxyJump=bastion"],
-        vec!["--insecure-direct-connection=10.213.0.3:9000"],
         vec!["-c", "blowfish-cbc"],
         vec!["-r", "--sendoptions=R"],
     ] {
