@@ -59,9 +59,12 @@ cp "$built" "$BIN"
 # One bed at a time on this machine (as scripts/test.sh): hold the lock.
 TB_ROOT=${TB_ROOT:-/var/tmp/resync-testbed}
 mkdir -p "$TB_ROOT"
-exec 9>"$TB_ROOT/lock"
-flock -w 1800 9 || die "timed out waiting for $TB_ROOT/lock"
-export TB_LOCK_HELD=1
+# (bench.sh's scale phase runs this holding the lock already.)
+if [[ ${TB_LOCK_HELD:-} != 1 ]]; then
+	exec 9>"$TB_ROOT/lock"
+	flock -w 1800 9 || die "timed out waiting for $TB_ROOT/lock"
+	export TB_LOCK_HELD=1
+fi
 STATE=${BENCH_STATE:-/var/tmp/resync-bench-scale}
 cleanup() {
 	local rc=$?
