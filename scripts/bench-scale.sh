@@ -164,11 +164,15 @@ if phase tree40; then
 	syncoid_run y-incr -r "$TB_POOL_A/t" "$TARGET:$TB_POOL_B/yt"
 	check_tree "$TB_POOL_A/t" "$TB_POOL_B/rt"
 	check_tree "$TB_POOL_A/t" "$TB_POOL_B/yt"
-	out '%s+1 datasets, first run: resync %s s (%s commands), syncoid %s s\n' "$TREE" \
-		"$(secs "${SECS[t-first]}")" "${CMDS[t-first]}" "$(secs "${SECS[y-first]}")"
+	r_first=$(secs "${SECS[t-first]}")
+	y_first=$(secs "${SECS[y-first]}")
+	r_incr=$(secs "${SECS[t-incr]}")
+	y_incr=$(secs "${SECS[y-incr]}")
+	x_incr=$(ratio "${SECS[y-incr]}" "${SECS[t-incr]}")
+	out '%s+1 datasets, first run: resync %s s (%s commands), syncoid %s s\n' \
+		"$TREE" "$r_first" "${CMDS[t-first]}" "$y_first"
 	out '%s+1 datasets, small change each, incremental -r: resync %s s (%s commands), syncoid %s s: %sx\n' \
-		"$TREE" "$(secs "${SECS[t-incr]}")" "${CMDS[t-incr]}" "$(secs "${SECS[y-incr]}")" \
-		"$(ratio "${SECS[y-incr]}" "${SECS[t-incr]}")"
+		"$TREE" "$r_incr" "${CMDS[t-incr]}" "$y_incr" "$x_incr"
 fi
 if phase noop; then
 	log "no-op: $NOOP datasets"

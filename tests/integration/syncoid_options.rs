@@ -292,6 +292,9 @@ fn a_target_syncoid_has_been_feeding_continues_incrementally_and_keeps_syncoids_
     snapshot(&src, "daily-1");
     syncoid(&[&src, &dst]);
     write_files(&src, &[("b.bin", 64 << 10)]);
+    // syncoid names its sync snapshots to the second: a second run within
+    // the same second fails on its own "dataset already exists".
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     syncoid(&[&src, &dst]);
     let fed = snapshots(&dst);
     let theirs: Vec<(String, u64)> = fed
