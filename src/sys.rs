@@ -1,7 +1,8 @@
 //! Small operating-system services that several layers need, written once:
 //! this machine's host name, whether we run as root, a non-blocking `flock`, the MD5 of a file, lower
-//! case hex, reading one line from a pipe without reading past it, and
-//! recovery from a poisoned lock. Each is a thin, documented wrapper: errors
+//! case hex, reading one line from a pipe without reading past it,
+//! recovery from a poisoned lock, and the child-process plumbing of our
+//! own stream filters (`__encode`/`__decode`, `__listen`/`__connect`). Each is a thin, documented wrapper: errors
 //! are returned to the caller rather than replaced by a default, and every
 //! `unsafe` block carries its SAFETY note.
 
@@ -142,6 +143,39 @@ impl<T> UnpoisonedRw<T> for RwLock<T> {
     fn write_now(&self) -> RwLockWriteGuard<'_, T> {
         self.write().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// A child's exit as a filter passes it on: its code, `128 + signal`, or 1.
+pub fn exit_code(s: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    s.code()
+        .or_else(|| s.signal().map(|n| 128 + n))
+        .unwrap_or(1)
+}
+
+/// Starts argv (a `zfs send`/`receive` a filter wraps) with the given
+/// stdin and stdout; its stderr is ours.
+pub fn spawn_filtered(
+    argv: &[String],
+    stdin: std::process::Stdio,
+    stdout: std::process::Stdio,
+) -> Result<std::process::Child> {
+    let Some(program) = argv.first() else {
+        bail!("empty command line");
+    };
+    std::process::Command::new(program)
+        .args(&argv[1..])
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot start {program:?}"))
+}
+
+/// Kills a child and reaps it (best effort).
+pub fn stop(child: &mut std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[cfg(test)]

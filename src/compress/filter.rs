@@ -17,7 +17,9 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Stdio;
+
+use crate::sys::{exit_code, spawn_filtered as spawn, stop};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::thread;
 
@@ -107,28 +109,6 @@ pub fn main(args: &[OsString]) -> i32 {
             1
         }
     }
-}
-
-fn exit_code(s: ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    s.code()
-        .or_else(|| s.signal().map(|n| 128 + n))
-        .unwrap_or(1)
-}
-
-fn spawn(argv: &[String], stdin: Stdio, stdout: Stdio) -> Result<Child> {
-    Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(stdin)
-        .stdout(stdout)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("cannot start {:?}", argv[0]))
-}
-
-fn stop(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// Reads `r` in blocks of [`BLOCK`] bytes, queues one frame per block on
