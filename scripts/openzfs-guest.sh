@@ -566,6 +566,11 @@ cmd_down() {
       for i in $(seq 1 50); do qemu_alive "$pid" "$state" || break; sleep 0.2; done
       if qemu_alive "$pid" "$state"; then kill -9 "$pid" 2>/dev/null || true; fi
       log "stopped guest pid $pid"
+    else
+      # It died on its own (a guest kernel panic ends QEMU: panic=-1,
+      # -no-reboot): its console says why.
+      log "the guest (qemu pid $pid) had already exited; its console's last lines:"
+      tail -40 "$state/console.log" >&2 2>/dev/null || true
     fi
   fi
   rm -rf "$state"

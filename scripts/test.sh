@@ -63,7 +63,7 @@ finish() {
 	fi
 	t_down0=$(date +%s)
 	if [[ -d $guest_state ]]; then
-		bash scripts/openzfs-guest.sh down "$guest_state" >/dev/null 2>&1 ||
+		bash scripts/openzfs-guest.sh down "$guest_state" >/dev/null ||
 			say "WARNING: the OpenZFS guest in $guest_state did not stop cleanly"
 	fi
 	if ! bash scripts/testbed.sh down "$state"; then

@@ -18,6 +18,10 @@ pub(crate) struct Guest {
     known_hosts: PathBuf,
     /// A HOME for resync holding the guest's key and known_hosts.
     home: PathBuf,
+    /// The guest's state dir (console.log) and QEMU's pid, to tell a
+    /// failed command from a guest that died.
+    state: PathBuf,
+    qemu_pid: String,
 }
 
 pub(crate) const POOL_S: &str = "ozs";
@@ -55,6 +59,8 @@ impl Guest {
                 key: PathBuf::from(var("GUEST_KEY")),
                 known_hosts: PathBuf::from(var("GUEST_KNOWN_HOSTS")),
                 home,
+                state: state.clone(),
+                qemu_pid: var("GUEST_QEMU_PID"),
             };
             let disks: Vec<String> = var("GUEST_DISKS")
                 .split_whitespace()
@@ -99,10 +105,27 @@ impl Guest {
             .expect("run ssh");
         assert!(
             out.status.success(),
-            "guest command failed: {cmd}\n{}",
-            String::from_utf8_lossy(&out.stderr)
+            "guest command failed: {cmd}\n{}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.death_notice()
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Empty while QEMU lives; otherwise says so with the console's last
+    /// lines (a guest kernel panic ends QEMU: `panic=-1`, `-no-reboot`).
+    fn death_notice(&self) -> String {
+        if std::path::Path::new(&format!("/proc/{}", self.qemu_pid)).exists() {
+            return String::new();
+        }
+        let console = std::fs::read_to_string(self.state.join("console.log")).unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "\nthe guest is gone (qemu pid {} exited); its console's last lines:\n{}",
+            self.qemu_pid,
+            tail.join("\n")
+        )
     }
 
     pub(crate) fn endpoint(&self, ds: &str) -> String {

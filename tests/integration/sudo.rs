@@ -204,7 +204,10 @@ fn sudo_a_cut_link_leaves_a_receive_that_the_next_run_stops() {
     // The stream on libssh2 (TCP_USER_TIMEOUT): over OpenSSH, the closed
     // connection's FIN may reach host B after the cut and end the orphan
     // itself (see replication.rs's cut tests).
+    // --debug: should the stream ever outrun its limit again (CI saw 40 MiB
+    // cross in 1.0 s once), the failure shows the limit and the commands.
     let run = Resync::new(&[
+        "--debug",
         "--timeout=5s",
         "--target-bwlimit=8M",
         "--ssh-data=libssh2",
