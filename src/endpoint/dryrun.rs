@@ -117,6 +117,14 @@ impl Changes for DryRun<'_, '_> {
         Ok(())
     }
 
+    fn destroy_snapshot_tree(&self, root: &Dataset, snap: &str) -> Result<()> {
+        self.would(format!(
+            "would destroy @{snap} of {} and of each dataset below it",
+            self.inner.label(root)
+        ));
+        Ok(())
+    }
+
     fn destroy_recursive(&self, ds: &Dataset) -> Result<()> {
         self.would(format!(
             "would destroy {} and everything below it",

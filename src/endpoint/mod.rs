@@ -406,6 +406,9 @@ pub trait Changes: Sync {
     fn destroy_snapshot(&self, ds: &Dataset, snap: &str, our_tag: Option<&str>) -> Result<()>;
     /// `zfs destroy -r ds`: the caller has checked what goes with it.
     fn destroy_recursive(&self, ds: &Dataset) -> Result<()>;
+    /// `zfs destroy -r root@snap`: `snap` of `root` and of each descendant
+    /// that has it; the caller has checked that each one is meant.
+    fn destroy_snapshot_tree(&self, root: &Dataset, snap: &str) -> Result<()>;
     /// `zfs rollback -r ds@snap`.
     fn rollback(&self, ds: &Dataset, snap: &str) -> Result<()>;
     /// `zfs receive -A ds`: discards a partial receive.
@@ -454,6 +457,14 @@ impl Changes for ZfsHost<'_> {
                 Ok(Taken::Created)
             })
             .collect())
+    }
+
+    fn destroy_snapshot_tree(&self, root: &Dataset, snap: &str) -> Result<()> {
+        self.exec_ok(
+            &zfs::destroy_snapshot_tree_argv(root, snap)?,
+            "zfs destroy -r",
+        )
+        .map(drop)
     }
 
     fn destroy_snapshots(&self, list: &[(Dataset, String, Option<String>)]) -> Vec<Result<()>> {

@@ -25,7 +25,19 @@ impl Host for LocalHost {
     }
 
     fn run(&self, argv: &[String]) -> anyhow::Result<CmdOutput> {
-        super::count_started(self.label());
+        self.run_for(self.label(), argv)
+    }
+
+    fn spawn(&self, argv: &[String]) -> anyhow::Result<Box<dyn Child>> {
+        self.spawn_for(self.label(), argv)
+    }
+}
+
+impl LocalHost {
+    /// Runs `argv` here on behalf of the host `label` (a local `ssh` that
+    /// runs a command there counts as that host's command).
+    pub(crate) fn run_for(&self, label: &str, argv: &[String]) -> anyhow::Result<CmdOutput> {
+        super::count_started(label);
         let output = command(argv)?
             .stdin(Stdio::null())
             .output()
@@ -37,8 +49,11 @@ impl Host for LocalHost {
         })
     }
 
-    fn spawn(&self, argv: &[String]) -> anyhow::Result<Box<dyn Child>> {
-        super::count_started(self.label());
+    /// Starts `argv` here on behalf of the host `label` (see [`run_for`]).
+    ///
+    /// [`run_for`]: LocalHost::run_for
+    pub(crate) fn spawn_for(&self, label: &str, argv: &[String]) -> anyhow::Result<Box<dyn Child>> {
+        super::count_started(label);
         let mut child = command(argv)?
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

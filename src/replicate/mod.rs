@@ -12,7 +12,7 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Condvar, Mutex, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Result};
 
@@ -87,6 +87,11 @@ struct Run<'a> {
     /// Targets this run destroyed (`--force-delete`): the run's listing of
     /// anything below them is stale.
     destroyed: Mutex<Vec<Dataset>>,
+    /// The datasets of the latest listing of each side's tree (source,
+    /// target) under the run's roots, where the run has one that is still
+    /// true when pruning: a sync snapshot that every one of them prunes
+    /// goes in one `zfs destroy -r`.
+    last_listed: (Listed, Listed),
 }
 
 /// How a pair starts: its sync snapshot (if one was taken) and the bytes
@@ -94,7 +99,44 @@ struct Run<'a> {
 struct Start<'s> {
     sync_name: Option<&'s str>,
     attached: u64,
+    /// Leave the verification to the run's one listing of the target
+    /// tree (see [`Run::rounds`]).
+    defer: bool,
 }
+
+/// How far [`Run::rounds`] took a pair.
+enum Rounds {
+    /// Up to date (or, in a dry run, planned).
+    Done,
+    /// Sent what should make it up to date; verified later from one
+    /// listing of the whole target tree.
+    Deferred,
+}
+
+/// A pair between its rounds: what it sent so far and what the next
+/// listing of the target must show.
+struct Pair {
+    src: Dataset,
+    dst: Dataset,
+    sync_name: Option<String>,
+    watch: Stopwatch,
+    /// Its time until the stream ended, for a pair verified later.
+    took: Option<Duration>,
+    source: SourceState,
+    bytes: u64,
+    sent: Sent,
+    /// Received snapshots the next listing must show, by GUID.
+    received: Vec<Snapshot>,
+    last_round_steps: Vec<Step>,
+    /// The next round's number.
+    round: usize,
+    /// The last round sent everything its plan had (no resume, no
+    /// discarding): the next listing should find the pair up to date.
+    complete: bool,
+}
+
+/// The datasets of a side's tree listing, while the run can trust it.
+type Listed = Mutex<Option<Vec<Dataset>>>;
 
 /// A snapshot to prune: dataset, snapshot, this job's hold tag there.
 type Prune = (Dataset, String, Option<String>);
@@ -179,6 +221,7 @@ pub fn run(cfg: &Config, ui: &dyn Progress, reports: &Reports) -> Result<Outcome
         clones: OnceLock::new(),
         prunes: Default::default(),
         destroyed: Mutex::new(Vec::new()),
+        last_listed: Default::default(),
     };
     if let (Some(c), false) = (&run.compression, cfg.dry_run) {
         c.prepare([src.host(), dst.host()], ui)?;
@@ -291,6 +334,25 @@ impl Run<'_> {
     /// once, lists both sides once more, then replicates the pairs
     /// (`--jobs` at a time, a child after its parent) from those listings.
     fn all(&self) -> Result<Outcome> {
+        // A run that takes sync snapshots will stream: OpenSSH's master
+        // connections (about 170 ms each) come up while the trees are
+        // listed and snapshotted, not in front of the first stream.
+        let streams = !self.cfg.dry_run
+            && self.chunked.is_none()
+            && self.direct.is_none()
+            && self.cfg.protection.sync_snap;
+        std::thread::scope(|scope| {
+            if streams {
+                for side in [self.src, self.dst] {
+                    scope.spawn(move || drop(side.host().bulk()));
+                }
+            }
+            self.all_pairs()
+        })
+    }
+
+    /// [`Run::all`]'s work.
+    fn all_pairs(&self) -> Result<Outcome> {
         let root = &self.cfg.source.dataset;
         let Some(listed) = self.src.tree(root, self.cfg.recursive)? else {
             bail!("source dataset {} does not exist", self.src.label(root));
@@ -324,25 +386,47 @@ impl Run<'_> {
         let go: Vec<usize> = (0..pairs.len())
             .filter(|&i| !matches!(attached[i].locked().as_ref(), Some(Err(_))))
             .collect();
-        let mut sync_names: Vec<Result<Option<String>>> = pairs.iter().map(|_| Ok(None)).collect();
-        if self.cfg.protection.sync_snap && !self.sync_snap_filtered_out() {
-            let subset: Vec<(Dataset, Dataset)> = go.iter().map(|&i| pairs[i].clone()).collect();
-            let taken = self.take_sync_snapshots(&subset, subset.len() == listed.len())?;
-            for (&i, name) in go.iter().zip(taken) {
-                sync_names[i] = name;
-            }
-        }
-        // The new snapshots' GUIDs (a dry run's are pretended by `pending`).
-        let src_tree = match self.cfg.protection.sync_snap && !self.cfg.dry_run {
-            true => self.src.tree(root, self.cfg.recursive)?.unwrap_or_default(),
-            false => listed,
-        };
-        let dst_tree = self
-            .dst
-            .tree(&self.cfg.target.dataset, self.cfg.recursive)?
-            .unwrap_or_default();
+        // The target is listed while the source takes and lists its sync
+        // snapshots (the target does not change meanwhile).
+        let (sync_names, src_tree, dst_tree) = std::thread::scope(|scope| {
+            let dst_tree = scope.spawn(|| {
+                self.dst
+                    .tree(&self.cfg.target.dataset, self.cfg.recursive)
+                    .map(Option::unwrap_or_default)
+            });
+            let source = (|| {
+                let mut sync_names: Vec<Result<Option<String>>> =
+                    pairs.iter().map(|_| Ok(None)).collect();
+                if self.cfg.protection.sync_snap && !self.sync_snap_filtered_out() {
+                    let subset: Vec<(Dataset, Dataset)> =
+                        go.iter().map(|&i| pairs[i].clone()).collect();
+                    let taken = self.take_sync_snapshots(&subset, subset.len() == listed.len())?;
+                    for (&i, name) in go.iter().zip(taken) {
+                        sync_names[i] = name;
+                    }
+                }
+                // The new snapshots' GUIDs (a dry run's are pretended by
+                // `pending`).
+                let src_tree = match self.cfg.protection.sync_snap && !self.cfg.dry_run {
+                    true => self.src.tree(root, self.cfg.recursive)?.unwrap_or_default(),
+                    false => listed,
+                };
+                Ok::<_, anyhow::Error>((sync_names, src_tree))
+            })();
+            let dst_tree = dst_tree
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("listing the target panicked")));
+            let (sync_names, src_tree) = source?;
+            Ok::<_, anyhow::Error>((sync_names, src_tree, dst_tree?))
+        })?;
+        *self.last_listed.0.locked() = Some(src_tree.keys().cloned().collect());
         let sync_names = Mutex::new(sync_names.into_iter().map(Some).collect::<Vec<_>>());
-        let outcome = self.run_pairs(&pairs, &|i| {
+        // With more than one pair, a pair's receive is verified from one
+        // listing of the target tree after all have sent, not each by a
+        // listing of its own (a remote command per dataset).
+        let defer = pairs.len() > 1 && !self.cfg.dry_run;
+        let deferred: Mutex<Vec<Option<Pair>>> = Mutex::new(pairs.iter().map(|_| None).collect());
+        let mut outcome = self.run_pairs(&pairs, &|i| {
             let (src, dst) = &pairs[i];
             let sync_name = sync_names.locked()[i]
                 .take()
@@ -355,25 +439,57 @@ impl Run<'_> {
                 snapshots: source.snapshots,
                 bookmarks: source.bookmarks,
             };
-            let target = listed(&dst_tree, dst).map(|t| TargetState {
-                exists: true,
-                snapshots: t.snapshots,
-                resume_token: t.resume_token,
-            });
-            let target = target.unwrap_or(TargetState {
-                exists: false,
-                snapshots: Vec::new(),
-                resume_token: None,
-            });
+            let target = target_state(&dst_tree, dst);
             let attached = attached[i].locked().take().unwrap_or(Ok(0))?;
             let start = Start {
                 sync_name: sync_name.as_deref(),
                 attached,
+                defer,
             };
-            self.one(src, dst, start, source, target, &dst_tree)
-        });
+            let pair = self.one(src, dst, start, source, target, &dst_tree)?;
+            deferred.locked()[i] = pair;
+            Ok(())
+        })?;
+        let deferred = deferred.into_inner().unwrap_or_else(|p| p.into_inner());
+        if deferred.iter().any(Option::is_some) {
+            self.finish(deferred, &mut outcome)?;
+        }
         self.flush_prunes();
-        outcome
+        Ok(outcome)
+    }
+
+    /// Verifies the pairs whose receives were deferred (`deferred[i]` for
+    /// pair `i`) from one fresh listing of the target tree, and takes each
+    /// on from there (protect and prune; more rounds where the listing
+    /// shows they are needed), moving a pair that fails from the
+    /// replicated to the failed in `outcome`.
+    fn finish(&self, deferred: Vec<Option<Pair>>, outcome: &mut Outcome) -> Result<()> {
+        let tree = self
+            .dst
+            .tree(&self.cfg.target.dataset, self.cfg.recursive)?
+            .unwrap_or_default();
+        *self.last_listed.1.locked() = Some(tree.keys().cloned().collect());
+        let pairs: Vec<Pair> = deferred.into_iter().flatten().collect();
+        let cells: Vec<Mutex<Option<Pair>>> =
+            pairs.into_iter().map(|p| Mutex::new(Some(p))).collect();
+        let names: Vec<(Dataset, Dataset)> = cells
+            .iter()
+            .filter_map(|c| c.locked().as_ref().map(|p| (p.src.clone(), p.dst.clone())))
+            .collect();
+        let finished = self.run_pairs(&names, &|i| {
+            let mut pair = cells[i]
+                .locked()
+                .take()
+                .ok_or_else(|| anyhow!("a deferred pair was finished twice"))?;
+            let listed = target_state(&tree, &pair.dst);
+            match self.rounds(&mut pair, Some(listed), false)? {
+                Rounds::Done => Ok(()),
+                Rounds::Deferred => Err(anyhow!("internal error: a pair was deferred twice")),
+            }
+        })?;
+        outcome.replicated -= names.len() - finished.replicated;
+        outcome.failed.extend(finished.failed);
+        Ok(())
     }
 
     /// Runs `work` for each pair, `--jobs` at a time, a pair only after the
@@ -526,7 +642,10 @@ impl Run<'_> {
     /// Replicates one dataset until the planner says it is up to date,
     /// starting from the run's listings of both sides (`source`, `target`).
     /// After a round that received, the next round's fresh listing of the
-    /// target verifies every received snapshot by GUID before planning.
+    /// target verifies every received snapshot by GUID before planning;
+    /// with `defer`, a pair whose round should have brought it up to date
+    /// stops there instead ([`Rounds::Deferred`]) and the run verifies it
+    /// from one listing of the whole target tree later ([`Run::finish`]).
     fn one(
         &self,
         src: &Dataset,
@@ -535,12 +654,12 @@ impl Run<'_> {
         mut source: SourceState,
         target: TargetState,
         dst_tree: &Tree,
-    ) -> Result<()> {
+    ) -> Result<Option<Pair>> {
         let Start {
             sync_name,
             attached,
+            defer,
         } = start;
-        let label = self.pair_label(src, dst);
         let watch = Stopwatch::start();
         self.check_target_parent(dst, dst_tree)?;
         // A re-attached session changed the target since it was listed;
@@ -550,73 +669,111 @@ impl Run<'_> {
             .locked()
             .iter()
             .any(|d| dst.relative_to(d).is_some());
-        let mut listed = match self.chunked {
+        let listed = match self.chunked {
             _ if gone => None,
             Some(_) if !self.cfg.dry_run => None,
             _ => Some(target),
         };
         source.snapshots.extend(self.src_changes.pending(src));
         self.filter_source(src, &mut source)?;
+        let mut pair = Pair {
+            src: src.clone(),
+            dst: dst.clone(),
+            sync_name: sync_name.map(str::to_string),
+            watch,
+            took: None,
+            source,
+            bytes: attached,
+            sent: Sent {
+                first: None,
+                resumed: attached > 0,
+            },
+            received: Vec::new(),
+            last_round_steps: Vec::new(),
+            round: 1,
+            complete: false,
+        };
+        if let Some((n, first)) = self.send_as_clone(src, dst)? {
+            pair.bytes += n;
+            pair.sent.first = Some(first.name.clone());
+            // The target exists now: the run's listing of it is stale.
+            pair.received.push(first);
+            self.rounds(&mut pair, None, false)?;
+            return Ok(None);
+        }
+        Ok(match self.rounds(&mut pair, listed, defer)? {
+            Rounds::Done => None,
+            Rounds::Deferred => Some(pair),
+        })
+    }
+
+    /// Gather-plan-execute rounds for `pair` from its round on, the first
+    /// one planned from `listed` (else from a fresh listing of the target).
+    /// With `defer`, a round that should have brought the pair up to date
+    /// returns [`Rounds::Deferred`] instead of listing the target again.
+    fn rounds(
+        &self,
+        pair: &mut Pair,
+        mut listed: Option<TargetState>,
+        defer: bool,
+    ) -> Result<Rounds> {
+        let (src, dst) = (&pair.src.clone(), &pair.dst.clone());
+        let label = self.pair_label(src, dst);
+        let sync_name = pair.sync_name.clone();
         let opts = PlanOptions {
             no_stream: self.cfg.no_stream,
             force_delete: self.cfg.force_delete,
             resume: self.cfg.resume && self.src.caps.resume_tokens && self.dst.caps.resume_tokens,
         };
-        let mut bytes = attached;
-        let mut sent = Sent {
-            first: None,
-            resumed: attached > 0,
-        };
-        let mut received: Vec<Snapshot> = Vec::new();
-        if let Some((n, first)) = self.send_as_clone(src, dst)? {
-            bytes += n;
-            sent.first = Some(first.name.clone());
-            // The target exists now: the run's listing of it is stale.
-            listed = None;
-            received.push(first);
-        }
-        let mut last_round_steps: Vec<Step> = Vec::new();
-        for round in 1..=MAX_ROUNDS {
+        while pair.round <= MAX_ROUNDS {
+            let round = pair.round;
             let target = match listed.take() {
                 Some(target) => target,
+                None if defer && pair.complete => {
+                    pair.took = Some(pair.watch.elapsed());
+                    return Ok(Rounds::Deferred);
+                }
                 None => self.dst.target_state(dst)?,
             };
-            for to in received.drain(..) {
+            pair.round += 1;
+            for to in pair.received.drain(..) {
                 self.dst.verify_listed(dst, &target, &to)?;
             }
+            let source = &pair.source;
             if round == 1 {
-                self.dump_snapshots(src, dst, &source, &target);
+                self.dump_snapshots(src, dst, source, &target);
             }
-            let mut planned = plan::plan(&source, &target, &opts);
+            let mut planned = plan::plan(source, &target, &opts);
             if self.cfg.snap_filter.is_active() {
-                planned = plan::one_at_a_time(planned, &source);
+                planned = plan::one_at_a_time(planned, source);
             }
             match planned {
                 // A dry run shows the plan and stops there.
                 Plan::UpToDate { snapshot } if self.cfg.dry_run => {
                     println!("{label}: up to date at @{}", snapshot.name);
-                    return Ok(());
+                    return Ok(Rounds::Done);
                 }
                 Plan::UpToDate { snapshot } => {
-                    self.note_syncoid_snapshots(src, dst, &source, &target);
-                    self.protect(src, dst, &source, &target, &snapshot)?;
-                    self.prune(src, dst, sync_name, &source, &target);
+                    self.note_syncoid_snapshots(src, dst, source, &target);
+                    self.protect(src, dst, source, &target, &snapshot)?;
+                    self.prune(src, dst, sync_name.as_deref(), source, &target);
                     self.delete_stale_target_snapshots(src, dst, &snapshot);
                     self.set_preserved_properties(src, dst);
-                    self.report_done(src, dst, &sent, bytes, &watch, &snapshot);
-                    let summary = if bytes == 0 {
+                    let took = pair.took.unwrap_or_else(|| pair.watch.elapsed());
+                    self.report_done(src, dst, &pair.sent, pair.bytes, took, &snapshot);
+                    let summary = if pair.bytes == 0 {
                         format!("{label}: up to date at @{}", snapshot.name)
                     } else {
                         format!(
                             "{label}: {} in {} ({}), now at @{}",
-                            human_bytes(bytes),
-                            human_duration(watch.elapsed()),
-                            human_rate(bytes, watch.elapsed()),
+                            human_bytes(pair.bytes),
+                            human_duration(took),
+                            human_rate(pair.bytes, took),
                             snapshot.name
                         )
                     };
                     self.ui.info(&summary);
-                    return Ok(());
+                    return Ok(Rounds::Done);
                 }
                 Plan::Conflict(conflict) => {
                     bail!("{conflict}");
@@ -625,10 +782,10 @@ impl Run<'_> {
                     for step in &steps {
                         println!("{label}: would {}", self.explain(dst, step)?);
                     }
-                    return Ok(());
+                    return Ok(Rounds::Done);
                 }
                 Plan::Replicate(steps) => {
-                    if round > 1 && steps == last_round_steps {
+                    if round > 1 && steps == pair.last_round_steps {
                         bail!(
                             "the target did not change after executing the plan ({}); refusing to loop",
                             describe_all(&steps)
@@ -638,9 +795,9 @@ impl Run<'_> {
                     for step in &steps {
                         match self.execute(src, dst, step) {
                             Ok(n) => {
-                                bytes += n;
-                                sent.note(step, &source);
-                                received.extend(step_target(step).cloned());
+                                pair.bytes += n;
+                                pair.sent.note(step, &pair.source);
+                                pair.received.extend(step_target(step).cloned());
                             }
                             Err(e) if self.discarded_after(src, dst, step, &e)? => {
                                 // The target changed: the same plan may
@@ -651,13 +808,24 @@ impl Run<'_> {
                             Err(e) => return Err(e),
                         }
                     }
-                    last_round_steps = if discarded { Vec::new() } else { steps };
+                    // A round of sends only (no resume, no discarding) is
+                    // expected to leave the pair up to date.
+                    pair.complete = !discarded
+                        && steps.iter().all(|s| {
+                            !matches!(
+                                s,
+                                Step::Resume { .. }
+                                    | Step::AbortPartial
+                                    | Step::DiscardPartial { .. }
+                            )
+                        });
+                    pair.last_round_steps = if discarded { Vec::new() } else { steps };
                 }
             }
         }
         bail!(
             "still not up to date after {MAX_ROUNDS} rounds (last plan: {}); this is a bug, please report it",
-            describe_all(&last_round_steps)
+            describe_all(&pair.last_round_steps)
         )
     }
 
@@ -726,6 +894,10 @@ impl Run<'_> {
             return Ok(());
         };
         let parent = Dataset::parse(parent)?;
+        // The pool itself: opening the target side found it.
+        if !parent.as_str().contains('/') {
+            return Ok(());
+        }
         let ours = self.targets.get().is_some_and(|t| t.contains(&parent));
         if !dst_tree.contains_key(&parent) && !ours && !self.dst.exists(&parent)? {
             bail!(
@@ -789,7 +961,7 @@ impl Run<'_> {
         dst: &Dataset,
         sent: &Sent,
         bytes: u64,
-        watch: &Stopwatch,
+        took: Duration,
         snapshot: &crate::zfs::Snapshot,
     ) {
         let moved = bytes > 0 || sent.first.is_some() || sent.resumed;
@@ -799,7 +971,7 @@ impl Run<'_> {
         };
         let mut r = DatasetReport::bare(self.src.label(src), self.dst.label(dst), status);
         r.bytes = bytes;
-        r.duration = watch.elapsed();
+        r.duration = took;
         r.first_snapshot = sent.first.clone();
         r.last_snapshot = moved.then(|| snapshot.name.clone());
         r.resumed = sent.resumed;
@@ -809,6 +981,22 @@ impl Run<'_> {
             r.resent_bytes = Some(resent);
         }
         self.reports.push(r);
+    }
+}
+
+/// `ds`'s state in a listing of the target tree (absent: not there).
+fn target_state(tree: &Tree, ds: &Dataset) -> TargetState {
+    match tree.get(ds) {
+        Some(t) => TargetState {
+            exists: true,
+            snapshots: t.snapshots.clone(),
+            resume_token: t.resume_token.clone(),
+        },
+        None => TargetState {
+            exists: false,
+            snapshots: Vec::new(),
+            resume_token: None,
+        },
     }
 }
 

@@ -229,33 +229,92 @@ impl Run<'_> {
                 self.src,
                 self.src_changes,
                 std::mem::take(&mut *self.prunes.0.locked()),
+                &self.cfg.source.dataset,
+                self.last_listed.0.locked().take(),
             ),
             (
                 self.dst,
                 self.dst_changes,
                 std::mem::take(&mut *self.prunes.1.locked()),
+                &self.cfg.target.dataset,
+                self.last_listed.1.locked().take(),
             ),
         ];
         let jobs = self.cfg.jobs.max(1);
         std::thread::scope(|scope| {
-            for (side, changes, list) in &lists {
+            for (side, changes, list, root, listed) in &lists {
                 if list.is_empty() {
                     continue;
                 }
-                for batch in list.chunks(list.len().div_ceil(jobs)) {
-                    scope.spawn(move || {
-                        let results = changes.destroy_snapshots(batch);
-                        for ((ds, snap, _), result) in batch.iter().zip(results) {
-                            if let Err(e) = result {
-                                self.ui.warn(&format!(
-                                    "pruning sync snapshot {}@{snap}: {e:#}",
-                                    side.label(ds)
-                                ));
-                            }
+                let (side, changes) = (*side, *changes);
+                scope.spawn(move || {
+                    let list = self.prune_trees(side, changes, list, root, listed.as_deref());
+                    if list.is_empty() {
+                        return;
+                    }
+                    std::thread::scope(|scope| {
+                        for batch in list.chunks(list.len().div_ceil(jobs)) {
+                            scope.spawn(move || {
+                                let results = changes.destroy_snapshots(batch);
+                                for ((ds, snap, _), result) in batch.iter().zip(results) {
+                                    if let Err(e) = result {
+                                        self.ui.warn(&format!(
+                                            "pruning sync snapshot {}@{snap}: {e:#}",
+                                            side.label(ds)
+                                        ));
+                                    }
+                                }
+                            });
                         }
                     });
-                }
+                });
             }
         });
+    }
+
+    /// Prunes with one `zfs destroy -r root@snap` each sync snapshot that
+    /// `list` prunes from every dataset of the side's latest listing
+    /// (`listed`, the tree under `root`), unless `--use-hold` may have
+    /// left a hold of ours to release first (a recursive run's usual case:
+    /// one command, and one transaction on the pool, for the whole tree;
+    /// on zfs-fuse 20 ms where 41 destroys take 460 ms); returns what is
+    /// left to prune one by one (everything, where that fails).
+    fn prune_trees(
+        &self,
+        side: &ZfsHost,
+        changes: &dyn Changes,
+        list: &[super::Prune],
+        root: &Dataset,
+        listed: Option<&[Dataset]>,
+    ) -> Vec<super::Prune> {
+        let Some(listed) = listed.filter(|l| l.len() > 1) else {
+            return list.to_vec();
+        };
+        let mut names: Vec<&str> = list.iter().map(|(_, snap, _)| snap.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut whole: Vec<&str> = Vec::new();
+        for name in names {
+            let of_name = || list.iter().filter(|(_, snap, _)| snap == name);
+            let covers = !self.cfg.protection.use_hold
+                && listed
+                    .iter()
+                    .all(|ds| of_name().any(|(pruned, _, _)| pruned == ds))
+                && listed.contains(root);
+            if !covers {
+                continue;
+            }
+            match changes.destroy_snapshot_tree(root, name) {
+                Ok(()) => whole.push(name),
+                Err(e) => self.ui.debug(&format!(
+                    "pruning @{name} under {} in one command failed ({e:#}); one by one",
+                    side.label(root)
+                )),
+            }
+        }
+        list.iter()
+            .filter(|(_, snap, _)| !whole.contains(&snap.as_str()))
+            .cloned()
+            .collect()
     }
 }

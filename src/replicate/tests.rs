@@ -241,6 +241,7 @@ fn run_as(
         clones: OnceLock::new(),
         prunes: Default::default(),
         destroyed: Default::default(),
+        last_listed: Default::default(),
     };
     let result = r.all();
     let mut recorded = src_dry.recorded();

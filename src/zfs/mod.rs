@@ -640,6 +640,13 @@ pub fn destroy_snapshot_argv(ds: &Dataset, snap: &str) -> Result<Vec<String>> {
     Ok(zfs(&["destroy", &ds.snapshot(snap)]))
 }
 
+/// `zfs destroy -r DS@SNAP`: the snapshot SNAP of DS and of every
+/// descendant that has one, in one command.
+pub fn destroy_snapshot_tree_argv(ds: &Dataset, snap: &str) -> Result<Vec<String>> {
+    validate_snapshot_name(snap).with_context(|| format!("refusing to destroy {ds}@{snap}"))?;
+    Ok(zfs(&["destroy", "-r", &ds.snapshot(snap)]))
+}
+
 /// `zfs destroy -r DS`: the dataset, its snapshots and its descendants.
 pub fn destroy_recursive_argv(ds: &Dataset) -> Vec<String> {
     zfs(&["destroy", "-r", ds.as_str()])

@@ -13,6 +13,20 @@ use crate::bed::*;
 /// The sum of `commands run: HOST N, HOST M` (resync's `--debug`).
 #[track_caller]
 fn commands_run(out: &Output) -> u64 {
+    commands_by_host(out).iter().map(|(_, n)| n).sum()
+}
+
+/// The commands the host whose label ends in `host` ran (0 if none).
+fn commands_on(out: &Output, host: &str) -> u64 {
+    commands_by_host(out)
+        .iter()
+        .filter(|(label, _)| label.ends_with(host))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// `--debug`'s "commands run: HOST N, ..." as (HOST, N).
+fn commands_by_host(out: &Output) -> Vec<(String, u64)> {
     let line = out
         .stderr
         .lines()
@@ -22,10 +36,10 @@ fn commands_run(out: &Output) -> u64 {
     line.split(", ")
         .map(|host| {
             host.rsplit_once(' ')
-                .and_then(|(_, n)| n.parse::<u64>().ok())
+                .and_then(|(h, n)| Some((h.to_string(), n.parse::<u64>().ok()?)))
                 .unwrap_or_else(|| panic!("unreadable command count {line:?}"))
         })
-        .sum()
+        .collect()
 }
 
 /// `root` with `children` below it, every fourth with a child of its own
@@ -103,8 +117,11 @@ fn a_recursive_push_of_many_datasets_verifies_each_and_costs_commands_only_for_c
         all.len()
     );
 
-    // Five datasets with a new snapshot: at most a send, a receive and the
-    // listing that verifies it for each, on top of the idle run.
+    // Five datasets with a new snapshot: on the target host, one command
+    // (the receive) for each, on top of the idle run and a constant: the
+    // one listing of the target tree that verifies every receive, and the
+    // check (if need be the upload) of the binary that decodes
+    // compression there. Locally, a send for each.
     let changed: Vec<&String> = all.iter().step_by(5).take(5).collect();
     for ds in &changed {
         write_files(ds, &[("new", 3_000)]);
@@ -112,11 +129,17 @@ fn a_recursive_push_of_many_datasets_verifies_each_and_costs_commands_only_for_c
     }
     let some = resync(&["-r", "--debug", "--no-sync-snap", &root, &target]);
     some.assert_success();
-    let extra = commands_run(&some).saturating_sub(idle_commands);
-    // Plus a constant: a run that sends checks (and if need be uploads) the
-    // binary that decodes compression on the remote, once.
+    let remote_extra =
+        commands_on(&some, &bed.host_b).saturating_sub(commands_on(&idle, &bed.host_b));
     assert!(
-        extra <= 3 * changed.len() as u64 + 3,
+        remote_extra <= changed.len() as u64 + 3,
+        "{remote_extra} more commands on {} for {} datasets with something to send:\n{some}",
+        bed.host_b,
+        changed.len()
+    );
+    let extra = commands_run(&some).saturating_sub(idle_commands);
+    assert!(
+        extra <= 2 * changed.len() as u64 + 4,
         "{extra} more commands for {} datasets with something to send:\n{some}",
         changed.len()
     );
@@ -133,8 +156,17 @@ fn a_recursive_push_of_many_datasets_verifies_each_and_costs_commands_only_for_c
 
     // With sync snapshots (one `zfs snapshot -r`), one at a time: the same
     // replicas, and each pair's older sync snapshot pruned on both sides.
+    // The older sync snapshots of the whole tree go in one `zfs destroy
+    // -r` per side.
     std::thread::sleep(Duration::from_millis(1100));
-    resync(&["-r", "--jobs=1", &root, &target]).assert_success();
+    let synced = resync(&["-r", "--jobs=1", "--debug", &root, &target]);
+    synced.assert_success();
+    for side in [
+        format!("[local] zfs destroy -r {root}@"),
+        format!("] zfs destroy -r {dst}@"),
+    ] {
+        assert!(synced.stderr.contains(&side), "{side}:\n{synced}");
+    }
     for ds in &all {
         let dst_ds = target_of(ds, &root, &dst);
         assert_same_snapshots(ds, &dst_ds);
@@ -152,6 +184,50 @@ fn a_recursive_push_of_many_datasets_verifies_each_and_costs_commands_only_for_c
             );
         }
     }
+}
+
+/// Pruning a tree in one `zfs destroy -r` is only for a sync snapshot
+/// that every dataset listed under the root prunes: a dataset left out of
+/// the run (`--exclude-datasets`) keeps its older sync snapshot on both
+/// sides.
+#[test]
+fn pruning_spares_the_sync_snapshots_of_datasets_outside_the_run() {
+    let bed = Bed::get();
+    let root = format!("{}/{}", bed.pool_a, unique_name("prunex"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("prunex"));
+    let all = tree(&root, 3);
+    let target = remote(&bed.host_b, &dst);
+    resync(&["-r", &root, &target]).assert_success();
+    let sync_snaps = |ds: &str| -> Vec<String> {
+        snapshots(ds)
+            .into_iter()
+            .map(|(name, _)| name)
+            .filter(|n| n.starts_with("resync_"))
+            .collect()
+    };
+    let first = sync_snaps(&root);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let left_out = format!("{root}/d01");
+    std::thread::sleep(Duration::from_millis(1100));
+    let run = resync(&["-r", "--debug", "--exclude-datasets=d01$", &root, &target]);
+    run.assert_success();
+    for ds in &all {
+        for side in [ds.clone(), target_of(ds, &root, &dst)] {
+            let sync = sync_snaps(&side);
+            if *ds == left_out {
+                assert_eq!(sync, first, "{side} was left out of the run:\n{run}");
+            } else {
+                assert_eq!(sync.len(), 1, "{side}: {sync:?}\n{run}");
+                assert_ne!(sync, first, "{side}: the older one pruned\n{run}");
+            }
+        }
+    }
+    assert!(
+        !run.stderr.contains(&format!("zfs destroy -r {root}@")),
+        "{run}"
+    );
+    crate::chunked::cleanup(&dst);
+    crate::chunked::cleanup(&root);
 }
 
 #[test]

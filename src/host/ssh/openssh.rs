@@ -156,14 +156,14 @@ impl Host for OpenSsh {
         if argv.is_empty() {
             anyhow::bail!("empty command line for {}", self.label);
         }
-        LocalHost::new().run(&self.wrap(argv))
+        LocalHost::new().run_for(&self.label, &self.wrap(argv))
     }
 
     fn spawn(&self, argv: &[String]) -> anyhow::Result<Box<dyn Child>> {
         if argv.is_empty() {
             anyhow::bail!("empty command line for {}", self.label);
         }
-        LocalHost::new().spawn(&self.wrap(argv))
+        LocalHost::new().spawn_for(&self.label, &self.wrap(argv))
     }
 }
 
