@@ -68,7 +68,12 @@ fn run() -> i32 {
     }
     let reports = report::Reports::default();
     let started = std::time::Instant::now();
-    let (code, error) = match replicate::run(&config, &*ui, &reports) {
+    let result = replicate::run(&config, &*ui, &reports);
+    let done = reports.copied();
+    if result.is_ok() && done.len() > 1 {
+        ui.info(&report::totals_line(&done, started.elapsed()));
+    }
+    let (code, error) = match result {
         Ok(outcome) if outcome.failed.is_empty() => (0, None),
         Ok(outcome) => {
             eprintln!(

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::sys::Unpoisoned;
 
@@ -48,33 +48,47 @@ pub trait Transfer: Send + Sync {
     fn finish(&self);
 }
 
-/// Builds the reporter for this run: a terminal bar on a TTY, plain lines otherwise.
+/// Builds the reporter for this run: terminal bars on a TTY (one per
+/// stream, `--jobs` of them stacked), plain lines otherwise.
 pub fn reporter(verbosity: Verbosity) -> Box<dyn Progress> {
+    let tty = std::io::stderr().is_terminal();
     Box::new(Reporter {
         verbosity,
-        tty: std::io::stderr().is_terminal(),
+        bars: tty.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4))),
     })
 }
 
 struct Reporter {
     verbosity: Verbosity,
-    tty: bool,
+    /// On a terminal: the live bars, one line each; messages are printed
+    /// above them.
+    bars: Option<MultiProgress>,
+}
+
+impl Reporter {
+    /// A line on stderr that does not tear the live bars.
+    fn say(&self, line: &str) {
+        match &self.bars {
+            Some(bars) => bars.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
 }
 
 impl Progress for Reporter {
     fn info(&self, line: &str) {
         if self.verbosity >= Verbosity::Normal {
-            eprintln!("{line}");
+            self.say(line);
         }
     }
 
     fn warn(&self, line: &str) {
-        eprintln!("warning: {line}");
+        self.say(&format!("warning: {line}"));
     }
 
     fn debug(&self, line: &str) {
         if self.verbosity >= Verbosity::Debug {
-            eprintln!("debug: {line}");
+            self.say(&format!("debug: {line}"));
         }
     }
 
@@ -82,8 +96,8 @@ impl Progress for Reporter {
         if self.verbosity == Verbosity::Quiet {
             return Box::new(Silent);
         }
-        if self.tty {
-            Box::new(Bar::new(label, total))
+        if let Some(bars) = &self.bars {
+            Box::new(Bar::new(bars, label, total))
         } else if self.verbosity >= Verbosity::Debug {
             Box::new(Lines::new(label, total))
         } else {
@@ -221,12 +235,13 @@ fn style(template: &str) -> ProgressStyle {
 }
 
 impl Bar {
-    fn new(label: &str, total: Option<u64>) -> Bar {
+    /// A bar below the others in `bars` (streams of `--jobs` side by side).
+    fn new(bars: &MultiProgress, label: &str, total: Option<u64>) -> Bar {
         let bar = match total {
             Some(n) if n > 0 => ProgressBar::new(n).with_style(style(STYLE_SIZED)),
             _ => ProgressBar::no_length().with_style(style(STYLE_UNSIZED)),
         };
-        bar.set_draw_target(ProgressDrawTarget::stderr_with_hz(4));
+        let bar = bars.add(bar);
         bar.set_prefix(label.to_string());
         bar.enable_steady_tick(Duration::from_millis(250));
         Bar {
@@ -366,7 +381,11 @@ mod tests {
 
     #[test]
     fn a_bar_past_its_estimate_drops_the_total() {
-        let bar = Bar::new("t", Some(100));
+        let bar = Bar::new(
+            &MultiProgress::with_draw_target(ProgressDrawTarget::hidden()),
+            "t",
+            Some(100),
+        );
         bar.bar.set_draw_target(ProgressDrawTarget::hidden());
         bar.add(60);
         assert_eq!(bar.bar.length(), Some(100));
@@ -382,13 +401,21 @@ mod tests {
 
     #[test]
     fn a_resumed_bar_starts_at_the_bytes_already_received() {
-        let bar = Bar::new("t", Some(100));
+        let bar = Bar::new(
+            &MultiProgress::with_draw_target(ProgressDrawTarget::hidden()),
+            "t",
+            Some(100),
+        );
         bar.bar.set_draw_target(ProgressDrawTarget::hidden());
         bar.resume_at(40);
         assert_eq!(bar.bar.position(), 40);
         bar.add(50);
         assert_eq!((bar.bar.position(), bar.bar.length()), (90, Some(100)));
-        let over = Bar::new("t", Some(100));
+        let over = Bar::new(
+            &MultiProgress::with_draw_target(ProgressDrawTarget::hidden()),
+            "t",
+            Some(100),
+        );
         over.bar.set_draw_target(ProgressDrawTarget::hidden());
         over.resume_at(150);
         assert_eq!(over.bar.length(), None, "an estimate already passed");

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::progress::{human_bytes, human_duration};
 use crate::sys::Unpoisoned;
 
 /// How one dataset pair ended.
@@ -111,6 +112,36 @@ impl Reports {
     pub fn take(&self) -> Vec<DatasetReport> {
         std::mem::take(&mut *self.0.locked())
     }
+
+    /// A copy of the reports so far.
+    pub fn copied(&self) -> Vec<DatasetReport> {
+        self.0.locked().clone()
+    }
+}
+
+/// The closing line of a run over several datasets, e.g. "41 datasets in
+/// 2.1s: 40 replicated (3.20 MiB), 1 up to date"; failed and skipped
+/// pairs are counted where there are any.
+pub fn totals_line(datasets: &[DatasetReport], duration: Duration) -> String {
+    let count = |s: Status| datasets.iter().filter(|d| d.status == s).count();
+    let bytes: u64 = datasets.iter().map(|d| d.bytes).sum();
+    let mut parts = vec![format!(
+        "{} replicated ({})",
+        count(Status::Replicated),
+        human_bytes(bytes)
+    )];
+    parts.push(format!("{} up to date", count(Status::UpToDate)));
+    for (status, what) in [(Status::Failed, "failed"), (Status::Skipped, "skipped")] {
+        if count(status) > 0 {
+            parts.push(format!("{} {what}", count(status)));
+        }
+    }
+    format!(
+        "{} datasets in {}: {}",
+        datasets.len(),
+        human_duration(duration),
+        parts.join(", ")
+    )
 }
 
 /// The run's document: its datasets, totals, the run-level error (one that
@@ -148,6 +179,28 @@ pub fn to_json(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_totals_line_counts_each_outcome_and_the_bytes() {
+        let mut done = DatasetReport::bare("a".into(), "b".into(), Status::Replicated);
+        done.bytes = 3 << 20;
+        let idle = DatasetReport::bare("a/c".into(), "b/c".into(), Status::UpToDate);
+        let mut all = vec![done.clone(), done, idle];
+        assert_eq!(
+            totals_line(&all, Duration::from_millis(2100)),
+            "3 datasets in 2.1s: 2 replicated (6.00 MiB), 1 up to date"
+        );
+        all.push(DatasetReport::bare("x".into(), "y".into(), Status::Failed));
+        all.push(DatasetReport::bare(
+            "x/z".into(),
+            "y/z".into(),
+            Status::Skipped,
+        ));
+        assert_eq!(
+            totals_line(&all, Duration::from_secs(75)),
+            "5 datasets in 1m15s: 2 replicated (6.00 MiB), 1 up to date, 1 failed, 1 skipped"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -6,6 +6,7 @@
 //! files); the command counts come from `--debug`'s last line.
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Duration;
 
 use crate::bed::*;
@@ -276,4 +277,78 @@ fn a_failing_dataset_skips_its_children_and_the_others_finish() {
         assert!(!exists(&format!("{dst}/bad/child")));
         std::thread::sleep(Duration::from_millis(1100));
     }
+}
+
+/// On a terminal, `--jobs` streams each get a bar of their own
+/// (indicatif's MultiProgress) and messages are printed above the bars:
+/// each dataset's summary line arrives whole and once, and the run ends
+/// with its totals line. Run under `script`, which gives it a pty.
+#[test]
+fn on_a_terminal_parallel_streams_keep_every_message_line_whole() {
+    let bed = Bed::get();
+    let root = format!("{}/{}", bed.pool_a, unique_name("pty"));
+    let dst = format!("{}/{}", bed.pool_b, unique_name("pty"));
+    create_dataset_with_data(&root, &[("f", 4_000)]);
+    let mut all = vec![root.clone()];
+    for i in 0..6 {
+        let child = format!("{root}/d{i}");
+        create_dataset_with_data(&child, &[("f", 2 << 20)]);
+        all.push(child);
+    }
+    let target = remote(&bed.host_b, &dst);
+    // Slow enough that the four bars are drawn side by side for a while.
+    let command = format!(
+        "{} -r --jobs=4 --target-bwlimit=4M {root} {target}",
+        resync_bin()
+    );
+    let out = Resync::new(&["-qec", &command, "/dev/null"])
+        .program(Path::new("/usr/bin/script"))
+        .run();
+    out.assert_success();
+    // What the terminal was sent, without escape sequences, as lines.
+    let mut text = String::new();
+    let mut chars = out.stdout.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for c in chars.by_ref() {
+                        if c.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\r' => text.push('\n'),
+            c => text.push(c),
+        }
+    }
+    let lines: Vec<&str> = text.lines().map(str::trim_end).collect();
+    assert!(
+        lines.iter().any(|l| l.contains('⠁') || l.contains("B/s")),
+        "no progress bars were drawn:\n{text}"
+    );
+    for ds in &all {
+        let head = format!(
+            "{ds} -> {}: ",
+            remote(&bed.host_b, &target_of(ds, &root, &dst))
+        );
+        let summaries: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.starts_with(&head) && l.contains(", now at @"))
+            .collect();
+        assert_eq!(summaries.len(), 1, "{head}:\n{text}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("7 datasets in ") && l.contains(": 7 replicated (")),
+        "the totals line:\n{text}"
+    );
+    for ds in &all {
+        assert_replica_of(ds, &target_of(ds, &root, &dst));
+    }
+    crate::chunked::cleanup(&dst);
+    crate::chunked::cleanup(&root);
 }
