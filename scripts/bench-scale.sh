@@ -17,6 +17,7 @@
 # Every resync run is made with --debug, whose last line counts the commands
 # each host ran ("commands run: HOST N, ..."); the sums are printed.
 # BENCH_SCALE_ARGS: extra resync arguments (e.g. --jobs=1).
+# BENCH_SCALE_KEEP=DIR: copy every run's output (with --debug) there.
 set -euo pipefail
 export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH:-}"
 export LC_ALL=C
@@ -69,6 +70,9 @@ STATE=${BENCH_STATE:-/var/tmp/resync-bench-scale}
 cleanup() {
 	local rc=$?
 	set +e
+	if [[ -n ${BENCH_SCALE_KEEP:-} && -d ${WORK:-} ]]; then
+		mkdir -p "$BENCH_SCALE_KEEP" && cp "$WORK"/*.out "$BENCH_SCALE_KEEP"/ 2>/dev/null
+	fi
 	bash scripts/testbed.sh down "$STATE" >/dev/null 2>&1 || log "WARNING: testbed.sh down $STATE failed"
 	rm -rf "$BIN_DIR"
 	exit "$rc"
