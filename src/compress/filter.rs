@@ -16,7 +16,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::process::Stdio;
 
 use crate::sys::{exit_code, spawn_filtered as spawn, stop};
@@ -26,7 +26,7 @@ use std::thread;
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::encoder::{Encoder, Stats, BLOCK};
-use super::frame::{self, FrameReader, Framing};
+use super::frame::{self, FrameReader, Framing, Part};
 use super::Compress;
 
 pub const ENCODE: &str = "__encode";
@@ -205,6 +205,10 @@ fn encode(c: Compress, argv: &[String]) -> Result<i32> {
     Ok(0)
 }
 
+/// Bytes moved per `splice` call: a pipe holds 64 KiB by default, so a
+/// bigger request returns with what the pipe had.
+const SPLICE_PIECE: usize = 1 << 20;
+
 fn decode(argv: &[String]) -> Result<i32> {
     let input = own_fd(io::stdin().as_fd())?;
     let mut child = spawn(argv, Stdio::piped(), Stdio::inherit())?;
@@ -212,23 +216,35 @@ fn decode(argv: &[String]) -> Result<i32> {
         stop(&mut child);
         bail!("zfs receive has no stdin pipe");
     };
-    let mut frames = FrameReader::new(
-        io::BufReader::with_capacity(256 << 10, input),
-        Framing::Stream,
-    )
-    .context("starting zstd")?;
+    // Unbuffered: raw payloads stay in the pipe for `splice` to move
+    // straight into zfs receive's (random or already compressed data goes
+    // raw, and then this hop copies nothing through user space). Where
+    // either end is no pipe, raw payloads are read and written instead.
+    let mut frames = FrameReader::new(input, Framing::Stream).context("starting zstd")?;
+    let mut splicing = true;
     loop {
-        match frames.next_block() {
-            Ok(Some(block)) => {
-                if zfs_in.write_all(block).is_err() {
-                    // zfs receive stopped reading: its own status says why.
-                    drop(zfs_in);
-                    let status = child.wait().context("waiting for zfs receive")?;
-                    return Ok(if status.success() {
-                        1
-                    } else {
-                        exit_code(status)
-                    });
+        let part = match splicing {
+            true => frames.next_part(),
+            false => frames.next_block().map(|b| b.map(Part::Block)),
+        };
+        let written = match part {
+            Ok(Some(Part::Block(block))) => zfs_in.write_all(block),
+            Ok(Some(Part::Raw(left))) => {
+                let (from, to) = (frames.get_ref().as_raw_fd(), zfs_in.as_raw_fd());
+                match splice(from, to, left.min(SPLICE_PIECE)) {
+                    Ok(0) => {
+                        stop(&mut child);
+                        bail!("the compressed stream ended inside a frame; zfs receive stopped");
+                    }
+                    Ok(n) => {
+                        frames.raw_moved(n);
+                        Ok(())
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        splicing = false;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
                 }
             }
             Ok(None) => break,
@@ -238,11 +254,46 @@ fn decode(argv: &[String]) -> Result<i32> {
                     anyhow!(e).context("the compressed stream is broken; zfs receive stopped")
                 );
             }
+        };
+        if written.is_err() {
+            // zfs receive stopped reading: its own status says why.
+            drop(zfs_in);
+            let status = child.wait().context("waiting for zfs receive")?;
+            return Ok(if status.success() {
+                1
+            } else {
+                exit_code(status)
+            });
         }
     }
     drop(zfs_in);
     let status = child.wait().context("waiting for zfs receive")?;
     Ok(exit_code(status))
+}
+
+/// `splice(2)` of up to `len` bytes from the pipe `from` to the pipe `to`
+/// (0 at the end of input); EINVAL where either is no pipe.
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    loop {
+        // SAFETY: plain fds this process owns; no offsets (pipes).
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -209,17 +209,13 @@ impl<R: Read> FrameReader<R> {
         Ok(true)
     }
 
-    /// Decodes the next data frame into `out`; false at the end.
+    /// Decodes the next data frame into `out`; false at the end. A raw
+    /// frame's payload comes a piece at a time.
     fn next_frame(&mut self) -> io::Result<bool> {
-        if !self.started {
-            let mut m = [0u8; MAGIC.len()];
-            if !self.fill(&mut m)? || &m != MAGIC {
-                return Err(invalid("not a resync compressed stream".into()));
-            }
-            self.started = true;
-        }
-        loop {
-            if self.raw_left > 0 {
+        match self.advance()? {
+            Advance::End => Ok(false),
+            Advance::Block => Ok(true),
+            Advance::Raw => {
                 let n = self.raw_left.min(RAW_PIECE);
                 let mut out = std::mem::take(&mut self.out);
                 out.resize(n, 0);
@@ -234,19 +230,37 @@ impl<R: Read> FrameReader<R> {
                 self.raw_left -= n;
                 self.pos = 0;
                 self.total += n as u64;
-                return Ok(true);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Reads frame headers (and decodes a compressed frame into `out`)
+    /// until there is data: a decoded block, or raw payload still to read
+    /// from the input; or the checked end.
+    fn advance(&mut self) -> io::Result<Advance> {
+        if !self.started {
+            let mut m = [0u8; MAGIC.len()];
+            if !self.fill(&mut m)? || &m != MAGIC {
+                return Err(invalid("not a resync compressed stream".into()));
+            }
+            self.started = true;
+        }
+        loop {
+            if self.raw_left > 0 {
+                return Ok(Advance::Raw);
             }
             if self.ended {
                 let mut extra = [0u8; 1];
                 if self.fill(&mut extra)? {
                     return Err(invalid("data after the end frame".into()));
                 }
-                return Ok(false);
+                return Ok(Advance::End);
             }
             let mut hb = [0u8; HEADER];
             if !self.fill(&mut hb)? {
                 return match self.framing {
-                    Framing::Bare => Ok(false),
+                    Framing::Bare => Ok(Advance::End),
                     Framing::Stream => Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "the compressed stream ended without its end frame",
@@ -287,9 +301,54 @@ impl<R: Read> FrameReader<R> {
             self.decoder.decode(h, &self.payload, &mut self.out)?;
             self.pos = 0;
             self.total += self.out.len() as u64;
-            return Ok(true);
+            return Ok(Advance::Block);
         }
     }
+
+    /// Like [`FrameReader::next_block`], except that a raw frame's payload
+    /// is left in the input as [`Part::Raw`] (its bytes still to come) for
+    /// the caller to move itself (`splice`), reporting what it moved with
+    /// [`FrameReader::raw_moved`]. Only for an input read without a buffer
+    /// of its own (the reader never reads past what it needs).
+    pub fn next_part(&mut self) -> io::Result<Option<Part<'_>>> {
+        if self.pos == self.out.len() {
+            match self.advance()? {
+                Advance::End => return Ok(None),
+                Advance::Raw => return Ok(Some(Part::Raw(self.raw_left))),
+                Advance::Block => {}
+            }
+        }
+        let block = &self.out[self.pos..];
+        self.pos = self.out.len();
+        Ok(Some(Part::Block(block)))
+    }
+
+    /// `n` bytes of the current raw frame's payload were moved from the
+    /// input by the caller (at most what [`Part::Raw`] said).
+    pub fn raw_moved(&mut self, n: usize) {
+        let n = n.min(self.raw_left);
+        self.raw_left -= n;
+        self.total += n as u64;
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+}
+
+/// What [`FrameReader::advance`] found.
+enum Advance {
+    Raw,
+    Block,
+    End,
+}
+
+/// A piece of a decoded stream ([`FrameReader::next_part`]).
+pub enum Part<'a> {
+    /// Decoded bytes.
+    Block(&'a [u8]),
+    /// This many bytes of a raw frame's payload, next in the input.
+    Raw(usize),
 }
 
 impl<R: Read> Read for FrameReader<R> {
@@ -499,6 +558,42 @@ mod tests {
             MAGIC.len() + 3 * HEADER + data.len() + HEADER + 8
         );
         assert!(read_all(&framed, Framing::Stream).unwrap() == data);
+    }
+
+    /// `next_part` with the caller moving raw payloads itself (as the
+    /// decoder's `splice` does): the same bytes, the end checked, and a
+    /// stream cut inside a raw payload is an error.
+    #[test]
+    fn raw_payloads_moved_by_the_caller_decode_the_same_stream() {
+        let mut data = text(3 << 20);
+        data.extend(random(3 << 20, 7));
+        data.extend(text(1 << 20));
+        let framed = stream(&data, Compress::Adaptive);
+        let decode = |framed: &[u8]| -> io::Result<(Vec<u8>, usize)> {
+            let mut r = FrameReader::new(io::Cursor::new(framed), Framing::Stream)?;
+            let (mut out, mut raw_parts) = (Vec::new(), 0);
+            while let Some(part) = r.next_part()? {
+                match part {
+                    Part::Block(b) => out.extend_from_slice(b),
+                    Part::Raw(left) => {
+                        raw_parts += 1;
+                        // Less than offered, as splice may move.
+                        let n = left.min(100_000);
+                        let mut buf = vec![0u8; n];
+                        let cursor = &mut r.inner;
+                        cursor.read_exact(&mut buf)?;
+                        out.extend_from_slice(&buf);
+                        r.raw_moved(n);
+                    }
+                }
+            }
+            Ok((out, raw_parts))
+        };
+        let (out, raw_parts) = decode(&framed).unwrap();
+        assert_eq!(out, data);
+        assert!(raw_parts > 0, "random data went raw");
+        let raw_at = framed.len() - (1 << 20);
+        assert!(decode(&framed[..raw_at]).is_err());
     }
 
     #[test]
