@@ -103,6 +103,38 @@ impl Encoder {
         if raw.is_empty() {
             return Ok(());
         }
+        let h = self.header(raw)?;
+        out.extend_from_slice(&h.to_bytes());
+        match h.kind == kind::ZSTD {
+            true => out.extend_from_slice(&self.scratch),
+            false => out.extend_from_slice(raw),
+        }
+        Ok(())
+    }
+
+    /// The frame for the block in `buf` after [`super::frame::HEADER`]
+    /// bytes of room (1..=BLOCK_MAX bytes): a block that goes raw gets its
+    /// header written into that room and comes back as it is, without a
+    /// copy.
+    pub fn frame_in_place(&mut self, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
+        const ROOM: usize = super::frame::HEADER;
+        if buf.len() <= ROOM {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty block"));
+        }
+        let h = self.header(&buf[ROOM..])?;
+        if h.kind == kind::ZSTD {
+            let mut out = Vec::with_capacity(ROOM + self.scratch.len());
+            out.extend_from_slice(&h.to_bytes());
+            out.extend_from_slice(&self.scratch);
+            return Ok(out);
+        }
+        buf[..ROOM].copy_from_slice(&h.to_bytes());
+        Ok(buf)
+    }
+
+    /// Decides how `raw` goes (compressed into `scratch`, or raw), counts
+    /// it, and returns its frame's header.
+    fn header(&mut self, raw: &[u8]) -> io::Result<Header> {
         let len = u32::try_from(raw.len())
             .ok()
             .filter(|n| *n as usize <= super::frame::BLOCK_MAX)
@@ -122,26 +154,23 @@ impl Encoder {
         };
         let shrunk = try_it && self.compress(raw);
         self.stats.raw += raw.len() as u64;
-        let (kind, payload): (u8, &[u8]) = if shrunk {
+        let (kind, wire) = if shrunk {
             self.misses = 0;
             self.stats.compressed += 1;
-            (kind::ZSTD, &self.scratch)
+            (kind::ZSTD, self.scratch.len())
         } else {
             if try_it {
                 self.misses = self.misses.saturating_add(1);
             }
             self.stats.stored += 1;
-            (kind::RAW, raw)
+            (kind::RAW, raw.len())
         };
-        let h = Header {
+        self.stats.wire += (super::frame::HEADER + wire) as u64;
+        Ok(Header {
             kind,
             raw: len,
-            wire: payload.len() as u32,
-        };
-        out.extend_from_slice(&h.to_bytes());
-        out.extend_from_slice(payload);
-        self.stats.wire += (super::frame::HEADER + payload.len()) as u64;
-        Ok(())
+            wire: wire as u32,
+        })
     }
 
     /// Compresses `raw` into `scratch`; true if it shrank by 1/32 or more.
@@ -234,6 +263,31 @@ mod tests {
         let mut out = Vec::new();
         e.frame(&words, &mut out).unwrap();
         assert_eq!(kind_of(&out), kind::ZSTD);
+    }
+
+    /// A block framed in place is the same frame as one framed by copy,
+    /// raw or compressed.
+    #[test]
+    fn framing_in_place_gives_the_same_frames() {
+        for block in [text(1 << 20), random(1 << 20, 3)] {
+            let mut copied = Vec::new();
+            Encoder::new(Compress::Adaptive)
+                .unwrap()
+                .frame(&block, &mut copied)
+                .unwrap();
+            let mut buf = vec![0u8; crate::compress::frame::HEADER];
+            buf.extend_from_slice(&block);
+            let in_place = Encoder::new(Compress::Adaptive)
+                .unwrap()
+                .frame_in_place(buf)
+                .unwrap();
+            assert_eq!(in_place, copied);
+        }
+        let room = vec![0u8; crate::compress::frame::HEADER];
+        assert!(Encoder::new(Compress::Adaptive)
+            .unwrap()
+            .frame_in_place(room)
+            .is_err());
     }
 
     #[test]

@@ -121,29 +121,20 @@ pub fn encode_blocks(
     enc: &mut Encoder,
     tx: &SyncSender<io::Result<Vec<u8>>>,
 ) -> io::Result<Stats> {
-    let mut buf = vec![0u8; BLOCK];
     loop {
-        let mut filled = 0;
-        let eof = loop {
-            match r.read(&mut buf[filled..]) {
-                Ok(0) => break true,
-                Ok(n) => {
-                    filled += n;
-                    if filled == BLOCK {
-                        break false;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let kept = io::Error::new(e.kind(), e.to_string());
-                    let _ = tx.send(Err(e));
-                    return Err(kept);
-                }
-            }
-        };
+        // Read straight into the frame's buffer after room for its header:
+        // a block that goes raw is queued as it is.
+        let mut buf = Vec::with_capacity(frame::HEADER + BLOCK);
+        buf.resize(frame::HEADER, 0);
+        let read = (&mut *r).take(BLOCK as u64).read_to_end(&mut buf);
+        if let Err(e) = read {
+            let kept = io::Error::new(e.kind(), e.to_string());
+            let _ = tx.send(Err(e));
+            return Err(kept);
+        }
+        let filled = buf.len() - frame::HEADER;
         if filled > 0 {
-            let mut out = Vec::with_capacity(filled + frame::HEADER);
-            enc.frame(&buf[..filled], &mut out)?;
+            let out = enc.frame_in_place(buf)?;
             match tx.try_send(Ok(out)) {
                 Ok(()) => enc.observe(false),
                 Err(TrySendError::Full(out)) => {
@@ -155,7 +146,7 @@ pub fn encode_blocks(
                 Err(TrySendError::Disconnected(_)) => return Ok(enc.stats),
             }
         }
-        if eof {
+        if filled < BLOCK {
             return Ok(enc.stats);
         }
     }
