@@ -7,6 +7,8 @@
 //! - `resync __decode -- zfs receive ...` runs `zfs receive` and feeds it
 //!   what the frames on our stdin decode to; a malformed or truncated
 //!   stream kills `zfs receive` (so the target keeps its state) and exits 1.
+//!   Raw frames' payloads go from our stdin to zfs's with `splice(2)`
+//!   (no copy through user space), where both are pipes.
 //!
 //! Both pass the zfs command's stderr through (the caller shows it) and exit
 //! with its status (128 + signal), 1 when the stream failed, 2 on a bad

@@ -241,6 +241,17 @@ fn poll(conn: &Conn, ops: &[Op]) -> Result<Folder> {
                     && attempt == 0
                     && !is_connection_lost(&e)
                     && e.downcast_ref::<ServeError>().is_none();
+                if !retry && is_no_space_error(&e) {
+                    // A marker that did not fit (a chunk's copy may have
+                    // filled the folder first): the same advice as for a
+                    // chunk.
+                    bail!(
+                        "no space left on {} in {}: free space there, or use a smaller --chunk-size or another --tmpdir ({})",
+                        conn.label,
+                        conn.dir,
+                        e.root_cause()
+                    );
+                }
                 if !retry {
                     return Err(e.context(context()));
                 }
