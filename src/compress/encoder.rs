@@ -214,22 +214,11 @@ impl Encoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::testdata::random;
 
     fn text(n: usize) -> Vec<u8> {
         (0..n)
             .map(|i| b"the quick brown fox jumps over the lazy dog\n"[i % 44])
-            .collect()
-    }
-
-    fn random(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
             .collect()
     }
 

@@ -484,6 +484,7 @@ impl<W: Write> Write for DecodeWriter<W> {
 mod tests {
     use super::*;
     use crate::compress::encoder::Encoder;
+    use crate::compress::testdata::random;
     use crate::compress::Compress;
 
     fn text(n: usize) -> Vec<u8> {
@@ -496,18 +497,6 @@ mod tests {
         }
         v.truncate(n);
         v
-    }
-
-    fn random(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
     }
 
     /// A whole default-mode stream of `data`, cut in 1 MiB blocks.

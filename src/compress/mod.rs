@@ -172,3 +172,20 @@ mod tests {
         }
     }
 }
+
+/// Test data shared by the encoder's and the frame format's tests.
+#[cfg(test)]
+pub(crate) mod testdata {
+    /// `n` bytes of xorshift noise (incompressible), from `seed`.
+    pub fn random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+}

@@ -470,12 +470,12 @@ impl Run<'_> {
             .unwrap_or_default();
         *self.last_listed.1.locked() = Some(tree.keys().cloned().collect());
         let pairs: Vec<Pair> = deferred.into_iter().flatten().collect();
+        let names: Vec<(Dataset, Dataset)> = pairs
+            .iter()
+            .map(|p| (p.src.clone(), p.dst.clone()))
+            .collect();
         let cells: Vec<Mutex<Option<Pair>>> =
             pairs.into_iter().map(|p| Mutex::new(Some(p))).collect();
-        let names: Vec<(Dataset, Dataset)> = cells
-            .iter()
-            .filter_map(|c| c.locked().as_ref().map(|p| (p.src.clone(), p.dst.clone())))
-            .collect();
         let finished = self.run_pairs(&names, &|i| {
             let mut pair = cells[i]
                 .locked()

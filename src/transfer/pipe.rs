@@ -352,7 +352,16 @@ impl Mover for Pipe<'_> {
                 lock.record(p.clone())?;
             }
         }
-        let (reader, writer, _control_stdin) = match self.direct_ends(listener, reader, writer) {
+        // Bytes of the zfs stream itself, where this process sees them
+        // (it encodes or decodes); the bar counts those.
+        let raw = Arc::new(AtomicU64::new(0));
+        let ends =
+            self.direct_ends(listener, reader, writer)
+                .and_then(|(reader, writer, control)| {
+                    let (encode, writer, raw_seen) = self.framing(writer, &raw)?;
+                    Ok((reader, writer, control, encode, raw_seen))
+                });
+        let (reader, writer, _control_stdin, encode, raw_seen) = match ends {
             Ok(ends) => ends,
             Err(e) => {
                 sender.kill();
@@ -373,21 +382,6 @@ impl Mover for Pipe<'_> {
         let limit = self.bwlimit.map(Limiter::new);
         let bar: Arc<dyn Transfer> = Arc::from(bar);
         let moved = Arc::new(AtomicU64::new(0));
-        // Bytes of the zfs stream itself, where this process sees them
-        // (it encodes or decodes); the bar counts those.
-        let raw = Arc::new(AtomicU64::new(0));
-        let framing = self.framing(writer, &raw);
-        let (encode, writer, raw_seen) = match framing {
-            Ok(f) => f,
-            Err(e) => {
-                sender.kill();
-                receiver.kill();
-                if let Some(lock) = self.lock {
-                    lock.forget(&procs)?;
-                }
-                return Err(e);
-            }
-        };
         let (done_tx, done_rx) = mpsc::channel();
         {
             let (bar, moved, raw) = (bar.clone(), moved.clone(), raw.clone());
